@@ -1,0 +1,25 @@
+"""Error types. Every error a user can cause derives from RewriteError and carries a one-line message."""
+
+from __future__ import annotations
+
+
+class RewriteError(Exception):
+    """Base class; ``exit_code`` is what the CLI returns for it."""
+
+    exit_code = 1
+
+
+class BadInputError(RewriteError):
+    """The model, the inputs file, an option or an output path is unusable."""
+
+    exit_code = 2
+
+
+class UnknownPassError(BadInputError):
+    """A pass name that is not in the registry (the message carries 'did you mean')."""
+
+
+class PassFailedError(RewriteError):
+    """A pass raised, broke the graph or failed validation (the manager rolls it back)."""
+
+    exit_code = 3

@@ -1,0 +1,414 @@
+"""CPU emulation of an FP16 engine: FP16 storage, FP32 compute, at ONNX Runtime speed.
+
+ORT CPU cannot answer "is this graph FP16-safe?" by itself: it runs chains of FP16 ops in FP32
+(its InsertCastTransformer), so an FP16 model that overflows on a GPU passes on ORT. We instead
+rewrite the model into an FP32 graph in which every tensor an FP16 engine would store in FP16 is
+rounded through FP16 (Cast→FLOAT16→FLOAT) right where it is produced, and every FP32 tensor read by
+an FP16 layer is rounded on that edge. Compute inside a node stays FP32, which is what TensorRT's
+FP16 kernels do for their accumulators. Per-tensor absmax and non-finite counts are reduced to
+scalars inside the graph, so memory stays that of one inference.
+
+Two modes, chosen from the model:
+- ``weak``: an FP32 graph plus a precision plan (a weakly typed ``--fp16`` build with
+  ``--layerPrecisions``): nodes pinned to FP32 store FP32, all others FP16.
+- ``strong``: a mixed-precision graph (``--stronglyTyped`` / TensorRT 11): tensors typed FLOAT16
+  are FP16, FLOAT tensors FP32, exactly as typed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from rewrite.ort_runner import Feed, infer_types, run_model
+from rewrite.precision_plan import PrecisionPlan
+from rewrite.schema_types import fixed_type_inputs, inline_constants
+
+logger = logging.getLogger(__name__)
+
+FP16_MAX = 65504.0
+_FLOAT = TensorProto.FLOAT
+_FLOAT16 = TensorProto.FLOAT16
+
+
+@dataclass
+class TensorFinding:
+    """A tensor that overflows FP16 (``overflow``) or holds inf/NaN (``non-finite``)."""
+
+    tensor: str
+    node: str
+    op: str
+    absmax: float
+    nonfinite: int
+    kind: str
+
+
+@dataclass
+class OutputCheck:
+    """One graph output of the emulated FP16 run compared with the FP32 reference."""
+
+    name: str
+    nan: int
+    inf: int
+    max_abs_error: float
+    rel_l2: float
+    reference_absmax: float
+    ok: bool
+
+
+@dataclass
+class Fp16Report:
+    mode: str
+    strict_cumsum: bool
+    fp16_nodes: int
+    fp32_nodes: int
+    outputs: list[OutputCheck]
+    first_failures: list[TensorFinding]
+    failing_tensors: int
+    rel_l2_tolerance: float
+    passed: bool
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _StatSite:
+    tensor: str
+    node: str
+    op: str
+    fp16: bool
+    absmax_out: str
+    nonfinite_out: str
+
+
+@dataclass
+class EmulationModel:
+    """The rewritten FP32 graph plus what its extra (statistics) outputs mean."""
+
+    model: onnx.ModelProto
+    mode: str
+    sites: list[_StatSite]
+    fp16_inputs: set[str]
+    fp16_nodes: int
+    fp32_nodes: int
+    notes: list[str]
+
+
+def build_emulation(
+    model: onnx.ModelProto,
+    plan: PrecisionPlan | None = None,
+    *,
+    strict_cumsum: bool = False,
+    round_fp16: bool = True,
+) -> EmulationModel:
+    """Rewrite ``model`` into the emulation graph (see the module docstring).
+
+    ``round_fp16=False`` keeps everything FP32 and only adds the statistics outputs: the FP32
+    range profile of the model. ``strict_cumsum`` makes FP16 CumSums accumulate in FP16 (a Scan
+    that rounds its running sum each step), as TensorRT <= 10.7 builds them (an ILoop whose
+    running sum has the tensor's type).
+    """
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inline_constants(m.graph)
+    types, ranks = infer_types(m)
+    mode = "strong" if any(t == _FLOAT16 for t in types.values()) else "weak"
+    notes: list[str] = []
+    g = m.graph
+    if mode == "strong":
+        fp16_tensors = {name for name, t in types.items() if t == _FLOAT16}
+        _retype_fp16_as_fp32(m)
+        types = {k: (_FLOAT if v == _FLOAT16 else v) for k, v in types.items()}
+        pinned: set[str] = set()
+    else:
+        fp16_tensors = set()
+        pinned = set(plan.fp32_nodes) if plan else set()
+    is_float = {k for k, v in types.items() if v == _FLOAT}
+    opset = _default_opset(m)
+
+    new_nodes: list[onnx.NodeProto] = []
+    sites: list[_StatSite] = []
+    rounded_edges: dict[str, str] = {}
+    new_inits: list[onnx.TensorProto] = [numpy_helper.from_array(np.zeros((), np.float32), "__emu_zero")]
+    init_by_name = {i.name: i for i in g.initializer}
+    fp16_inputs = {i.name for i in g.input if i.name in fp16_tensors} if round_fp16 else set()
+    fp16_nodes = fp32_nodes = 0
+
+    for node in g.node:
+        float_outs = [o for o in node.output if o and o in is_float]
+        if mode == "strong":
+            node_fp16 = any(o in fp16_tensors for o in float_outs)
+        else:
+            node_fp16 = node.name not in pinned
+        if float_outs:
+            fp16_nodes += node_fp16
+            fp32_nodes += not node_fp16
+        emulate = round_fp16 and node_fp16
+        data_rank = ranks.get(node.input[0]) if node.input else None
+        # Weakly typed: an FP16 layer reads FP16 inputs, so an FP32 tensor is rounded on the edge.
+        if emulate and mode == "weak":
+            fixed = fixed_type_inputs(node, opset)
+            for idx, name in enumerate(node.input):
+                if not name or name not in is_float or idx in fixed:
+                    continue
+                node.input[idx] = _rounded_edge(name, init_by_name, rounded_edges, new_inits, new_nodes)
+        renamed = {}
+        if emulate:
+            for idx, out in enumerate(node.output):
+                if out in is_float:
+                    renamed[out] = out + "__raw"
+                    node.output[idx] = out + "__raw"
+        if emulate and strict_cumsum and node.op_type == "CumSum" and node.domain in ("", "ai.onnx"):
+            scan = _strict_cumsum_nodes(node, init_by_name, data_rank, new_inits)
+            if scan is None:
+                notes.append(f"strict CumSum not applied to {node.name!r}: axis or rank unknown")
+                new_nodes.append(node)
+            else:
+                new_nodes.extend(scan)
+        else:
+            new_nodes.append(node)
+        for out in float_outs:
+            raw = renamed.get(out, out)
+            if raw != out:
+                new_nodes.extend(_round_nodes(raw, out))
+            site = _stat_nodes(out, raw, node, emulate, new_nodes)
+            sites.append(site)
+
+    del g.node[:]
+    g.node.extend(new_nodes)
+    g.initializer.extend(new_inits)
+    del g.value_info[:]
+    for site in sites:
+        g.output.append(helper.make_tensor_value_info(site.absmax_out, _FLOAT, []))
+        g.output.append(helper.make_tensor_value_info(site.nonfinite_out, TensorProto.INT64, []))
+    return EmulationModel(m, mode, sites, fp16_inputs, fp16_nodes, fp32_nodes, notes)
+
+
+def check_fp16(
+    model: onnx.ModelProto,
+    feeds: Sequence[Feed],
+    reference: Sequence[Feed] | None = None,
+    *,
+    plan: PrecisionPlan | None = None,
+    strict_cumsum: bool = False,
+    rel_l2_tolerance: float = 1e-2,
+    max_findings: int = 5,
+) -> Fp16Report:
+    """Emulate an FP16 engine on ``feeds`` and compare every output with ``reference``.
+
+    ``reference`` should be the FP32 outputs of the original FP32 model; when it is None the
+    model itself is run in FP32 (for a mixed-precision model that means FP32 compute with its
+    FP16-rounded weights). A model with no precision plan given uses the plan stored in it.
+    """
+    start = time.perf_counter()
+    if plan is None:
+        plan = PrecisionPlan.from_model(model)
+    emu = build_emulation(model, plan, strict_cumsum=strict_cumsum)
+    if reference is None:
+        reference = _fp32_outputs(model, feeds)
+    out_names = [o.name for o in model.graph.output]
+    runs = run_model(emu.model, [_emu_feed(f, emu.fp16_inputs) for f in feeds])
+    outputs = [
+        _compare(name, [r[name] for r in runs], [ref[name] for ref in reference], rel_l2_tolerance)
+        for name in out_names
+    ]
+    findings = _findings(emu.sites, runs)
+    report = Fp16Report(
+        mode=emu.mode,
+        strict_cumsum=strict_cumsum,
+        fp16_nodes=emu.fp16_nodes,
+        fp32_nodes=emu.fp32_nodes,
+        outputs=outputs,
+        first_failures=findings[:max_findings],
+        failing_tensors=len(findings),
+        rel_l2_tolerance=rel_l2_tolerance,
+        passed=all(o.ok for o in outputs),
+        seconds=round(time.perf_counter() - start, 3),
+        notes=emu.notes,
+    )
+    logger.info(
+        "FP16 emulation (%s): %s, %d failing tensors", emu.mode, "passed" if report.passed else "FAILED",
+        len(findings),
+    )
+    return report
+
+
+def profile_absmax(model: onnx.ModelProto, feeds: Sequence[Feed]) -> dict[str, float]:
+    """FP32 absmax of every float tensor a node produces (max over feeds), NaN ignored."""
+    emu = build_emulation(model, None, round_fp16=False)
+    runs = run_model(emu.model, list(feeds), [s.absmax_out for s in emu.sites])
+    return {s.tensor: max(float(r[s.absmax_out]) for r in runs) for s in emu.sites}
+
+
+def _fp32_outputs(model: onnx.ModelProto, feeds: Sequence[Feed]) -> list[Feed]:
+    emu = build_emulation(model, None, round_fp16=False)
+    names = [o.name for o in model.graph.output]
+    return run_model(emu.model, [_emu_feed(f, set()) for f in feeds], names)
+
+
+def _emu_feed(feed: Feed, fp16_inputs: set[str]) -> Feed:
+    out = {}
+    for name, value in feed.items():
+        arr = np.asarray(value)
+        if arr.dtype == np.float16 or name in fp16_inputs:
+            with np.errstate(over="ignore"):
+                arr = arr.astype(np.float16).astype(np.float32)
+        out[name] = arr
+    return out
+
+
+def _compare(name: str, got: list[np.ndarray], ref: list[np.ndarray], tol: float) -> OutputCheck:
+    g = np.concatenate([np.asarray(a).ravel() for a in got])
+    r = np.concatenate([np.asarray(a).ravel() for a in ref])
+    if not np.issubdtype(r.dtype, np.floating):
+        same = bool(np.array_equal(g, r))
+        return OutputCheck(name, 0, 0, 0.0 if same else float("inf"), 0.0 if same else float("inf"), 0.0, same)
+    g64, r64 = g.astype(np.float64), r.astype(np.float64)
+    nan = int(np.isnan(g64).sum() - np.isnan(r64).sum())
+    inf = int(np.isinf(g64).sum() - np.isinf(r64).sum())
+    both = np.isfinite(g64) & np.isfinite(r64)
+    diff = np.abs(g64[both] - r64[both])
+    max_abs = float(diff.max()) if diff.size else 0.0
+    ref_norm = float(np.linalg.norm(r64[np.isfinite(r64)]))
+    if nan > 0 or inf > 0:
+        rel = float("inf")
+    else:
+        rel = float(np.linalg.norm(diff) / ref_norm) if ref_norm > 0 else float(np.linalg.norm(diff))
+    ref_absmax = float(np.abs(r64[np.isfinite(r64)]).max()) if np.isfinite(r64).any() else 0.0
+    ok = nan <= 0 and inf <= 0 and rel <= tol
+    return OutputCheck(name, max(nan, 0), max(inf, 0), max_abs, rel, ref_absmax, ok)
+
+
+def _findings(sites: list[_StatSite], runs: list[Feed]) -> list[TensorFinding]:
+    found = []
+    for s in sites:
+        absmax = max(float(r[s.absmax_out]) for r in runs)
+        nonfinite = sum(int(r[s.nonfinite_out]) for r in runs)
+        if s.fp16 and absmax > FP16_MAX:
+            kind = "overflow"
+        elif nonfinite > 0:
+            kind = "non-finite"
+        else:
+            continue
+        found.append(TensorFinding(s.tensor, s.node, s.op, absmax, nonfinite, kind))
+    return found
+
+
+def _rounded_edge(
+    name: str,
+    init_by_name: dict[str, onnx.TensorProto],
+    cache: dict[str, str],
+    new_inits: list[onnx.TensorProto],
+    new_nodes: list[onnx.NodeProto],
+) -> str:
+    """The FP16-rounded version of an FP32 tensor, made once and shared by all FP16 readers."""
+    if name in cache:
+        return cache[name]
+    rounded = name + "__r16"
+    if name in init_by_name:
+        # An engine converts weights to FP16 by clamping to the FP16 range, not by overflowing.
+        arr = numpy_helper.to_array(init_by_name[name]).astype(np.float32)
+        arr = np.clip(arr, -FP16_MAX, FP16_MAX).astype(np.float16).astype(np.float32)
+        new_inits.append(numpy_helper.from_array(arr, rounded))
+    else:
+        new_nodes.extend(_round_nodes(name, rounded))
+    cache[name] = rounded
+    return rounded
+
+
+def _round_nodes(src: str, dst: str) -> list[onnx.NodeProto]:
+    half = dst + "__half"
+    return [
+        helper.make_node("Cast", [src], [half], name=half, to=_FLOAT16),
+        helper.make_node("Cast", [half], [dst], name=dst + "__round", to=_FLOAT),
+    ]
+
+
+def _stat_nodes(out: str, raw: str, node: onnx.NodeProto, fp16: bool, nodes: list[onnx.NodeProto]) -> _StatSite:
+    """absmax of the FP32-computed value (NaN ignored) and non-finite count of the stored value."""
+    p = f"{out}__stat"
+    nodes += [
+        helper.make_node("Abs", [raw], [p + "_abs"], name=p + "_abs"),
+        helper.make_node("IsNaN", [raw], [p + "_isnan"], name=p + "_isnan"),
+        helper.make_node("Where", [p + "_isnan", "__emu_zero", p + "_abs"], [p + "_abs0"], name=p + "_where"),
+        helper.make_node("ReduceMax", [p + "_abs0"], [p + "_absmax"], name=p + "_absmax", keepdims=0),
+        # x - x is NaN exactly where x is inf or NaN: one op instead of IsInf + IsNaN + Or.
+        helper.make_node("Sub", [out, out], [p + "_zero"], name=p + "_sub"),
+        helper.make_node("IsNaN", [p + "_zero"], [p + "_bad"], name=p + "_bad"),
+        helper.make_node("Cast", [p + "_bad"], [p + "_badi"], name=p + "_badi", to=TensorProto.INT64),
+        helper.make_node("ReduceSum", [p + "_badi"], [p + "_nonfinite"], name=p + "_nonfinite", keepdims=0),
+    ]
+    return _StatSite(out, node.name, node.op_type, fp16, p + "_absmax", p + "_nonfinite")
+
+
+def _strict_cumsum_nodes(
+    node: onnx.NodeProto,
+    init_by_name: dict[str, onnx.TensorProto],
+    rank: int | None,
+    new_inits: list[onnx.TensorProto],
+) -> list[onnx.NodeProto] | None:
+    """CumSum as a Scan whose running sum is rounded to FP16 after every step."""
+    x, axis_name = node.input[0], node.input[1]
+    if axis_name not in init_by_name or rank is None:
+        return None
+    axis = int(numpy_helper.to_array(init_by_name[axis_name]).reshape(-1)[0]) % rank
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    exclusive, reverse = int(attrs.get("exclusive", 0)), int(attrs.get("reverse", 0))
+    p = node.name or node.output[0]
+    keep = numpy_helper.from_array(np.array([d for d in range(rank) if d != axis], np.int64), p + "__keepdims")
+    new_inits.append(keep)
+    body = helper.make_graph(
+        [
+            helper.make_node("Add", ["s_prev", "x_i"], ["sum"]),
+            helper.make_node("Cast", ["sum"], ["sum16"], to=_FLOAT16),
+            helper.make_node("Cast", ["sum16"], ["s_next"], to=_FLOAT),
+            helper.make_node("Identity", ["s_prev" if exclusive else "s_next"], ["y_i"]),
+        ],
+        "strict_cumsum_body",
+        [helper.make_tensor_value_info("s_prev", _FLOAT, None), helper.make_tensor_value_info("x_i", _FLOAT, None)],
+        [helper.make_tensor_value_info("s_next", _FLOAT, None), helper.make_tensor_value_info("y_i", _FLOAT, None)],
+    )
+    return [
+        helper.make_node("Shape", [x], [p + "__shape"], name=p + "__shape"),
+        helper.make_node("Gather", [p + "__shape", keep.name], [p + "__stateshape"], name=p + "__gather", axis=0),
+        helper.make_node(
+            "ConstantOfShape", [p + "__stateshape"], [p + "__zeros"], name=p + "__zeros",
+            value=numpy_helper.from_array(np.zeros(1, np.float32)),
+        ),
+        helper.make_node(
+            "Scan", [p + "__zeros", x], [p + "__final", node.output[0]], name=p + "__strict_scan",
+            body=body, num_scan_inputs=1, scan_input_axes=[axis], scan_output_axes=[axis],
+            scan_input_directions=[reverse], scan_output_directions=[reverse],
+        ),
+    ]
+
+
+def _retype_fp16_as_fp32(m: onnx.ModelProto) -> None:
+    """Make every FLOAT16 tensor of a mixed graph FLOAT (the values stay FP16-exact)."""
+    g = m.graph
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        tt = vi.type.tensor_type
+        if tt.elem_type == _FLOAT16:
+            tt.elem_type = _FLOAT
+    for i, init in enumerate(g.initializer):
+        if init.data_type == _FLOAT16:
+            g.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name))
+    for node in g.node:
+        for attr in node.attribute:
+            if node.op_type == "Cast" and attr.name == "to" and attr.i == _FLOAT16:
+                attr.i = _FLOAT
+            elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == _FLOAT16:
+                attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float32), attr.t.name))
+
+
+def _default_opset(m: onnx.ModelProto) -> int:
+    for imp in m.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return 17

@@ -1,0 +1,48 @@
+"""The Pass base class and what a pass returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    import onnx_graphsurgeon as gs
+
+    from rewrite.pass_context import PassContext
+
+
+@dataclass
+class Site:
+    """One place a pass looked at: the node (or tensor) and what happened there."""
+
+    node: str
+    op: str
+    detail: str
+
+
+@dataclass
+class PassResult:
+    """What a pass did. ``modified`` must be honest: False means the graph and the plan are unchanged."""
+
+    modified: bool
+    rewritten: list[Site] = field(default_factory=list)
+    skipped: list[Site] = field(default_factory=list)
+
+
+class Pass:
+    """A graph rewrite. Subclasses set ``name`` (kebab-case, the CLI name) and ``summary``
+    (one line), take typed keyword-only options in ``__init__``, and implement ``run``.
+
+    A pass edits ``graph`` in place and may edit ``ctx.plan``; it never validates itself:
+    the PassManager checks, validates and rolls back.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+
+    def run(self, graph: "gs.Graph", ctx: "PassContext") -> PassResult:
+        raise NotImplementedError
+
+    def options(self) -> dict[str, object]:
+        """The pass's options as plain data, for reports (subclasses are dataclass-like)."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
