@@ -23,3 +23,9 @@ class PassFailedError(RewriteError):
     """A pass raised, broke the graph or failed validation (the manager rolls it back)."""
 
     exit_code = 3
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name when it has none)."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:limit]

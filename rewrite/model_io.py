@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
-from rewrite.errors import BadInputError
+from rewrite.errors import BadInputError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +36,9 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeWarning, ValueError) as exc:
-        raise BadInputError(f"not a valid ONNX model: {path} ({_first_line(exc)})") from None
+        raise BadInputError(f"not a valid ONNX model: {path} ({one_line(exc)})") from None
     except Exception as exc:  # protobuf raises a few unrelated types on garbage input
-        raise BadInputError(f"not a valid ONNX model: {path} ({_first_line(exc)})") from None
+        raise BadInputError(f"not a valid ONNX model: {path} ({one_line(exc)})") from None
     if not proto.HasField("graph") or len(proto.graph.node) == 0 and len(proto.graph.output) == 0:
         raise BadInputError(f"not a valid ONNX model: {path} (no graph)")
     if not proto.opset_import:
@@ -46,23 +46,30 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     try:
         onnx.load_external_data_for_model(proto, str(path.parent))
     except (OSError, ValueError) as exc:
-        raise BadInputError(f"cannot load external data of {path}: {_first_line(exc)}") from None
+        raise BadInputError(f"cannot load external data of {path}: {one_line(exc)}") from None
     return proto
 
 
-def check_model(model: onnx.ModelProto, what: str = "model") -> None:
-    """Run the ONNX checker; a failure becomes a BadInputError naming ``what``."""
+def check_model(model: onnx.ModelProto, what: str = "model", *, strict_shapes: bool = False) -> None:
+    """Run the ONNX checker (and, with ``strict_shapes``, strict shape and type inference);
+    a failure becomes a BadInputError naming ``what``."""
     try:
         if model.ByteSize() > _PROTO_LIMIT:
-            # The checker needs a path for models past the protobuf limit.
+            # The checker and shape inference need a path for models past the protobuf limit.
             with tempfile.TemporaryDirectory() as tmp:
                 p = Path(tmp) / "model.onnx"
                 _save_external(model, p)
                 onnx.checker.check_model(str(p))
+                if strict_shapes:
+                    onnx.shape_inference.infer_shapes_path(
+                        str(p), str(Path(tmp) / "inferred.onnx"), check_type=True, strict_mode=True
+                    )
         else:
             onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
-        raise BadInputError(f"{what} fails the ONNX checker: {_first_line(exc)}") from None
+            if strict_shapes:
+                onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise BadInputError(f"{what} fails the ONNX checker: {one_line(exc)}") from None
 
 
 def save_model(
@@ -121,8 +128,3 @@ def _save_external(model: onnx.ModelProto, path: Path) -> None:
         location=path.name + ".data",
         size_threshold=_EXTERNAL_THRESHOLD,
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]

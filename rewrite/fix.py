@@ -1,0 +1,141 @@
+"""The whole job as one call: run passes, emit the model for a build mode, prove it in FP16.
+
+``fix_model`` is what the CLI's ``fix`` runs and what export scripts call.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+import onnx
+
+from rewrite.fp16_emulation import Fp16Report, check_fp16
+from rewrite.ort_runner import Feed, run_model
+from rewrite.pass_base import Pass
+from rewrite.pass_manager import PassManager, RunReport
+from rewrite.precision_plan import PrecisionPlan
+from rewrite.validate import Tolerance
+
+logger = logging.getLogger(__name__)
+
+Emit = Literal["fp32", "mixed"]
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+EXIT_ROLLED_BACK = 3
+EXIT_FP16_FAILS = 4
+
+
+@dataclass
+class MixedRunError:
+    """How far the mixed-precision model, run as typed in ORT, is from the FP32 reference
+    (FP16 weights alone cost ~1e-4 relative: expected, reported, not a failure)."""
+
+    output: str
+    max_abs_error: float
+    rel_l2: float
+
+
+@dataclass
+class FixReport:
+    emit: str
+    keep_io_types: bool
+    passes: RunReport
+    fp16_before: Fp16Report
+    fp16_after: Fp16Report
+    mixed: object | None
+    mixed_ort_error: list[MixedRunError]
+    trtexec: str
+    trtexec_argv: list[str]
+
+    @property
+    def exit_code(self) -> int:
+        if not self.fp16_after.passed:
+            return EXIT_FP16_FAILS
+        if self.passes.rolled_back:
+            return EXIT_ROLLED_BACK
+        return EXIT_OK
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["exit_code"] = self.exit_code
+        return data
+
+
+@dataclass
+class FixResult:
+    model: onnx.ModelProto
+    report: FixReport
+
+
+def fix_model(
+    model: onnx.ModelProto,
+    passes: Sequence[Pass],
+    feeds: Sequence[Feed],
+    *,
+    emit: Emit = "fp32",
+    keep_io_types: bool = False,
+    strict_cumsum: bool = False,
+    tolerance: Tolerance = Tolerance(),
+    per_output: Mapping[str, Tolerance] | None = None,
+    rel_l2_tolerance: float = 1e-2,
+    model_path: str = "model.onnx",
+) -> FixResult:
+    """Run ``passes`` (each validated in FP32 and rolled back on failure), then emit the model
+    for ``emit`` and check it with the FP16 emulation against the original's FP32 outputs.
+
+    ``model_path`` is only used to write the trtexec command line."""
+    from rewrite.trtexec import format_command, trtexec_command
+
+    manager = PassManager(passes, feeds, tolerance=tolerance, per_output=per_output)
+    fixed, run_report = manager.run(model)
+    assert manager.validator is not None
+    reference = manager.validator.reference
+    fp16_before = check_fp16(
+        model, feeds, reference, strict_cumsum=strict_cumsum, rel_l2_tolerance=rel_l2_tolerance
+    )
+    plan = PrecisionPlan.from_model(fixed)
+    mixed_report, mixed_errors = None, []
+    if emit == "mixed":
+        from rewrite.mixed_precision import to_mixed_precision
+
+        fixed, mixed_report = to_mixed_precision(fixed, plan, keep_io_types=keep_io_types)
+        mixed_errors = _mixed_ort_error(fixed, feeds, reference)
+        argv = trtexec_command(model_path, plan, mode="strong")
+    else:
+        argv = trtexec_command(model_path, plan, mode="weak")
+    fp16_after = check_fp16(
+        fixed, feeds, reference, plan=plan, strict_cumsum=strict_cumsum, rel_l2_tolerance=rel_l2_tolerance
+    )
+    report = FixReport(
+        emit=emit,
+        keep_io_types=keep_io_types,
+        passes=run_report,
+        fp16_before=fp16_before,
+        fp16_after=fp16_after,
+        mixed=mixed_report,
+        mixed_ort_error=mixed_errors,
+        trtexec=format_command(argv),
+        trtexec_argv=argv,
+    )
+    return FixResult(fixed, report)
+
+
+def _mixed_ort_error(model: onnx.ModelProto, feeds: Sequence[Feed], reference: Sequence[Feed]) -> list[MixedRunError]:
+    """Run the mixed model as typed (inputs cast to its input types) and compare with FP32."""
+    from onnx import helper
+
+    types = {i.name: helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in model.graph.input}
+    typed = [{k: np.asarray(v).astype(types.get(k, np.asarray(v).dtype)) for k, v in f.items()} for f in feeds]
+    got = run_model(model, typed)
+    errors = []
+    for out in model.graph.output:
+        g = np.concatenate([np.asarray(r[out.name], np.float64).ravel() for r in got])
+        r = np.concatenate([np.asarray(x[out.name], np.float64).ravel() for x in reference])
+        norm = float(np.linalg.norm(r)) or 1.0
+        errors.append(MixedRunError(out.name, float(np.abs(g - r).max()), float(np.linalg.norm(g - r) / norm)))
+    return errors

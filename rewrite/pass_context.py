@@ -1,0 +1,30 @@
+"""What a pass may ask of the run it is part of: the sample inputs, the precision plan, ranges."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import onnx
+
+from rewrite.ort_runner import Feed
+from rewrite.precision_plan import PrecisionPlan
+
+
+@dataclass
+class PassContext:
+    """Handed to every pass. ``model`` is the model as it was before the pass (read only);
+    ``plan`` is the pass's to edit; ranges are measured on ``feeds`` on demand and cached."""
+
+    model: onnx.ModelProto
+    feeds: Sequence[Feed]
+    plan: PrecisionPlan = field(default_factory=PrecisionPlan)
+    _absmax: dict[str, float] | None = None
+
+    def tensor_absmax(self) -> dict[str, float]:
+        """FP32 absmax (over all feeds) of every float tensor a node of ``model`` produces."""
+        if self._absmax is None:
+            from rewrite.fp16_emulation import profile_absmax
+
+            self._absmax = profile_absmax(self.model, self.feeds)
+        return self._absmax

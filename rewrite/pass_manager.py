@@ -1,0 +1,158 @@
+"""The pass manager: snapshot -> run a pass -> check -> validate -> keep or roll back."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from rewrite.errors import one_line
+from rewrite.model_io import check_model
+from rewrite.ort_runner import Feed
+from rewrite.pass_base import Pass, Site
+from rewrite.pass_context import PassContext
+from rewrite.precision_plan import PrecisionPlan
+from rewrite.validate import Tolerance, ValidationResult, Validator
+
+logger = logging.getLogger(__name__)
+
+HISTORY_KEY = "onnx_fp16_rewrite.passes"
+
+
+@dataclass
+class PassRecord:
+    """What happened to one pass. ``status``: kept, unchanged or rolled-back."""
+
+    name: str
+    options: dict[str, object]
+    status: str
+    rewritten: list[Site] = field(default_factory=list)
+    skipped: list[Site] = field(default_factory=list)
+    validation: ValidationResult | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class RunReport:
+    passes: list[PassRecord]
+    renamed_nodes: int
+    fp32_nodes: dict[str, str]
+
+    @property
+    def rolled_back(self) -> list[PassRecord]:
+        return [p for p in self.passes if p.status == "rolled-back"]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class PassManager:
+    """Runs passes in order on a model, validating each against the original's FP32 outputs.
+
+    A pass that raises, breaks the ONNX checker or shape inference, or fails validation is
+    rolled back from a snapshot taken before it ran; the run goes on with the next pass.
+    """
+
+    def __init__(
+        self,
+        passes: Sequence[Pass],
+        feeds: Sequence[Feed],
+        *,
+        tolerance: Tolerance = Tolerance(),
+        per_output: Mapping[str, Tolerance] | None = None,
+    ) -> None:
+        self.passes = list(passes)
+        self.feeds = list(feeds)
+        self.tolerance = tolerance
+        self.per_output = dict(per_output or {})
+        self.validator: Validator | None = None
+
+    def run(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, RunReport]:
+        current = onnx.ModelProto()
+        current.CopyFrom(model)
+        renamed = name_nodes(current)
+        self.validator = Validator(current, self.feeds, default=self.tolerance, per_output=self.per_output)
+        records = []
+        for p in self.passes:
+            record, current = self._run_one(p, current)
+            records.append(record)
+        plan = PrecisionPlan.from_model(current)
+        return current, RunReport(records, renamed, dict(plan.fp32_nodes))
+
+    def _run_one(self, p: Pass, model: onnx.ModelProto) -> tuple[PassRecord, onnx.ModelProto]:
+        assert self.validator is not None
+        start = time.perf_counter()
+        record = PassRecord(p.name, p.options(), "unchanged")
+        # A protobuf copy is deep: unlike gs.Graph.copy() it shares no weights with the pass's graph.
+        snapshot = onnx.ModelProto()
+        snapshot.CopyFrom(model)
+        ctx = PassContext(model=snapshot, feeds=self.feeds, plan=PrecisionPlan.from_model(model))
+        try:
+            graph = gs.import_onnx(model)
+            result = p.run(graph, ctx)
+            record.rewritten, record.skipped = result.rewritten, result.skipped
+            if not result.modified:
+                record.seconds = _since(start)
+                logger.info("%s: nothing to do (%d sites skipped)", p.name, len(result.skipped))
+                return record, snapshot
+            candidate = _export(graph, snapshot, ctx.plan, p.name)
+            check_model(candidate, f"the model after {p.name}", strict_shapes=True)
+        except Exception as exc:  # any failure inside a pass must roll back, whatever its type
+            record.status, record.error = "rolled-back", f"{p.name} failed: {type(exc).__name__}: {one_line(exc)}"
+            record.seconds = _since(start)
+            logger.warning("%s rolled back: %s", p.name, record.error)
+            return record, snapshot
+        record.validation = self.validator.validate(candidate)
+        record.seconds = _since(start)
+        if not record.validation.ok:
+            record.status = "rolled-back"
+            record.error = f"{p.name} failed FP32 validation: {record.validation.summary()}"
+            logger.warning("%s rolled back: %s", p.name, record.error)
+            return record, snapshot
+        record.status = "kept"
+        logger.info("%s: kept (%d sites rewritten)", p.name, len(record.rewritten))
+        return record, candidate
+
+
+def name_nodes(model: onnx.ModelProto) -> int:
+    """Give every unnamed or duplicate-named node a unique name (the plan is keyed by names,
+    and TensorRT names its layers after them); returns how many were renamed."""
+    seen: set[str] = set()
+    renamed = 0
+    for i, node in enumerate(model.graph.node):
+        if node.name and node.name not in seen:
+            seen.add(node.name)
+            continue
+        base = node.name or f"{node.op_type}_{i}"
+        name, k = base, 0
+        while name in seen:
+            k += 1
+            name = f"{base}_{k}"
+        node.name = name
+        seen.add(name)
+        renamed += 1
+    return renamed
+
+
+def _export(graph: gs.Graph, before: onnx.ModelProto, plan: PrecisionPlan, pass_name: str) -> onnx.ModelProto:
+    graph.cleanup().toposort()
+    out = gs.export_onnx(graph)
+    # graphsurgeon rebuilds the ModelProto: carry over what it does not know about.
+    out.ir_version = before.ir_version
+    out.producer_name, out.producer_version = before.producer_name, before.producer_version
+    out.doc_string = before.doc_string
+    out.metadata_props.extend(p for p in before.metadata_props if p.key != HISTORY_KEY)
+    history = next((p.value for p in before.metadata_props if p.key == HISTORY_KEY), "")
+    out.metadata_props.add(key=HISTORY_KEY, value=",".join(filter(None, [history, pass_name])))
+    name_nodes(out)
+    plan.store_in(out)
+    return out
+
+
+def _since(start: float) -> float:
+    return round(time.perf_counter() - start, 3)

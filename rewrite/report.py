@@ -1,0 +1,68 @@
+"""Reports as data first (JSON), text second (what the CLI prints)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from rewrite.fp16_emulation import Fp16Report
+from rewrite.pass_manager import RunReport
+
+
+def write_json(data: dict, path: str | os.PathLike) -> None:
+    """Write JSON atomically; non-finite floats become strings ("inf", "nan") to stay valid JSON."""
+    out = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=".report-", dir=out.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(_finite(data), f, indent=2)
+    os.replace(tmp, out)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def render_fp16(report: Fp16Report, title: str) -> str:
+    verdict = "PASS" if report.passed else "FAIL"
+    lines = [
+        f"{title}: {verdict}  (mode {report.mode}, {report.fp16_nodes} FP16 / {report.fp32_nodes} FP32 nodes"
+        f"{', strict FP16 CumSum' if report.strict_cumsum else ''}, {report.seconds:.2f} s)",
+        f"  {'output':<24} {'NaN':>8} {'Inf':>8} {'max abs err':>12} {'rel L2':>10}",
+    ]
+    for o in report.outputs:
+        lines.append(f"  {o.name:<24} {o.nan:>8} {o.inf:>8} {o.max_abs_error:>12.4g} {o.rel_l2:>10.3g}")
+    if report.first_failures:
+        lines.append(f"  first of {report.failing_tensors} failing tensors (topological order):")
+        for f in report.first_failures:
+            lines.append(f"    {f.kind:<10} {f.op:<10} {f.node}  ->  {f.tensor}  (absmax {f.absmax:.4g})")
+    for note in report.notes:
+        lines.append(f"  note: {note}")
+    return "\n".join(lines)
+
+
+def render_passes(report: RunReport) -> str:
+    lines = []
+    for p in report.passes:
+        lines.append(f"pass {p.name}: {p.status} ({len(p.rewritten)} rewritten, {len(p.skipped)} skipped, {p.seconds:.2f} s)")
+        for s in p.rewritten[:20]:
+            lines.append(f"  + {s.op:<10} {s.node}: {s.detail}")
+        if len(p.rewritten) > 20:
+            lines.append(f"  + ... {len(p.rewritten) - 20} more (see --report)")
+        for s in p.skipped[:10]:
+            lines.append(f"  - {s.op:<10} {s.node}: {s.detail}")
+        if p.error:
+            lines.append(f"  ! {p.error}")
+        elif p.validation is not None:
+            worst = max((o.max_abs_error for o in p.validation.outputs), default=0.0)
+            against = {o.judged_against for o in p.validation.outputs}
+            lines.append(f"  FP32 validation: ok, max abs error {worst:.3g} (vs {'/'.join(sorted(against))} reference)")
+    return "\n".join(lines)
