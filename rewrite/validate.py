@@ -107,7 +107,12 @@ class Validator:
         if excess <= 0:
             return OutputValidation(name, True, max_abs, excess, "fp32", f"max abs error {max_abs:.3g}")
         # Outside the FP32 tolerance: is the original's own FP32 result the inaccurate one?
-        r64 = _flat([x[name] for x in self.reference64()])
+        try:
+            r64 = _flat([x[name] for x in self.reference64()])
+        except Exception as exc:  # no float64 evaluation possible: the FP32 verdict stands
+            return OutputValidation(name, False, max_abs, excess, "fp32",
+                                    f"max abs error {max_abs:.3g} vs FP32 reference; float64 reference "
+                                    f"unavailable ({one_line(exc)})")
         new_abs, new_excess = _errors(g, r64, tol)
         orig_abs, _ = _errors(r, r64, tol)
         ok = new_excess <= 0 or new_abs <= orig_abs

@@ -1,0 +1,487 @@
+"""Turn an FP32 model plus a PrecisionPlan into a strongly typed FP16/FP32 model.
+
+Everything runs in FP16 except the FP32 islands named by the plan (and the nodes this converter
+cannot convert). The output is what ``trtexec --stronglyTyped`` / TensorRT 11 builds exactly as
+written. Two lessons from existing converters shape the design (see notes/mixed-precision-tools.md):
+casts are inserted per *tensor*, never per consumer, so a fan-out tensor leaving an FP32 island is
+never rounded to FP16 and back; and types come from each op's schema, not from op-name lists.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from rewrite.errors import BadInputError, PassFailedError
+from rewrite.precision_plan import PrecisionPlan
+
+__all__ = ["FP16_MAX", "MixedPrecisionReport", "to_mixed_precision"]
+
+logger = logging.getLogger(__name__)
+
+FP32 = onnx.TensorProto.FLOAT
+FP16 = onnx.TensorProto.FLOAT16
+FP16_MAX = 65504.0
+_SUFFIX = {FP16: "fp16", FP32: "fp32"}
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+_GRAPH_ATTRS = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+_VARIADIC = onnx.defs.OpSchema.FormalParameterOption.Variadic
+_FORCED = "converter: "
+
+
+@dataclass
+class MixedPrecisionReport:
+    """What the conversion did. Constant-node values are listed with the initializers, under the
+    name of the tensor they produce; nodes are named ``<op#index>`` when they have no name."""
+
+    keep_io_types: bool
+    fp16_node_count: int = 0
+    fp32_node_count: int = 0
+    fp16_nodes: list[str] = field(default_factory=list)
+    fp32_nodes: dict[str, str] = field(default_factory=dict)  # node -> reason
+    forced_fp32_nodes: list[str] = field(default_factory=list)  # FP32 by the converter, not the plan
+    non_float_nodes: int = 0
+    casts_inserted: int = 0
+    casts: list[str] = field(default_factory=list)
+    initializers_converted: list[str] = field(default_factory=list)
+    initializers_clamped: dict[str, int] = field(default_factory=dict)  # name -> values clamped
+    initializers_duplicated: list[str] = field(default_factory=list)
+    plan_nodes_missing: list[str] = field(default_factory=list)
+
+
+def to_mixed_precision(
+    model: onnx.ModelProto, plan: PrecisionPlan, *, keep_io_types: bool = False
+) -> tuple[onnx.ModelProto, MixedPrecisionReport]:
+    """Return a mixed FP16/FP32 copy of the FP32 ``model`` (left untouched) and a report.
+
+    FLOAT graph inputs/outputs become FLOAT16 unless ``keep_io_types``; their names never change.
+    Raises PassFailedError when the result fails strict shape inference or the full checker.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    conv = _Converter(out, plan, keep_io_types)
+    conv.decide()
+    conv.materialize()
+    out = _rebuild_types(out, conv.keep_value_info)
+    plan.store_in(out)
+    r = conv.report
+    r.fp16_node_count, r.fp32_node_count = len(r.fp16_nodes), len(r.fp32_nodes)
+    r.casts_inserted = len(r.casts)
+    logger.info(
+        "mixed precision: %d FP16 nodes, %d FP32 nodes (%d forced), %d casts",
+        r.fp16_node_count, r.fp32_node_count, len(r.forced_fp32_nodes), r.casts_inserted,
+    )
+    return out, r
+
+
+class _Converter:
+    def __init__(self, model: onnx.ModelProto, plan: PrecisionPlan, keep_io: bool) -> None:
+        self.model, self.g, self.plan, self.keep_io = model, model.graph, plan, keep_io
+        self.report = MixedPrecisionReport(keep_io_types=keep_io)
+        self.io_type = FP32 if keep_io else FP16
+        self.opsets = {(i.domain or ""): i.version for i in model.opset_import}
+        self.opsets[""] = self.opsets.get("", self.opsets.get("ai.onnx", 1))
+        self.types, self.nontensor = _value_types(model)
+        self.inputs = [i.name for i in self.g.input]
+        self.outputs = {o.name for o in self.g.output}
+        self.inits = {t.name: k for k, t in enumerate(self.g.initializer) if t.name not in self.inputs}
+        self.used = _all_names(self.g)
+        self.prec: dict[int, int] = {}  # node index -> FP16/FP32 (nodes with float tensors)
+        self.home: dict[str, int] = {}  # float tensor -> type its producer writes
+        self.need: dict[int, dict[int, int]] = {}  # node -> {input slot: type it reads}
+        self.wanted: dict[str, list[int]] = {}  # float tensor -> types read, in first-use order
+        self.sub_refs: dict[int, list[str]] = {}  # node -> outer float tensors its subgraphs read
+        self.flex_const: dict[str, int] = {}  # Constant-node output -> node index
+        self.keep_value_info: set[str] = set()  # outputs of schema-less nodes: inference can't redo them
+
+    # ---- decisions -------------------------------------------------------------------------
+    def decide(self) -> None:
+        for name in self.inputs:
+            if self.types.get(name) == FP32:
+                self.home[name] = self.io_type
+        for sparse in self.g.sparse_initializer:  # rare; kept FP32 and cast where needed
+            self.home[sparse.values.name] = FP32
+        for i, node in enumerate(self.g.node):
+            if _is_flexible_constant(node, self.plan):
+                self.flex_const[node.output[0]] = i
+                continue
+            self._decide_node(i, node)
+        names = {n.name for n in self.g.node}
+        self.report.plan_nodes_missing = sorted(k for k in self.plan.fp32_nodes if k not in names)
+        if self.report.plan_nodes_missing:
+            logger.warning("plan pins %d node(s) not in the model: %s",
+                           len(self.report.plan_nodes_missing), self.report.plan_nodes_missing[:5])
+
+    def _decide_node(self, i: int, node: onnx.NodeProto) -> None:
+        label = node.name or f"{node.op_type}#{i}"
+        if any(a.type in _GRAPH_ATTRS for a in node.attribute):
+            refs = [t for t in _outer_refs_of_node(node) if self.types.get(t) == FP32]
+            self.sub_refs[i] = refs
+            for t in refs:
+                self._want(t, FP32)
+        fin = [s for s, t in enumerate(node.input) if t and self.types.get(t) == FP32]
+        fout = [s for s, t in enumerate(node.output) if t and self.types.get(t) == FP32]
+        unknown = [t for t in (*node.input, *node.output)
+                   if t and t not in self.types and t not in self.nontensor]
+        if not fin and not fout and not unknown:
+            self.report.non_float_nodes += 1
+            return
+        schema = self._schema(node)
+        conv_in = {s: _convertible(schema, s, True) for s in fin}
+        conv_out = {s: _convertible(schema, s, False) for s in fout}
+        if node.name and self.plan.is_fp32(node.name):
+            reason = self.plan.fp32_nodes[node.name]
+        else:
+            reason = self._forced_reason(node, schema, unknown, conv_in, conv_out)
+        if reason is not None:
+            prec = FP32
+        elif fout:
+            prec = FP16
+        else:  # no float output (Shape, Equal, ...): follow the first float input, no cast needed
+            firsts = [self.home[node.input[s]] for s in fin
+                      if conv_in[s] and node.input[s] in self.home]
+            prec = firsts[0] if firsts else FP16
+        self.prec[i] = prec
+        if prec == FP16:
+            self.report.fp16_nodes.append(label)
+        else:
+            self.report.fp32_nodes[label] = reason or _FORCED + "follows its FP32 input"
+            if reason and reason.startswith(_FORCED):
+                self.report.forced_fp32_nodes.append(label)
+        for s in fin:
+            need = prec if conv_in[s] else FP32
+            self.need.setdefault(i, {})[s] = need
+            self._want(node.input[s], need)
+        for s in fout:
+            self.home[node.output[s]] = prec if conv_out[s] else FP32
+        if schema is None:
+            self.keep_value_info.update(node.output)
+
+    def _forced_reason(self, node, schema, unknown, conv_in, conv_out) -> str | None:
+        if any(a.type in _GRAPH_ATTRS for a in node.attribute):
+            return _FORCED + f"{node.op_type} has a subgraph (not converted)"
+        if node.domain not in _DEFAULT_DOMAINS:
+            return _FORCED + f"custom domain '{node.domain}' (no schema)"
+        if schema is None:
+            return _FORCED + f"no schema for {node.op_type} in opset {self.opsets['']}"
+        if any(t in self.nontensor for t in (*node.input, *node.output) if t):
+            return _FORCED + "reads or writes a sequence/optional/map value"
+        if unknown:
+            return _FORCED + f"type of '{unknown[0]}' unknown after shape inference"
+        if "dtype" in schema.attributes:
+            return _FORCED + f"{node.op_type} has a dtype attribute"
+        if not any(conv_in.values()) and not any(conv_out.values()):
+            return _FORCED + f"{node.op_type}-{schema.since_version} has no float16 in its schema"
+        return None
+
+    def _schema(self, node: onnx.NodeProto) -> onnx.defs.OpSchema | None:
+        if node.domain not in _DEFAULT_DOMAINS:
+            return None
+        try:
+            return onnx.defs.get_schema(node.op_type, self.opsets[""], "")
+        except onnx.defs.SchemaError:
+            return None
+
+    def _want(self, tensor: str, dtype: int) -> None:
+        wants = self.wanted.setdefault(tensor, [])
+        if dtype not in wants:
+            wants.append(dtype)
+
+    # ---- rewriting -------------------------------------------------------------------------
+    def materialize(self) -> None:
+        alias: dict[str, dict[int, str]] = {}  # tensor -> {type: name holding it in that type}
+        casts: dict[object, list[onnx.NodeProto]] = {}  # producer (node index or "inputs") -> casts
+        producer = {t: i for i, n in enumerate(self.g.node) for t in n.output if t}
+        renamed: dict[str, str] = {}
+        for t, home in self.home.items():
+            out_type = self.io_type if t in self.outputs else None
+            wants = list(self.wanted.get(t, []))
+            alias[t] = {home: t}
+            key = producer.get(t, "inputs")
+            if out_type is not None and out_type != home:
+                # Graph outputs keep their names: the producer writes a renamed tensor instead.
+                inner = self._unique(f"{t}_{_SUFFIX[home]}")
+                renamed[t] = inner
+                alias[t] = {home: inner, out_type: t}
+                cast_name = self._unique(f"{t}/cast_to_{_SUFFIX[out_type]}")
+                casts.setdefault(key, []).append(_cast(inner, t, out_type, cast_name))
+            for dtype in wants:
+                if dtype not in alias[t]:
+                    name = self._unique(f"{t}/cast_to_{_SUFFIX[dtype]}")
+                    alias[t][dtype] = name
+                    # The cast node is named like its output (one namespace is reserved for both).
+                    casts.setdefault(key, []).append(_cast(alias[t][home], name, dtype, name))
+        extra_consts: dict[int, onnx.NodeProto] = {}
+        for t in [*self.inits, *self.flex_const]:
+            if t in self.wanted or t in self.outputs:
+                alias[t] = self._place_constant(t, extra_consts)
+        for k, init in enumerate(self.g.initializer):  # old style: an initializer that is also
+            if self.home.get(init.name) == FP16 and init.name in self.inputs:  # an input follows it
+                self._convert_init(k, init.name)
+
+        new_nodes = list(casts.get("inputs", []))
+        for i, node in enumerate(self.g.node):
+            for s, dtype in self.need.get(i, {}).items():
+                node.input[s] = alias[node.input[s]][dtype]
+            for s, t in enumerate(node.output):
+                if t in renamed:
+                    node.output[s] = renamed[t]
+            if i in self.sub_refs:
+                mapping = {t: alias[t][FP32] for t in self.sub_refs[i] if alias[t][FP32] != t}
+                for a in node.attribute:
+                    for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+                        _rename_refs(sub, mapping)
+            self._fix_attributes(i, node)
+            new_nodes.append(node)
+            if i in extra_consts:
+                new_nodes.append(extra_consts[i])
+            new_nodes.extend(casts.get(i, []))
+        copies = []
+        for n in new_nodes:
+            c = onnx.NodeProto()
+            c.CopyFrom(n)
+            copies.append(c)
+        del self.g.node[:]
+        self.g.node.extend(copies)
+        for vi in (*self.g.input, *self.g.output):
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type == FP32:
+                vi.type.tensor_type.elem_type = self.io_type
+        self.report.casts = [c.name for group in casts.values() for c in group]
+
+    def _place_constant(self, t: str, extra: dict[int, onnx.NodeProto]) -> dict[int, str]:
+        """Decide which types a constant is stored in: one copy per type its consumers read."""
+        wants = set(self.wanted.get(t, []))
+        if t in self.outputs:
+            wants.add(self.io_type)
+        if not wants:
+            return {FP32: t}
+        if wants == {FP32}:
+            self._log_kept(t)
+            return {FP32: t}
+        if wants == {FP16}:
+            self._convert_constant(t, t, in_place=True, extra=extra)
+            return {FP16: t}
+        primary = self.io_type if t in self.outputs else FP32
+        other = FP16 if primary == FP32 else FP32
+        copy_name = self._unique(f"{t}_{_SUFFIX[other]}")
+        self._convert_constant(t, copy_name, in_place=False, extra=extra, to=other, keep=primary)
+        self.report.initializers_duplicated.append(t)
+        return {primary: t, other: copy_name}
+
+    def _log_kept(self, t: str) -> None:
+        if t in self.flex_const:
+            i = self.flex_const[t]
+            label = self.g.node[i].name or f"Constant#{i}"
+            self.report.fp32_nodes[label] = _FORCED + "constant only read in FP32"
+
+    def _convert_constant(self, t, new_name, *, in_place, extra, to=FP16, keep=FP32) -> None:
+        if t in self.inits:
+            k = self.inits[t]
+            if in_place:
+                self._convert_init(k, t)
+                return
+            arr = numpy_helper.to_array(self.g.initializer[k])
+            tensor = numpy_helper.from_array(self._cast_array(arr, to, t), new_name)
+            self.g.initializer.append(tensor)
+            if keep == FP16:
+                self._convert_init(k, t)
+            return
+        i = self.flex_const[t]
+        node = self.g.node[i]
+        label = node.name or f"Constant#{i}"
+        arr = _constant_array(node)
+        if in_place:
+            _set_constant(node, self._cast_array(arr, FP16, t))
+            self.report.initializers_converted.append(t)
+            self.report.fp16_nodes.append(label)
+            return
+        dup = helper.make_node("Constant", [], [new_name], name=self._unique(f"{node.name or t}_{_SUFFIX[to]}"))
+        _set_constant(dup, self._cast_array(arr, to, t))
+        if keep == FP16:
+            _set_constant(node, self._cast_array(arr, FP16, t))
+        extra[i] = dup
+        fp16_label, fp32_label = (label, dup.name) if keep == FP16 else (dup.name, label)
+        self.report.fp16_nodes.append(fp16_label)
+        self.report.fp32_nodes[fp32_label] = _FORCED + "FP32 copy of a shared constant"
+
+    def _convert_init(self, k: int, name: str) -> None:
+        arr = numpy_helper.to_array(self.g.initializer[k])
+        self.g.initializer[k].CopyFrom(numpy_helper.from_array(self._cast_array(arr, FP16, name), name))
+        self.report.initializers_converted.append(name)
+
+    def _cast_array(self, arr: np.ndarray, to: int, name: str) -> np.ndarray:
+        if to == FP32:
+            return arr.astype(np.float32)
+        return _to_fp16(arr, name, self.report)
+
+    def _fix_attributes(self, i: int, node: onnx.NodeProto) -> None:
+        if self.prec.get(i) != FP16 or node.domain not in _DEFAULT_DOMAINS:
+            return
+        if node.op_type == "Cast":
+            # Cast(to=FLOAT) inside FP16 code now writes FLOAT16; a resulting fp16->fp16 Cast is
+            # kept (a no-op TensorRT and ORT remove) so node names and the graph shape stay stable.
+            for a in node.attribute:
+                if a.name == "to" and a.i == FP32:
+                    a.i = FP16
+        elif node.op_type == "ConstantOfShape" and self.types.get(node.output[0]) == FP32:
+            value = next((a for a in node.attribute if a.name == "value"), None)
+            arr = numpy_helper.to_array(value.t) if value else np.zeros(1, np.float32)
+            tensor = numpy_helper.from_array(_to_fp16(arr, node.output[0], self.report))
+            if value is None:
+                node.attribute.append(helper.make_attribute("value", tensor))
+            else:
+                value.t.CopyFrom(tensor)
+
+    def _unique(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.used:
+            name, k = f"{base}_{k}", k + 1
+        self.used.add(name)
+        return name
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def _value_types(model: onnx.ModelProto) -> tuple[dict[str, int], set[str]]:
+    """Element type of every tensor shape inference can type; names of non-tensor values."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
+    except Exception as exc:  # inference raises several unrelated types on broken models
+        raise BadInputError(f"shape inference failed on the input model: {exc}") from None
+    g = inferred.graph
+    types: dict[str, int] = {t.name: t.data_type for t in g.initializer}
+    nontensor: set[str] = set()
+    for vi in (*g.input, *g.output, *g.value_info):
+        if vi.type.HasField("tensor_type"):
+            if vi.type.tensor_type.elem_type:
+                types[vi.name] = vi.type.tensor_type.elem_type
+        elif vi.type.WhichOneof("value") is not None:
+            nontensor.add(vi.name)
+    if any(t == FP16 for t in types.values()):
+        logger.info("input model already has FLOAT16 tensors; they are left as they are")
+    return types, nontensor
+
+
+def _cast(src: str, dst: str, to: int, name: str) -> onnx.NodeProto:
+    return helper.make_node("Cast", [src], [dst], name=name, to=to)
+
+
+def _convertible(schema: onnx.defs.OpSchema | None, slot: int, is_input: bool) -> bool:
+    """True when the formal parameter at ``slot`` is a type variable that admits float16."""
+    if schema is None:
+        return False
+    params = schema.inputs if is_input else schema.outputs
+    if slot < len(params):
+        formal = params[slot]
+    elif params and params[-1].option == _VARIADIC:
+        formal = params[-1]
+    else:
+        return False
+    for c in schema.type_constraints:
+        if c.type_param_str == formal.type_str:
+            return "tensor(float16)" in c.allowed_type_strs
+    return False  # a fixed type such as Resize's scales: tensor(float)
+
+
+def _is_flexible_constant(node: onnx.NodeProto, plan: PrecisionPlan) -> bool:
+    if node.op_type != "Constant" or node.domain not in _DEFAULT_DOMAINS:
+        return False
+    if node.name and plan.is_fp32(node.name):
+        return False
+    for a in node.attribute:
+        if a.name in ("value_float", "value_floats"):
+            return True
+        if a.name == "value" and a.t.data_type == FP32:
+            return True
+    return False
+
+
+def _constant_array(node: onnx.NodeProto) -> np.ndarray:
+    a = node.attribute[0]
+    if a.name == "value_float":
+        return np.array(a.f, np.float32)
+    if a.name == "value_floats":
+        return np.array(list(a.floats), np.float32)
+    return numpy_helper.to_array(a.t)
+
+
+def _set_constant(node: onnx.NodeProto, arr: np.ndarray) -> None:
+    del node.attribute[:]
+    node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(arr)))
+
+
+def _to_fp16(arr: np.ndarray, name: str, report: MixedPrecisionReport) -> np.ndarray:
+    """Clamp finite values to ±65504 and convert. ±inf stays inf (masks use it on purpose)."""
+    arr = np.asarray(arr, np.float32)
+    over = np.isfinite(arr) & (np.abs(arr) > FP16_MAX)
+    n = int(over.sum())
+    if n:
+        logger.warning("clamping %d value(s) of '%s' to ±%g for FP16 (absmax %g)",
+                       n, name, FP16_MAX, float(np.abs(arr[over]).max()))
+        report.initializers_clamped[name] = report.initializers_clamped.get(name, 0) + n
+        arr = np.where(over, np.clip(arr, -FP16_MAX, FP16_MAX), arr)
+    return arr.astype(np.float16)
+
+
+def _all_names(g: onnx.GraphProto) -> set[str]:
+    names = {v.name for v in (*g.input, *g.output, *g.value_info)} | {t.name for t in g.initializer}
+    for n in g.node:
+        names.add(n.name)
+        names.update(n.input)
+        names.update(n.output)
+        for a in n.attribute:
+            for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+                names |= _all_names(sub)
+    return names
+
+
+def _outer_refs(g: onnx.GraphProto) -> list[str]:
+    """Names a subgraph reads from enclosing scopes, in first-use order."""
+    defined = {v.name for v in g.input} | {t.name for t in g.initializer}
+    refs: list[str] = []
+    for n in g.node:
+        for t in [*n.input, *_outer_refs_of_node(n)]:
+            if t and t not in defined and t not in refs:
+                refs.append(t)
+        defined.update(n.output)
+    refs += [o.name for o in g.output if o.name not in defined and o.name not in refs]
+    return refs
+
+
+def _outer_refs_of_node(node: onnx.NodeProto) -> list[str]:
+    refs: list[str] = []
+    for a in node.attribute:
+        for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+            refs += [t for t in _outer_refs(sub) if t not in refs]
+    return refs
+
+
+def _rename_refs(g: onnx.GraphProto, mapping: dict[str, str]) -> None:
+    # ONNX forbids shadowing outer names, so a plain rename is safe.
+    for n in g.node:
+        for s, t in enumerate(n.input):
+            if t in mapping:
+                n.input[s] = mapping[t]
+        for a in n.attribute:
+            for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+                _rename_refs(sub, mapping)
+    for o in g.output:
+        if o.name in mapping:
+            o.name = mapping[o.name]
+
+
+def _rebuild_types(model: onnx.ModelProto, keep: set[str]) -> onnx.ModelProto:
+    """Drop stale value_info, infer it again strictly, and run the full checker."""
+    kept = [vi for vi in model.graph.value_info if vi.name in keep]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
+    try:
+        out = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+        onnx.checker.check_model(out, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise PassFailedError(f"mixed-precision model is invalid: {first}") from None
+    return out

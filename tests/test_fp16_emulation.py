@@ -1,0 +1,211 @@
+"""The CPU FP16 emulation, tested on its own against numpy float16 arithmetic."""
+
+import numpy as np
+import onnx
+import pytest
+
+from rewrite.fp16_emulation import FP16_MAX, build_emulation, check_fp16, profile_absmax
+from rewrite.ort_runner import run_model
+from rewrite.precision_plan import PrecisionPlan
+
+F16, F32 = np.float16, np.float32
+
+
+def r16(a):
+    with np.errstate(over="ignore"):
+        return np.asarray(a, F32).astype(F16).astype(F32)
+
+
+def parse(text: str) -> onnx.ModelProto:
+    model = onnx.parser.parse_model(text)
+    for i, node in enumerate(model.graph.node):
+        node.name = node.name or f"{node.op_type.lower()}{i}"
+    return model
+
+
+CUMSUM = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[1,N] x) => (float[1,N] y) {
+  ax = Constant<value=int64 {1}>()
+  c = CumSum<exclusive=0>(x, ax)
+  n = Constant<value=float {4096.0}>()
+  y = Div(c, n)
+}"""
+
+# Integral image of a 1-D signal and a window difference: the overflow sits in the middle.
+WINDOW = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[1,4096] x) => (float[1,4064] y) {
+  ax = Constant<value=int64 {1}>()
+  c = CumSum(x, ax)
+  s0 = Constant<value=int64[1] {0}>()
+  e0 = Constant<value=int64[1] {4064}>()
+  s1 = Constant<value=int64[1] {32}>()
+  e1 = Constant<value=int64[1] {4096}>()
+  one = Constant<value=int64[1] {1}>()
+  lo = Slice(c, s0, e0, one)
+  hi = Slice(c, s1, e1, one)
+  d = Sub(hi, lo)
+  k = Constant<value=float {32.0}>()
+  y = Div(d, k)
+}"""
+
+
+def test_rounding_is_fp16_storage_fp32_compute_bitwise():
+    model = parse("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[1000] x) => (float[1000] y) {
+      k = Constant<value=float {3.3}>()
+      m = Mul(x, k)
+      y = Add(m, x)
+    }""")
+    x = np.random.default_rng(0).normal(0, 100, 1000).astype(F32)
+    emu = build_emulation(model)
+    y = run_model(emu.model, [{"x": x}], ["y"])[0]["y"]
+    # Each node reads FP16 inputs, computes in FP32 and stores its output in FP16.
+    m = r16(r16(x) * r16(F32(3.3)))
+    expected = r16(m + r16(x))
+    assert np.array_equal(y, expected)
+
+
+def test_overflow_detected_and_located():
+    model = parse(CUMSUM.replace("N", "4096"))
+    x = np.full((1, 4096), 30.0, F32)
+    report = check_fp16(model, [{"x": x}])
+    assert not report.passed
+    assert report.mode == "weak"
+    out = report.outputs[0]
+    # Prefix sums pass 65504 at index 2183 (30 * 2184 = 65520 rounds to inf): 4096 - 2183 infs.
+    assert out.inf == 4096 - 2183 and out.nan == 0
+    first = report.first_failures[0]
+    assert (first.op, first.kind, first.absmax) == ("CumSum", "overflow", 30.0 * 4096)
+
+
+def test_onnxruntime_fp16_run_is_fooled_but_emulation_is_not():
+    """The premise of the emulator: ORT CPU runs an FP16 CumSum chain in FP32 and reports no inf."""
+    fp16 = _as_fp16(parse(CUMSUM.replace("N", "4096")))
+    x = np.full((1, 4096), 30.0, F16)
+    ort_y = run_model(fp16, [{"x": x}])[0]["y"]
+    assert np.isfinite(ort_y).all()  # ORT says fine...
+    report = check_fp16(fp16, [{"x": x}], reference=[{"y": np.cumsum(np.full((1, 4096), 30.0), axis=1) / 4096}])
+    assert report.mode == "strong"
+    assert report.outputs[0].inf == 4096 - 2183  # ...an FP16 engine is not
+
+
+def _as_fp16(model):
+    """The whole model typed FLOAT16, as a naive FP16 conversion leaves it."""
+    for vi in list(model.graph.input) + list(model.graph.output):
+        vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.name == "value" and attr.t.data_type == onnx.TensorProto.FLOAT:
+                attr.t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(attr.t).astype(F16)))
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_pinning_only_the_cumsum_still_overflows_on_the_fp16_edge():
+    model = parse(WINDOW)
+    x = np.random.default_rng(1).uniform(20, 40, (1, 4096)).astype(F32)
+    only_cumsum = check_fp16(model, [{"x": x}], plan=PrecisionPlan({"cumsum1": "t"}))
+    assert not only_cumsum.passed
+    # The FP32 prefix sums are rounded where the FP16 Slices read them: the Slices overflow.
+    assert only_cumsum.first_failures[0].op == "Slice"
+    assert only_cumsum.outputs[0].inf > 0
+    region = PrecisionPlan({n: "t" for n in ("cumsum1", "slice7", "slice8", "sub9", "div11")})
+    fixed = check_fp16(model, [{"x": x}], plan=region)
+    assert fixed.passed and fixed.failing_tensors == 0
+    assert fixed.outputs[0].rel_l2 < 1e-3
+
+
+def test_weights_are_clamped_not_overflowed():
+    model = parse("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[8] x) => (float[8] y) {
+      k = Constant<value=float {147456.0}>()
+      y = Div(x, k)
+    }""")
+    x = np.linspace(1, 8, 8).astype(F32)
+    report = check_fp16(model, [{"x": x}])
+    out = report.outputs[0]
+    # k is clamped to 65504 (as TensorRT does with out-of-range weights): finite but 2.25x too large.
+    assert out.inf == 0 and out.nan == 0
+    assert out.rel_l2 == pytest.approx(147456 / 65504 - 1, rel=2e-3)
+    assert not report.passed
+    pinned = check_fp16(model, [{"x": x}], plan=PrecisionPlan({"div1": "t"}))
+    assert pinned.passed
+
+
+def _sequential_fp16_cumsum(x, reverse=False, exclusive=False):
+    seq = x[::-1] if reverse else x
+    acc, out = F16(0), []
+    for v in seq:
+        prev = acc
+        acc = F16(F32(acc) + F32(v))
+        out.append(prev if exclusive else acc)
+    out = np.array(out, F16).astype(F32)
+    return out[::-1] if reverse else out
+
+
+@pytest.mark.parametrize("reverse,exclusive", [(0, 0), (1, 0), (0, 1), (1, 1)])
+def test_strict_cumsum_accumulates_in_fp16(reverse, exclusive):
+    model = parse(f"""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[1,4096] x) => (float[1,4096] y) {{
+      ax = Constant<value=int64 {{-1}}>()
+      y = CumSum<exclusive={exclusive}, reverse={reverse}>(x, ax)
+    }}""")
+    x = np.full((1, 4096), 0.01, F32)
+    emu = build_emulation(model, strict_cumsum=True)
+    assert not emu.notes
+    y = run_model(emu.model, [{"x": x}], ["y"])[0]["y"]
+    expected = _sequential_fp16_cumsum(r16(x)[0], bool(reverse), bool(exclusive))
+    assert np.array_equal(y[0], expected)
+    # The FP16 running sum stalls (0.01 is below half the FP16 spacing past 32): far from 40.96.
+    assert abs(y.max() - 40.96) > 5
+
+
+def test_strict_cumsum_changes_the_verdict():
+    model = parse(CUMSUM.replace("N", "4096"))
+    feeds = [{"x": np.full((1, 4096), 0.01, F32)}]
+    assert check_fp16(model, feeds).passed
+    strict = check_fp16(model, feeds, strict_cumsum=True)
+    assert not strict.passed and strict.outputs[0].rel_l2 > 0.1
+
+
+def test_strong_mode_keeps_float_islands_in_fp32():
+    mixed = parse("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float16[1,4096] x) => (float16[1,4096] y) {
+      x32 = Cast<to=1>(x)
+      ax = Constant<value=int64 {1}>()
+      c = CumSum(x32, ax)
+      n = Constant<value=float {4096.0}>()
+      d = Div(c, n)
+      y = Cast<to=10>(d)
+    }""")
+    x = np.full((1, 4096), 30.0, F16)
+    ref = [{"y": np.cumsum(np.full((1, 4096), 30.0), axis=1) / 4096}]
+    report = check_fp16(mixed, [{"x": x}], reference=ref)
+    assert report.mode == "strong" and report.passed
+    assert (report.fp16_nodes, report.fp32_nodes) == (1, 3)
+    assert report.outputs[0].max_abs_error <= 30 * 2**-11
+
+
+def test_profile_absmax_matches_numpy():
+    model = parse(WINDOW)
+    x = np.random.default_rng(2).uniform(0, 40, (1, 4096)).astype(F32)
+    ranges = profile_absmax(model, [{"x": x}])
+    c = np.cumsum(x, axis=1, dtype=F32)
+    assert ranges["c"] == pytest.approx(float(c.max()), rel=1e-6)
+    assert ranges["c"] > FP16_MAX
+    assert ranges["y"] == pytest.approx(float(np.abs((c[:, 32:] - c[:, :4064]) / 32).max()), rel=1e-4)
+
+
+def test_nan_in_fp16_only_is_reported_as_nonfinite():
+    model = parse("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[4] x) => (float[4] y) {
+      k = Constant<value=float {1000.0}>()
+      a = Mul(x, k)
+      b = Mul(a, k)
+      y = Sub(b, b)
+    }""")
+    report = check_fp16(model, [{"x": np.array([1, 2, 0.01, 0.001], F32)}])
+    # b = x * 1e6 overflows for the first two values; inf - inf is NaN downstream.
+    assert report.outputs[0].nan == 2
+    kinds = [(f.tensor, f.kind) for f in report.first_failures]
+    assert kinds == [("b", "overflow"), ("y", "non-finite")]
