@@ -45,7 +45,6 @@ class TensorFinding:
     node: str
     op: str
     absmax: float
-    nonfinite: int
     kind: str
 
 
@@ -83,8 +82,12 @@ class _StatSite:
     node: str
     op: str
     fp16: bool
-    absmax_out: str
-    nonfinite_out: str
+    max_out: str
+    min_out: str
+    sum_out: str
+
+    def outputs(self) -> tuple[str, str, str]:
+        return self.max_out, self.min_out, self.sum_out
 
 
 @dataclass
@@ -135,7 +138,7 @@ def build_emulation(
     new_nodes: list[onnx.NodeProto] = []
     sites: list[_StatSite] = []
     rounded_edges: dict[str, str] = {}
-    new_inits: list[onnx.TensorProto] = [numpy_helper.from_array(np.zeros((), np.float32), "__emu_zero")]
+    new_inits: list[onnx.TensorProto] = []
     init_by_name = {i.name: i for i in g.initializer}
     fp16_inputs = {i.name for i in g.input if i.name in fp16_tensors} if round_fp16 else set()
     fp16_nodes = fp32_nodes = 0
@@ -185,8 +188,7 @@ def build_emulation(
     g.initializer.extend(new_inits)
     del g.value_info[:]
     for site in sites:
-        g.output.append(helper.make_tensor_value_info(site.absmax_out, _FLOAT, []))
-        g.output.append(helper.make_tensor_value_info(site.nonfinite_out, TensorProto.INT64, []))
+        g.output.extend(helper.make_tensor_value_info(name, _FLOAT, []) for name in site.outputs())
     return EmulationModel(m, mode, sites, fp16_inputs, fp16_nodes, fp32_nodes, notes)
 
 
@@ -242,8 +244,8 @@ def check_fp16(
 def profile_absmax(model: onnx.ModelProto, feeds: Sequence[Feed]) -> dict[str, float]:
     """FP32 absmax of every float tensor a node produces (max over feeds), NaN ignored."""
     emu = build_emulation(model, None, round_fp16=False)
-    runs = run_model(emu.model, list(feeds), [s.absmax_out for s in emu.sites])
-    return {s.tensor: max(float(r[s.absmax_out]) for r in runs) for s in emu.sites}
+    runs = run_model(emu.model, list(feeds), [name for s in emu.sites for name in s.outputs()])
+    return {s.tensor: _site_stats(s, runs)[0] for s in emu.sites}
 
 
 def _fp32_outputs(model: onnx.ModelProto, feeds: Sequence[Feed]) -> list[Feed]:
@@ -285,18 +287,27 @@ def _compare(name: str, got: list[np.ndarray], ref: list[np.ndarray], tol: float
     return OutputCheck(name, max(nan, 0), max(inf, 0), max_abs, rel, ref_absmax, ok)
 
 
+def _site_stats(site: _StatSite, runs: list[Feed]) -> tuple[float, bool]:
+    """(absmax, non-finite) of a site over all runs; absmax ignores NaN where it can."""
+    absmax, nonfinite = 0.0, False
+    for r in runs:
+        hi, lo, total = (float(r[name]) for name in site.outputs())
+        nonfinite |= not np.isfinite(total)
+        absmax = max(absmax, np.nan_to_num(max(abs(hi), abs(lo)), nan=0.0))
+    return absmax, nonfinite
+
+
 def _findings(sites: list[_StatSite], runs: list[Feed]) -> list[TensorFinding]:
     found = []
     for s in sites:
-        absmax = max(float(r[s.absmax_out]) for r in runs)
-        nonfinite = sum(int(r[s.nonfinite_out]) for r in runs)
+        absmax, nonfinite = _site_stats(s, runs)
         if s.fp16 and absmax > FP16_MAX:
             kind = "overflow"
-        elif nonfinite > 0:
+        elif nonfinite:
             kind = "non-finite"
         else:
             continue
-        found.append(TensorFinding(s.tensor, s.node, s.op, absmax, nonfinite, kind))
+        found.append(TensorFinding(s.tensor, s.node, s.op, absmax, kind))
     return found
 
 
@@ -331,20 +342,16 @@ def _round_nodes(src: str, dst: str) -> list[onnx.NodeProto]:
 
 
 def _stat_nodes(out: str, raw: str, node: onnx.NodeProto, fp16: bool, nodes: list[onnx.NodeProto]) -> _StatSite:
-    """absmax of the FP32-computed value (NaN ignored) and non-finite count of the stored value."""
+    """Three reductions of the FP32-computed value, no elementwise temporaries (they made the
+    emulation 10x slower than a plain run): max and min give the absmax, and the sum is
+    non-finite exactly when some value is (ORT's ReduceMax does not reliably propagate NaN)."""
     p = f"{out}__stat"
     nodes += [
-        helper.make_node("Abs", [raw], [p + "_abs"], name=p + "_abs"),
-        helper.make_node("IsNaN", [raw], [p + "_isnan"], name=p + "_isnan"),
-        helper.make_node("Where", [p + "_isnan", "__emu_zero", p + "_abs"], [p + "_abs0"], name=p + "_where"),
-        helper.make_node("ReduceMax", [p + "_abs0"], [p + "_absmax"], name=p + "_absmax", keepdims=0),
-        # x - x is NaN exactly where x is inf or NaN: one op instead of IsInf + IsNaN + Or.
-        helper.make_node("Sub", [out, out], [p + "_zero"], name=p + "_sub"),
-        helper.make_node("IsNaN", [p + "_zero"], [p + "_bad"], name=p + "_bad"),
-        helper.make_node("Cast", [p + "_bad"], [p + "_badi"], name=p + "_badi", to=TensorProto.INT64),
-        helper.make_node("ReduceSum", [p + "_badi"], [p + "_nonfinite"], name=p + "_nonfinite", keepdims=0),
+        helper.make_node("ReduceMax", [raw], [p + "_max"], name=p + "_max", keepdims=0),
+        helper.make_node("ReduceMin", [raw], [p + "_min"], name=p + "_min", keepdims=0),
+        helper.make_node("ReduceSum", [raw], [p + "_sum"], name=p + "_sum", keepdims=0),
     ]
-    return _StatSite(out, node.name, node.op_type, fp16, p + "_absmax", p + "_nonfinite")
+    return _StatSite(out, node.name, node.op_type, fp16, p + "_max", p + "_min", p + "_sum")
 
 
 def _strict_cumsum_nodes(

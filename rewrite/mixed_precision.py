@@ -28,7 +28,6 @@ FP16 = onnx.TensorProto.FLOAT16
 FP16_MAX = 65504.0
 _SUFFIX = {FP16: "fp16", FP32: "fp32"}
 _DEFAULT_DOMAINS = ("", "ai.onnx")
-_GRAPH_ATTRS = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 _VARIADIC = onnx.defs.OpSchema.FormalParameterOption.Variadic
 _FORCED = "converter: "
 
@@ -117,11 +116,10 @@ class _Converter:
                            len(self.report.plan_nodes_missing), self.report.plan_nodes_missing[:5])
 
     def _decide_node(self, i: int, node: onnx.NodeProto) -> None:
-        label = node.name or f"{node.op_type}#{i}"
-        if any(a.type in _GRAPH_ATTRS for a in node.attribute):
-            refs = [t for t in _outer_refs_of_node(node) if self.types.get(t) == FP32]
-            self.sub_refs[i] = refs
-            for t in refs:
+        label = _label(node, i)
+        if _subgraphs(node):  # subgraphs stay FP32: the float tensors they read must be FLOAT
+            self.sub_refs[i] = [t for t in _outer_refs_of_node(node) if self.types.get(t) == FP32]
+            for t in self.sub_refs[i]:
                 self._want(t, FP32)
         fin = [s for s, t in enumerate(node.input) if t and self.types.get(t) == FP32]
         fout = [s for s, t in enumerate(node.output) if t and self.types.get(t) == FP32]
@@ -162,7 +160,7 @@ class _Converter:
             self.keep_value_info.update(node.output)
 
     def _forced_reason(self, node, schema, unknown, conv_in, conv_out) -> str | None:
-        if any(a.type in _GRAPH_ATTRS for a in node.attribute):
+        if _subgraphs(node):
             return _FORCED + f"{node.op_type} has a subgraph (not converted)"
         if node.domain not in _DEFAULT_DOMAINS:
             return _FORCED + f"custom domain '{node.domain}' (no schema)"
@@ -179,12 +177,12 @@ class _Converter:
         return None
 
     def _schema(self, node: onnx.NodeProto) -> onnx.defs.OpSchema | None:
-        if node.domain not in _DEFAULT_DOMAINS:
-            return None
         try:
-            return onnx.defs.get_schema(node.op_type, self.opsets[""], "")
+            if node.domain in _DEFAULT_DOMAINS:
+                return onnx.defs.get_schema(node.op_type, self.opsets[""], "")
         except onnx.defs.SchemaError:
-            return None
+            pass
+        return None
 
     def _want(self, tensor: str, dtype: int) -> None:
         wants = self.wanted.setdefault(tensor, [])
@@ -219,9 +217,11 @@ class _Converter:
         for t in [*self.inits, *self.flex_const]:
             if t in self.wanted or t in self.outputs:
                 alias[t] = self._place_constant(t, extra_consts)
-        for k, init in enumerate(self.g.initializer):  # old style: an initializer that is also
-            if self.home.get(init.name) == FP16 and init.name in self.inputs:  # an input follows it
-                self._convert_init(k, init.name)
+        for init in self.g.initializer:  # old style: an initializer that is also an input
+            if self.home.get(init.name) == FP16 and init.name in self.inputs:  # follows the input
+                arr = _to_fp16(numpy_helper.to_array(init), init.name, self.report)
+                init.CopyFrom(numpy_helper.from_array(arr, init.name))
+                self.report.initializers_converted.append(init.name)
 
         new_nodes = list(casts.get("inputs", []))
         for i, node in enumerate(self.g.node):
@@ -232,91 +232,75 @@ class _Converter:
                     node.output[s] = renamed[t]
             if i in self.sub_refs:
                 mapping = {t: alias[t][FP32] for t in self.sub_refs[i] if alias[t][FP32] != t}
-                for a in node.attribute:
-                    for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
-                        _rename_refs(sub, mapping)
+                for sub in _subgraphs(node):
+                    _rename_refs(sub, mapping)
             self._fix_attributes(i, node)
             new_nodes.append(node)
             if i in extra_consts:
                 new_nodes.append(extra_consts[i])
             new_nodes.extend(casts.get(i, []))
-        copies = []
-        for n in new_nodes:
-            c = onnx.NodeProto()
-            c.CopyFrom(n)
-            copies.append(c)
+        cast_names = {c.name for group in casts.values() for c in group}
+        self.report.casts = [n.name for n in new_nodes if n.name in cast_names and n.op_type == "Cast"]
+        copies = [_copy(n) for n in new_nodes]  # detach before the repeated field is cleared
         del self.g.node[:]
         self.g.node.extend(copies)
         for vi in (*self.g.input, *self.g.output):
             if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type == FP32:
                 vi.type.tensor_type.elem_type = self.io_type
-        self.report.casts = [c.name for group in casts.values() for c in group]
 
     def _place_constant(self, t: str, extra: dict[int, onnx.NodeProto]) -> dict[int, str]:
-        """Decide which types a constant is stored in: one copy per type its consumers read."""
-        wants = set(self.wanted.get(t, []))
-        if t in self.outputs:
-            wants.add(self.io_type)
+        """Store a constant once per type its readers need; the original name keeps the graph
+        output's type if it is one, else FP32 (FP16 when it is only read in FP16)."""
+        wants = set(self.wanted.get(t, [])) | ({self.io_type} if t in self.outputs else set())
         if not wants:
             return {FP32: t}
-        if wants == {FP32}:
-            self._log_kept(t)
-            return {FP32: t}
-        if wants == {FP16}:
-            self._convert_constant(t, t, in_place=True, extra=extra)
-            return {FP16: t}
-        primary = self.io_type if t in self.outputs else FP32
-        other = FP16 if primary == FP32 else FP32
-        copy_name = self._unique(f"{t}_{_SUFFIX[other]}")
-        self._convert_constant(t, copy_name, in_place=False, extra=extra, to=other, keep=primary)
-        self.report.initializers_duplicated.append(t)
-        return {primary: t, other: copy_name}
-
-    def _log_kept(self, t: str) -> None:
-        if t in self.flex_const:
+        primary = self.io_type if t in self.outputs else FP16 if wants == {FP16} else FP32
+        arr = self._constant_value(t)
+        names = {primary: t}
+        if primary == FP16:
+            self._store(t, t, _to_fp16(arr, t, self.report), extra)
+            self.report.initializers_converted.append(t)
+        elif t in self.flex_const:
             i = self.flex_const[t]
-            label = self.g.node[i].name or f"Constant#{i}"
-            self.report.fp32_nodes[label] = _FORCED + "constant only read in FP32"
+            self.report.fp32_nodes[_label(self.g.node[i], i)] = _FORCED + "constant read in FP32"
+        for dtype in wants - {primary}:  # at most one: the other float type
+            names[dtype] = copy = self._unique(f"{t}_{_SUFFIX[dtype]}")
+            self._store(t, copy, self._cast_array(arr, dtype, t), extra)
+            self.report.initializers_duplicated.append(t)
+        return names
 
-    def _convert_constant(self, t, new_name, *, in_place, extra, to=FP16, keep=FP32) -> None:
+    def _constant_value(self, t: str) -> np.ndarray:
         if t in self.inits:
-            k = self.inits[t]
-            if in_place:
-                self._convert_init(k, t)
-                return
-            arr = numpy_helper.to_array(self.g.initializer[k])
-            tensor = numpy_helper.from_array(self._cast_array(arr, to, t), new_name)
-            self.g.initializer.append(tensor)
-            if keep == FP16:
-                self._convert_init(k, t)
+            return numpy_helper.to_array(self.g.initializer[self.inits[t]])
+        a = self.g.node[self.flex_const[t]].attribute[0]
+        if a.name == "value_float":
+            return np.array(a.f, np.float32)
+        if a.name == "value_floats":
+            return np.array(list(a.floats), np.float32)
+        return numpy_helper.to_array(a.t)
+
+    def _store(self, t: str, name: str, arr: np.ndarray, extra: dict[int, onnx.NodeProto]) -> None:
+        """Write ``arr`` as constant ``name``: in place when it is ``t``, else as a new copy."""
+        if t in self.inits:
+            tensor = numpy_helper.from_array(arr, name)
+            if name == t:
+                self.g.initializer[self.inits[t]].CopyFrom(tensor)
+            else:
+                self.g.initializer.append(tensor)
             return
         i = self.flex_const[t]
         node = self.g.node[i]
-        label = node.name or f"Constant#{i}"
-        arr = _constant_array(node)
-        if in_place:
-            _set_constant(node, self._cast_array(arr, FP16, t))
-            self.report.initializers_converted.append(t)
-            self.report.fp16_nodes.append(label)
-            return
-        dup = helper.make_node("Constant", [], [new_name], name=self._unique(f"{node.name or t}_{_SUFFIX[to]}"))
-        _set_constant(dup, self._cast_array(arr, to, t))
-        if keep == FP16:
-            _set_constant(node, self._cast_array(arr, FP16, t))
-        extra[i] = dup
-        fp16_label, fp32_label = (label, dup.name) if keep == FP16 else (dup.name, label)
-        self.report.fp16_nodes.append(fp16_label)
-        self.report.fp32_nodes[fp32_label] = _FORCED + "FP32 copy of a shared constant"
-
-    def _convert_init(self, k: int, name: str) -> None:
-        arr = numpy_helper.to_array(self.g.initializer[k])
-        self.g.initializer[k].CopyFrom(numpy_helper.from_array(self._cast_array(arr, FP16, name), name))
-        self.report.initializers_converted.append(name)
+        if name != t:
+            node = extra[i] = helper.make_node("Constant", [], [name], name=self._unique(name))
+        del node.attribute[:]
+        node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(arr)))
+        if arr.dtype == np.float16:
+            self.report.fp16_nodes.append(_label(node, i))
+        else:
+            self.report.fp32_nodes[_label(node, i)] = _FORCED + "constant read in FP32"
 
     def _cast_array(self, arr: np.ndarray, to: int, name: str) -> np.ndarray:
-        if to == FP32:
-            return arr.astype(np.float32)
-        return _to_fp16(arr, name, self.report)
+        return arr.astype(np.float32) if to == FP32 else _to_fp16(arr, name, self.report)
 
     def _fix_attributes(self, i: int, node: onnx.NodeProto) -> None:
         if self.prec.get(i) != FP16 or node.domain not in _DEFAULT_DOMAINS:
@@ -365,6 +349,20 @@ def _value_types(model: onnx.ModelProto) -> tuple[dict[str, int], set[str]]:
     return types, nontensor
 
 
+def _label(node: onnx.NodeProto, i: int) -> str:
+    return node.name or f"{node.op_type}#{i}"
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)]
+
+
+def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
+    c = onnx.NodeProto()
+    c.CopyFrom(node)
+    return c
+
+
 def _cast(src: str, dst: str, to: int, name: str) -> onnx.NodeProto:
     return helper.make_node("Cast", [src], [dst], name=name, to=to)
 
@@ -374,16 +372,12 @@ def _convertible(schema: onnx.defs.OpSchema | None, slot: int, is_input: bool) -
     if schema is None:
         return False
     params = schema.inputs if is_input else schema.outputs
-    if slot < len(params):
-        formal = params[slot]
-    elif params and params[-1].option == _VARIADIC:
-        formal = params[-1]
-    else:
+    if slot >= len(params) and not (params and params[-1].option == _VARIADIC):
         return False
-    for c in schema.type_constraints:
-        if c.type_param_str == formal.type_str:
-            return "tensor(float16)" in c.allowed_type_strs
-    return False  # a fixed type such as Resize's scales: tensor(float)
+    formal = params[min(slot, len(params) - 1)]  # variadic: the last formal covers the rest
+    allowed = {c.type_param_str: c.allowed_type_strs for c in schema.type_constraints}
+    # A fixed type (Resize's scales: "tensor(float)") is not a type variable and never converts.
+    return "tensor(float16)" in allowed.get(formal.type_str, ())
 
 
 def _is_flexible_constant(node: onnx.NodeProto, plan: PrecisionPlan) -> bool:
@@ -391,26 +385,9 @@ def _is_flexible_constant(node: onnx.NodeProto, plan: PrecisionPlan) -> bool:
         return False
     if node.name and plan.is_fp32(node.name):
         return False
-    for a in node.attribute:
-        if a.name in ("value_float", "value_floats"):
-            return True
-        if a.name == "value" and a.t.data_type == FP32:
-            return True
-    return False
-
-
-def _constant_array(node: onnx.NodeProto) -> np.ndarray:
-    a = node.attribute[0]
-    if a.name == "value_float":
-        return np.array(a.f, np.float32)
-    if a.name == "value_floats":
-        return np.array(list(a.floats), np.float32)
-    return numpy_helper.to_array(a.t)
-
-
-def _set_constant(node: onnx.NodeProto, arr: np.ndarray) -> None:
-    del node.attribute[:]
-    node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(arr)))
+    a = node.attribute[0] if node.attribute else None
+    return a is not None and (a.name in ("value_float", "value_floats")
+                              or a.name == "value" and a.t.data_type == FP32)
 
 
 def _to_fp16(arr: np.ndarray, name: str, report: MixedPrecisionReport) -> np.ndarray:
@@ -432,9 +409,8 @@ def _all_names(g: onnx.GraphProto) -> set[str]:
         names.add(n.name)
         names.update(n.input)
         names.update(n.output)
-        for a in n.attribute:
-            for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
-                names |= _all_names(sub)
+        for sub in _subgraphs(n):
+            names |= _all_names(sub)
     return names
 
 
@@ -453,9 +429,8 @@ def _outer_refs(g: onnx.GraphProto) -> list[str]:
 
 def _outer_refs_of_node(node: onnx.NodeProto) -> list[str]:
     refs: list[str] = []
-    for a in node.attribute:
-        for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
-            refs += [t for t in _outer_refs(sub) if t not in refs]
+    for sub in _subgraphs(node):
+        refs += [t for t in _outer_refs(sub) if t not in refs]
     return refs
 
 
@@ -465,9 +440,8 @@ def _rename_refs(g: onnx.GraphProto, mapping: dict[str, str]) -> None:
         for s, t in enumerate(n.input):
             if t in mapping:
                 n.input[s] = mapping[t]
-        for a in n.attribute:
-            for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
-                _rename_refs(sub, mapping)
+        for sub in _subgraphs(n):
+            _rename_refs(sub, mapping)
     for o in g.output:
         if o.name in mapping:
             o.name = mapping[o.name]
