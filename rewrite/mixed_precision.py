@@ -291,7 +291,8 @@ class _Converter:
         i = self.flex_const[t]
         node = self.g.node[i]
         if name != t:
-            node = extra[i] = helper.make_node("Constant", [], [name], name=self._unique(name))
+            # ``name`` is reserved in the shared tensor/node namespace, so it names the node too.
+            node = extra[i] = helper.make_node("Constant", [], [name], name=name)
         del node.attribute[:]
         node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(arr)))
         if arr.dtype == np.float16:

@@ -45,7 +45,7 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         raise BadInputError(f"not a valid ONNX model: {path} (no opset_import)")
     try:
         onnx.load_external_data_for_model(proto, str(path.parent))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
         raise BadInputError(f"cannot load external data of {path}: {one_line(exc)}") from None
     return proto
 

@@ -1,0 +1,66 @@
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from rewrite.errors import BadInputError
+from rewrite.model_io import check_model, load_model, save_model
+
+
+def _model_with_weight(n: int) -> onnx.ModelProto:
+    w = numpy_helper.from_array(np.arange(n, dtype=np.float32), "w")
+    node = helper.make_node("Add", ["x", "w"], ["y"], name="add")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", 1, [n])],
+                              [helper.make_tensor_value_info("y", 1, [n])], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_round_trip_and_atomic_write(tmp_path):
+    model = _model_with_weight(16)
+    out = save_model(model, tmp_path / "m.onnx")
+    assert load_model(out).SerializeToString() == model.SerializeToString()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no temp files left
+
+
+def test_external_data_round_trip(tmp_path):
+    model = _model_with_weight(4096)
+    out = save_model(model, tmp_path / "big.onnx", external_data=True)
+    assert (tmp_path / "big.onnx.data").stat().st_size == 4096 * 4
+    assert (tmp_path / "big.onnx").stat().st_size < 1000
+    again = load_model(out)
+    assert np.array_equal(numpy_helper.to_array(again.graph.initializer[0]), np.arange(4096, dtype=np.float32))
+
+
+def test_refuses_to_overwrite_input(tmp_path):
+    path = save_model(_model_with_weight(4), tmp_path / "in.onnx")
+    before = path.read_bytes()
+    with pytest.raises(BadInputError, match="refusing to overwrite"):
+        save_model(_model_with_weight(8), tmp_path / "." / "in.onnx", input_path=path)
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [(None, "model file not found"), (b"this is not a protobuf at all \xff\xfe", "not a valid ONNX model")],
+)
+def test_bad_files(tmp_path, content, message):
+    path = tmp_path / "m.onnx"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(BadInputError, match=message):
+        load_model(path)
+
+
+def test_truncated_protobuf(tmp_path):
+    data = _model_with_weight(256).SerializeToString()
+    path = tmp_path / "t.onnx"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BadInputError):
+        check_model(load_model(path))
+
+
+def test_missing_external_data(tmp_path):
+    out = save_model(_model_with_weight(4096), tmp_path / "big.onnx", external_data=True)
+    (tmp_path / "big.onnx.data").unlink()
+    with pytest.raises(BadInputError, match="external data"):
+        load_model(out)
