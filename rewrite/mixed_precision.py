@@ -2,9 +2,9 @@
 
 Everything runs in FP16 except the FP32 islands named by the plan (and the nodes this converter
 cannot convert). The output is what ``trtexec --stronglyTyped`` / TensorRT 11 builds exactly as
-written. Two lessons from existing converters shape the design (see notes/mixed-precision-tools.md):
+written. Two lessons from existing converters shape the design (notes/mixed-precision-tools.md):
 casts are inserted per *tensor*, never per consumer, so a fan-out tensor leaving an FP32 island is
-never rounded to FP16 and back; and types come from each op's schema, not from op-name lists.
+never rounded to FP16 and back; and which inputs convert comes from each op's schema.
 """
 
 from __future__ import annotations
@@ -23,19 +23,18 @@ __all__ = ["FP16_MAX", "MixedPrecisionReport", "to_mixed_precision"]
 
 logger = logging.getLogger(__name__)
 
-FP32 = onnx.TensorProto.FLOAT
-FP16 = onnx.TensorProto.FLOAT16
+FP32, FP16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
 FP16_MAX = 65504.0
 _SUFFIX = {FP16: "fp16", FP32: "fp32"}
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _VARIADIC = onnx.defs.OpSchema.FormalParameterOption.Variadic
-_FORCED = "converter: "
+_FORCED = "converter: "  # prefix of the reasons this module gives (plan reasons are kept as is)
 
 
 @dataclass
 class MixedPrecisionReport:
-    """What the conversion did. Constant-node values are listed with the initializers, under the
-    name of the tensor they produce; nodes are named ``<op#index>`` when they have no name."""
+    """What the conversion did. Constant-node values are listed with the initializers under the
+    tensor they produce; nodes without a name are listed as ``<op>#<index>``."""
 
     keep_io_types: bool
     fp16_node_count: int = 0
@@ -65,66 +64,62 @@ def to_mixed_precision(
     conv = _Converter(out, plan, keep_io_types)
     conv.decide()
     conv.materialize()
-    out = _rebuild_types(out, conv.keep_value_info)
+    out = _rebuild_types(out, conv.custom_value_info)
     plan.store_in(out)
     r = conv.report
-    r.fp16_node_count, r.fp32_node_count = len(r.fp16_nodes), len(r.fp32_nodes)
-    r.casts_inserted = len(r.casts)
-    logger.info(
-        "mixed precision: %d FP16 nodes, %d FP32 nodes (%d forced), %d casts",
-        r.fp16_node_count, r.fp32_node_count, len(r.forced_fp32_nodes), r.casts_inserted,
-    )
+    r.fp16_node_count, r.fp32_node_count, r.casts_inserted = len(r.fp16_nodes), len(r.fp32_nodes), len(r.casts)
+    logger.info("mixed precision: %d FP16 nodes, %d FP32 nodes (%d forced), %d casts",
+                r.fp16_node_count, r.fp32_node_count, len(r.forced_fp32_nodes), r.casts_inserted)
     return out, r
 
 
 class _Converter:
     def __init__(self, model: onnx.ModelProto, plan: PrecisionPlan, keep_io: bool) -> None:
-        self.model, self.g, self.plan, self.keep_io = model, model.graph, plan, keep_io
+        self.g, self.plan = model.graph, plan
         self.report = MixedPrecisionReport(keep_io_types=keep_io)
         self.io_type = FP32 if keep_io else FP16
-        self.opsets = {(i.domain or ""): i.version for i in model.opset_import}
-        self.opsets[""] = self.opsets.get("", self.opsets.get("ai.onnx", 1))
-        self.types, self.nontensor = _value_types(model)
+        opsets = {(i.domain or ""): i.version for i in model.opset_import}
+        self.opset = opsets.get("", opsets.get("ai.onnx", 1))
+        self.types, self.nontensor, self.value_info = _value_types(model)
         self.inputs = [i.name for i in self.g.input]
         self.outputs = {o.name for o in self.g.output}
         self.inits = {t.name: k for k, t in enumerate(self.g.initializer) if t.name not in self.inputs}
-        self.used = _all_names(self.g)
+        self.used = _all_names(self.g)  # one namespace for new tensors and nodes alike
+        self.schemas: dict[str, onnx.defs.OpSchema | None] = {}
         self.prec: dict[int, int] = {}  # node index -> FP16/FP32 (nodes with float tensors)
-        self.home: dict[str, int] = {}  # float tensor -> type its producer writes
+        self.home: dict[str, int] = {}  # float tensor -> the type its producer writes
         self.need: dict[int, dict[int, int]] = {}  # node -> {input slot: type it reads}
-        self.wanted: dict[str, list[int]] = {}  # float tensor -> types read, in first-use order
+        self.wanted: dict[str, list[int]] = {}  # float tensor -> types read, first use first
         self.sub_refs: dict[int, list[str]] = {}  # node -> outer float tensors its subgraphs read
-        self.flex_const: dict[str, int] = {}  # Constant-node output -> node index
-        self.keep_value_info: set[str] = set()  # outputs of schema-less nodes: inference can't redo them
+        self.flex_const: dict[str, int] = {}  # float Constant-node output -> node index
+        self.custom_outputs: set[str] = set()  # of schema-less nodes: inference can't type them
+        self.custom_value_info: list[onnx.ValueInfoProto] = []
 
     # ---- decisions -------------------------------------------------------------------------
     def decide(self) -> None:
         for name in self.inputs:
             if self.types.get(name) == FP32:
                 self.home[name] = self.io_type
-        for sparse in self.g.sparse_initializer:  # rare; kept FP32 and cast where needed
+        for sparse in self.g.sparse_initializer:  # rare: kept FP32, cast where FP16 reads it
             self.home[sparse.values.name] = FP32
         for i, node in enumerate(self.g.node):
             if _is_flexible_constant(node, self.plan):
-                self.flex_const[node.output[0]] = i
-                continue
-            self._decide_node(i, node)
+                self.flex_const[node.output[0]] = i  # stored like an initializer, see below
+            else:
+                self._decide_node(i, node)
         names = {n.name for n in self.g.node}
-        self.report.plan_nodes_missing = sorted(k for k in self.plan.fp32_nodes if k not in names)
-        if self.report.plan_nodes_missing:
-            logger.warning("plan pins %d node(s) not in the model: %s",
-                           len(self.report.plan_nodes_missing), self.report.plan_nodes_missing[:5])
+        missing = self.report.plan_nodes_missing = sorted(k for k in self.plan.fp32_nodes if k not in names)
+        if missing:
+            logger.warning("plan pins %d node(s) not in the model: %s", len(missing), missing[:5])
 
     def _decide_node(self, i: int, node: onnx.NodeProto) -> None:
-        label = _label(node, i)
-        if _subgraphs(node):  # subgraphs stay FP32: the float tensors they read must be FLOAT
-            self.sub_refs[i] = [t for t in _outer_refs_of_node(node) if self.types.get(t) == FP32]
+        if _subgraphs(node):  # subgraphs are not converted: what they read from here stays FLOAT
+            self.sub_refs[i] = [t for t in _outer_refs(_subgraphs(node)) if self.types.get(t) == FP32]
             for t in self.sub_refs[i]:
                 self._want(t, FP32)
         fin = [s for s, t in enumerate(node.input) if t and self.types.get(t) == FP32]
         fout = [s for s, t in enumerate(node.output) if t and self.types.get(t) == FP32]
-        unknown = [t for t in (*node.input, *node.output)
-                   if t and t not in self.types and t not in self.nontensor]
+        unknown = [t for t in (*node.input, *node.output) if t and t not in self.types and t not in self.nontensor]
         if not fin and not fout and not unknown:
             self.report.non_float_nodes += 1
             return
@@ -140,24 +135,23 @@ class _Converter:
         elif fout:
             prec = FP16
         else:  # no float output (Shape, Equal, ...): follow the first float input, no cast needed
-            firsts = [self.home[node.input[s]] for s in fin
-                      if conv_in[s] and node.input[s] in self.home]
-            prec = firsts[0] if firsts else FP16
+            homes = [self.home[node.input[s]] for s in fin if conv_in[s] and node.input[s] in self.home]
+            prec = homes[0] if homes else FP16
         self.prec[i] = prec
+        label = _label(node, i)
         if prec == FP16:
             self.report.fp16_nodes.append(label)
         else:
             self.report.fp32_nodes[label] = reason or _FORCED + "follows its FP32 input"
             if reason and reason.startswith(_FORCED):
                 self.report.forced_fp32_nodes.append(label)
-        for s in fin:
-            need = prec if conv_in[s] else FP32
-            self.need.setdefault(i, {})[s] = need
-            self._want(node.input[s], need)
+        for s in fin:  # fixed-type inputs (Resize scales) and unconvertible type vars stay FLOAT
+            self.need.setdefault(i, {})[s] = prec if conv_in[s] else FP32
+            self._want(node.input[s], self.need[i][s])
         for s in fout:
             self.home[node.output[s]] = prec if conv_out[s] else FP32
         if schema is None:
-            self.keep_value_info.update(node.output)
+            self.custom_outputs.update(node.output)
 
     def _forced_reason(self, node, schema, unknown, conv_in, conv_out) -> str | None:
         if _subgraphs(node):
@@ -165,24 +159,26 @@ class _Converter:
         if node.domain not in _DEFAULT_DOMAINS:
             return _FORCED + f"custom domain '{node.domain}' (no schema)"
         if schema is None:
-            return _FORCED + f"no schema for {node.op_type} in opset {self.opsets['']}"
+            return _FORCED + f"no schema for {node.op_type} in opset {self.opset}"
         if any(t in self.nontensor for t in (*node.input, *node.output) if t):
             return _FORCED + "reads or writes a sequence/optional/map value"
         if unknown:
             return _FORCED + f"type of '{unknown[0]}' unknown after shape inference"
-        if "dtype" in schema.attributes:
+        if "dtype" in schema.attributes:  # RandomNormal, EyeLike, ...: output type is an attribute
             return _FORCED + f"{node.op_type} has a dtype attribute"
         if not any(conv_in.values()) and not any(conv_out.values()):
             return _FORCED + f"{node.op_type}-{schema.since_version} has no float16 in its schema"
         return None
 
     def _schema(self, node: onnx.NodeProto) -> onnx.defs.OpSchema | None:
-        try:
-            if node.domain in _DEFAULT_DOMAINS:
-                return onnx.defs.get_schema(node.op_type, self.opsets[""], "")
-        except onnx.defs.SchemaError:
-            pass
-        return None
+        if node.domain not in _DEFAULT_DOMAINS:
+            return None
+        if node.op_type not in self.schemas:
+            try:
+                self.schemas[node.op_type] = onnx.defs.get_schema(node.op_type, self.opset, "")
+            except onnx.defs.SchemaError:
+                self.schemas[node.op_type] = None
+        return self.schemas[node.op_type]
 
     def _want(self, tensor: str, dtype: int) -> None:
         wants = self.wanted.setdefault(tensor, [])
@@ -196,51 +192,44 @@ class _Converter:
         producer = {t: i for i, n in enumerate(self.g.node) for t in n.output if t}
         renamed: dict[str, str] = {}
         for t, home in self.home.items():
-            out_type = self.io_type if t in self.outputs else None
-            wants = list(self.wanted.get(t, []))
             alias[t] = {home: t}
-            key = producer.get(t, "inputs")
-            if out_type is not None and out_type != home:
-                # Graph outputs keep their names: the producer writes a renamed tensor instead.
-                inner = self._unique(f"{t}_{_SUFFIX[home]}")
-                renamed[t] = inner
-                alias[t] = {home: inner, out_type: t}
-                cast_name = self._unique(f"{t}/cast_to_{_SUFFIX[out_type]}")
-                casts.setdefault(key, []).append(_cast(inner, t, out_type, cast_name))
-            for dtype in wants:
-                if dtype not in alias[t]:
-                    name = self._unique(f"{t}/cast_to_{_SUFFIX[dtype]}")
-                    alias[t][dtype] = name
-                    # The cast node is named like its output (one namespace is reserved for both).
-                    casts.setdefault(key, []).append(_cast(alias[t][home], name, dtype, name))
-        extra_consts: dict[int, onnx.NodeProto] = {}
+            group = casts.setdefault(producer.get(t, "inputs"), [])
+            out_type = self.io_type if t in self.outputs else home
+            if out_type != home:  # graph outputs keep their names: the producer's output is renamed
+                renamed[t] = alias[t][home] = self._unique(f"{t}_{_SUFFIX[home]}")
+                alias[t][out_type] = t
+                group.append(_cast(renamed[t], t, out_type, self._unique(f"{t}/cast_to_{_SUFFIX[out_type]}")))
+            for dtype in self.wanted.get(t, []):
+                if dtype not in alias[t]:  # one cast per (tensor, type), shared by all readers
+                    name = alias[t][dtype] = self._unique(f"{t}/cast_to_{_SUFFIX[dtype]}")
+                    group.append(_cast(alias[t][home], name, dtype, name))
+        extra: dict[int, onnx.NodeProto] = {}  # node index -> duplicated Constant placed after it
         for t in [*self.inits, *self.flex_const]:
             if t in self.wanted or t in self.outputs:
-                alias[t] = self._place_constant(t, extra_consts)
-        for init in self.g.initializer:  # old style: an initializer that is also an input
-            if self.home.get(init.name) == FP16 and init.name in self.inputs:  # follows the input
-                arr = _to_fp16(numpy_helper.to_array(init), init.name, self.report)
-                init.CopyFrom(numpy_helper.from_array(arr, init.name))
+                alias[t] = self._place_constant(t, extra)
+        for init in self.g.initializer:  # old style: an initializer that is also an input follows it
+            if self.home.get(init.name) == FP16:
+                init.CopyFrom(numpy_helper.from_array(self._fp16(numpy_helper.to_array(init), init.name), init.name))
                 self.report.initializers_converted.append(init.name)
 
         new_nodes = list(casts.get("inputs", []))
         for i, node in enumerate(self.g.node):
+            self._fix_attributes(i, node)
             for s, dtype in self.need.get(i, {}).items():
                 node.input[s] = alias[node.input[s]][dtype]
             for s, t in enumerate(node.output):
-                if t in renamed:
-                    node.output[s] = renamed[t]
-            if i in self.sub_refs:
-                mapping = {t: alias[t][FP32] for t in self.sub_refs[i] if alias[t][FP32] != t}
-                for sub in _subgraphs(node):
-                    _rename_refs(sub, mapping)
-            self._fix_attributes(i, node)
-            new_nodes.append(node)
-            if i in extra_consts:
-                new_nodes.append(extra_consts[i])
-            new_nodes.extend(casts.get(i, []))
+                node.output[s] = renamed.get(t, t)
+                if t in self.custom_outputs and t in self.value_info:
+                    vi = onnx.ValueInfoProto()
+                    vi.CopyFrom(self.value_info[t])
+                    vi.name = node.output[s]
+                    self.custom_value_info.append(vi)
+            mapping = {t: alias[t][FP32] for t in self.sub_refs.get(i, []) if alias[t][FP32] != t}
+            for sub in _subgraphs(node) if mapping else []:
+                _rename_refs(sub, mapping)
+            new_nodes += [node, *([extra[i]] if i in extra else []), *casts.get(i, [])]
         cast_names = {c.name for group in casts.values() for c in group}
-        self.report.casts = [n.name for n in new_nodes if n.name in cast_names and n.op_type == "Cast"]
+        self.report.casts = [n.name for n in new_nodes if n.op_type == "Cast" and n.name in cast_names]
         copies = [_copy(n) for n in new_nodes]  # detach before the repeated field is cleared
         del self.g.node[:]
         self.g.node.extend(copies)
@@ -249,23 +238,21 @@ class _Converter:
                 vi.type.tensor_type.elem_type = self.io_type
 
     def _place_constant(self, t: str, extra: dict[int, onnx.NodeProto]) -> dict[int, str]:
-        """Store a constant once per type its readers need; the original name keeps the graph
-        output's type if it is one, else FP32 (FP16 when it is only read in FP16)."""
+        """Store a constant once per type its readers need. The original name keeps the graph
+        output's type if it is one, else FP32 (FP16 when only FP16 code reads it)."""
         wants = set(self.wanted.get(t, [])) | ({self.io_type} if t in self.outputs else set())
-        if not wants:
-            return {FP32: t}
         primary = self.io_type if t in self.outputs else FP16 if wants == {FP16} else FP32
         arr = self._constant_value(t)
         names = {primary: t}
         if primary == FP16:
-            self._store(t, t, _to_fp16(arr, t, self.report), extra)
+            self._store(t, t, self._fp16(arr, t), extra)
             self.report.initializers_converted.append(t)
         elif t in self.flex_const:
             i = self.flex_const[t]
             self.report.fp32_nodes[_label(self.g.node[i], i)] = _FORCED + "constant read in FP32"
         for dtype in wants - {primary}:  # at most one: the other float type
             names[dtype] = copy = self._unique(f"{t}_{_SUFFIX[dtype]}")
-            self._store(t, copy, self._cast_array(arr, dtype, t), extra)
+            self._store(t, copy, arr.astype(np.float32) if dtype == FP32 else self._fp16(arr, t), extra)
             self.report.initializers_duplicated.append(t)
         return names
 
@@ -273,11 +260,9 @@ class _Converter:
         if t in self.inits:
             return numpy_helper.to_array(self.g.initializer[self.inits[t]])
         a = self.g.node[self.flex_const[t]].attribute[0]
-        if a.name == "value_float":
-            return np.array(a.f, np.float32)
-        if a.name == "value_floats":
-            return np.array(list(a.floats), np.float32)
-        return numpy_helper.to_array(a.t)
+        if a.name == "value":
+            return numpy_helper.to_array(a.t)
+        return np.array(a.f if a.name == "value_float" else list(a.floats), np.float32)
 
     def _store(self, t: str, name: str, arr: np.ndarray, extra: dict[int, onnx.NodeProto]) -> None:
         """Write ``arr`` as constant ``name``: in place when it is ``t``, else as a new copy."""
@@ -290,8 +275,7 @@ class _Converter:
             return
         i = self.flex_const[t]
         node = self.g.node[i]
-        if name != t:
-            # ``name`` is reserved in the shared tensor/node namespace, so it names the node too.
+        if name != t:  # ``name`` is reserved in the shared namespace, so it names the node too
             node = extra[i] = helper.make_node("Constant", [], [name], name=name)
         del node.attribute[:]
         node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(arr)))
@@ -300,26 +284,32 @@ class _Converter:
         else:
             self.report.fp32_nodes[_label(node, i)] = _FORCED + "constant read in FP32"
 
-    def _cast_array(self, arr: np.ndarray, to: int, name: str) -> np.ndarray:
-        return arr.astype(np.float32) if to == FP32 else _to_fp16(arr, name, self.report)
-
     def _fix_attributes(self, i: int, node: onnx.NodeProto) -> None:
         if self.prec.get(i) != FP16 or node.domain not in _DEFAULT_DOMAINS:
             return
         if node.op_type == "Cast":
-            # Cast(to=FLOAT) inside FP16 code now writes FLOAT16; a resulting fp16->fp16 Cast is
-            # kept (a no-op TensorRT and ORT remove) so node names and the graph shape stay stable.
+            # Cast(to=FLOAT) in FP16 code now writes FLOAT16. A Cast left fp16->fp16 is kept: it is
+            # a no-op TensorRT and ORT remove, and dropping it could rename a graph output.
             for a in node.attribute:
                 if a.name == "to" and a.i == FP32:
                     a.i = FP16
         elif node.op_type == "ConstantOfShape" and self.types.get(node.output[0]) == FP32:
             value = next((a for a in node.attribute if a.name == "value"), None)
-            arr = numpy_helper.to_array(value.t) if value else np.zeros(1, np.float32)
-            tensor = numpy_helper.from_array(_to_fp16(arr, node.output[0], self.report))
-            if value is None:
-                node.attribute.append(helper.make_attribute("value", tensor))
-            else:
-                value.t.CopyFrom(tensor)
+            arr = numpy_helper.to_array(value.t) if value else np.zeros(1, np.float32)  # the default
+            value = value or node.attribute.add(name="value", type=onnx.AttributeProto.TENSOR)
+            value.t.CopyFrom(numpy_helper.from_array(self._fp16(arr, node.output[0])))
+
+    def _fp16(self, arr: np.ndarray, name: str) -> np.ndarray:
+        """Clamp finite values to ±65504, then convert. ±inf stays inf: masks use it on purpose."""
+        arr = np.asarray(arr, np.float32)
+        over = np.isfinite(arr) & (np.abs(arr) > FP16_MAX)
+        n = int(over.sum())
+        if n:
+            logger.warning("clamping %d value(s) of '%s' to ±%g for FP16 (absmax %g)",
+                           n, name, FP16_MAX, float(np.abs(arr[over]).max()))
+            self.report.initializers_clamped[name] = self.report.initializers_clamped.get(name, 0) + n
+            arr = np.where(over, np.clip(arr, -FP16_MAX, FP16_MAX), arr)
+        return arr.astype(np.float16)
 
     def _unique(self, base: str) -> str:
         name, k = base, 1
@@ -330,24 +320,45 @@ class _Converter:
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-def _value_types(model: onnx.ModelProto) -> tuple[dict[str, int], set[str]]:
-    """Element type of every tensor shape inference can type; names of non-tensor values."""
+def _value_types(model: onnx.ModelProto) -> tuple[dict[str, int], set[str], dict]:
+    """Element type of every tensor inference can type, names of non-tensor values, value infos."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
+        g = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False).graph
     except Exception as exc:  # inference raises several unrelated types on broken models
         raise BadInputError(f"shape inference failed on the input model: {exc}") from None
-    g = inferred.graph
-    types: dict[str, int] = {t.name: t.data_type for t in g.initializer}
+    infos = {vi.name: vi for vi in (*g.input, *g.output, *g.value_info)}
+    types = {t.name: t.data_type for t in g.initializer}
     nontensor: set[str] = set()
-    for vi in (*g.input, *g.output, *g.value_info):
+    for name, vi in infos.items():
         if vi.type.HasField("tensor_type"):
             if vi.type.tensor_type.elem_type:
-                types[vi.name] = vi.type.tensor_type.elem_type
+                types[name] = vi.type.tensor_type.elem_type
         elif vi.type.WhichOneof("value") is not None:
-            nontensor.add(vi.name)
-    if any(t == FP16 for t in types.values()):
+            nontensor.add(name)
+    if FP16 in types.values():
         logger.info("input model already has FLOAT16 tensors; they are left as they are")
-    return types, nontensor
+    return types, nontensor, infos
+
+
+def _convertible(schema: onnx.defs.OpSchema | None, slot: int, is_input: bool) -> bool:
+    """True when the formal parameter at ``slot`` is a type variable that admits float16."""
+    params = (schema.inputs if is_input else schema.outputs) if schema else []
+    if not params or slot >= len(params) and params[-1].option != _VARIADIC:
+        return False
+    formal = params[min(slot, len(params) - 1)]  # a variadic last formal covers the rest
+    allowed = {c.type_param_str: c.allowed_type_strs for c in schema.type_constraints}
+    # A fixed type (Resize's scales: "tensor(float)") is no type variable and never converts.
+    return "tensor(float16)" in allowed.get(formal.type_str, ())
+
+
+def _is_flexible_constant(node: onnx.NodeProto, plan: PrecisionPlan) -> bool:
+    """A float Constant not pinned by the plan: its value is stored in whatever type is read."""
+    if node.op_type != "Constant" or node.domain not in _DEFAULT_DOMAINS or not node.attribute:
+        return False
+    if node.name and plan.is_fp32(node.name):
+        return False
+    a = node.attribute[0]
+    return a.name in ("value_float", "value_floats") or a.name == "value" and a.t.data_type == FP32
 
 
 def _label(node: onnx.NodeProto, i: int) -> str:
@@ -368,95 +379,48 @@ def _cast(src: str, dst: str, to: int, name: str) -> onnx.NodeProto:
     return helper.make_node("Cast", [src], [dst], name=name, to=to)
 
 
-def _convertible(schema: onnx.defs.OpSchema | None, slot: int, is_input: bool) -> bool:
-    """True when the formal parameter at ``slot`` is a type variable that admits float16."""
-    if schema is None:
-        return False
-    params = schema.inputs if is_input else schema.outputs
-    if slot >= len(params) and not (params and params[-1].option == _VARIADIC):
-        return False
-    formal = params[min(slot, len(params) - 1)]  # variadic: the last formal covers the rest
-    allowed = {c.type_param_str: c.allowed_type_strs for c in schema.type_constraints}
-    # A fixed type (Resize's scales: "tensor(float)") is not a type variable and never converts.
-    return "tensor(float16)" in allowed.get(formal.type_str, ())
-
-
-def _is_flexible_constant(node: onnx.NodeProto, plan: PrecisionPlan) -> bool:
-    if node.op_type != "Constant" or node.domain not in _DEFAULT_DOMAINS:
-        return False
-    if node.name and plan.is_fp32(node.name):
-        return False
-    a = node.attribute[0] if node.attribute else None
-    return a is not None and (a.name in ("value_float", "value_floats")
-                              or a.name == "value" and a.t.data_type == FP32)
-
-
-def _to_fp16(arr: np.ndarray, name: str, report: MixedPrecisionReport) -> np.ndarray:
-    """Clamp finite values to ±65504 and convert. ±inf stays inf (masks use it on purpose)."""
-    arr = np.asarray(arr, np.float32)
-    over = np.isfinite(arr) & (np.abs(arr) > FP16_MAX)
-    n = int(over.sum())
-    if n:
-        logger.warning("clamping %d value(s) of '%s' to ±%g for FP16 (absmax %g)",
-                       n, name, FP16_MAX, float(np.abs(arr[over]).max()))
-        report.initializers_clamped[name] = report.initializers_clamped.get(name, 0) + n
-        arr = np.where(over, np.clip(arr, -FP16_MAX, FP16_MAX), arr)
-    return arr.astype(np.float16)
-
-
 def _all_names(g: onnx.GraphProto) -> set[str]:
     names = {v.name for v in (*g.input, *g.output, *g.value_info)} | {t.name for t in g.initializer}
     for n in g.node:
-        names.add(n.name)
-        names.update(n.input)
-        names.update(n.output)
+        names.update((n.name, *n.input, *n.output))
         for sub in _subgraphs(n):
             names |= _all_names(sub)
     return names
 
 
-def _outer_refs(g: onnx.GraphProto) -> list[str]:
-    """Names a subgraph reads from enclosing scopes, in first-use order."""
-    defined = {v.name for v in g.input} | {t.name for t in g.initializer}
+def _outer_refs(graphs: list[onnx.GraphProto]) -> list[str]:
+    """Names these subgraphs read from enclosing scopes, in first-use order."""
     refs: list[str] = []
-    for n in g.node:
-        for t in [*n.input, *_outer_refs_of_node(n)]:
-            if t and t not in defined and t not in refs:
-                refs.append(t)
-        defined.update(n.output)
-    refs += [o.name for o in g.output if o.name not in defined and o.name not in refs]
-    return refs
-
-
-def _outer_refs_of_node(node: onnx.NodeProto) -> list[str]:
-    refs: list[str] = []
-    for sub in _subgraphs(node):
-        refs += [t for t in _outer_refs(sub) if t not in refs]
+    for g in graphs:
+        defined = {v.name for v in g.input} | {t.name for t in g.initializer}
+        for n in g.node:
+            refs += [t for t in (*n.input, *_outer_refs(_subgraphs(n))) if t and t not in defined and t not in refs]
+            defined.update(n.output)
+        refs += [o.name for o in g.output if o.name not in defined and o.name not in refs]
     return refs
 
 
 def _rename_refs(g: onnx.GraphProto, mapping: dict[str, str]) -> None:
-    # ONNX forbids shadowing outer names, so a plain rename is safe.
+    # ONNX forbids a subgraph to shadow an outer name, so a plain rename is safe.
     for n in g.node:
         for s, t in enumerate(n.input):
-            if t in mapping:
-                n.input[s] = mapping[t]
+            n.input[s] = mapping.get(t, t)
         for sub in _subgraphs(n):
             _rename_refs(sub, mapping)
     for o in g.output:
-        if o.name in mapping:
-            o.name = mapping[o.name]
+        o.name = mapping.get(o.name, o.name)
 
 
-def _rebuild_types(model: onnx.ModelProto, keep: set[str]) -> onnx.ModelProto:
-    """Drop stale value_info, infer it again strictly, and run the full checker."""
-    kept = [vi for vi in model.graph.value_info if vi.name in keep]
+def _rebuild_types(model: onnx.ModelProto, keep: list[onnx.ValueInfoProto]) -> onnx.ModelProto:
+    """Replace value_info by a strict re-inference (keeping what only the input model knew about
+    schema-less nodes' outputs) and run the full checker."""
     del model.graph.value_info[:]
-    model.graph.value_info.extend(kept)
+    outputs = {o.name for o in model.graph.output}
+    model.graph.value_info.extend(vi for vi in keep if vi.name not in outputs)
     try:
         out = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
         onnx.checker.check_model(out, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        first = (str(exc).strip() or type(exc).__name__).splitlines()[0][:300]
         raise PassFailedError(f"mixed-precision model is invalid: {first}") from None
     return out
