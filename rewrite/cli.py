@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(fix)
     fix.add_argument("-o", "--output", required=True, help="where to write the fixed model")
     fix.add_argument("--pass", dest="passes", default="protect-fp32", help="passes to run, comma-separated")
-    for _, (flag, _conv, helptext) in _PASS_FLAGS.items():
-        fix.add_argument(flag, help=helptext)
+    for dest, (flag, conv, helptext) in _PASS_FLAGS.items():
+        fix.add_argument(flag, dest=dest, type=conv, help=helptext)
     fix.add_argument("--emit", choices=["fp32", "mixed"], default="fp32",
                      help="fp32: FP32 model + trtexec --layerPrecisions; mixed: strongly typed FP16/FP32 model")
     fix.add_argument("--keep-io-types", action="store_true", help="with --emit mixed: keep FP32 inputs/outputs")
@@ -182,7 +182,7 @@ def _cmd_fix(args: argparse.Namespace) -> int:
 
 
 def _make_passes(names, args, get_pass_class):
-    given = {kw: conv(getattr(args, kw)) for kw, (_f, conv, _h) in _PASS_FLAGS.items() if getattr(args, kw) is not None}
+    given = {kw: getattr(args, kw) for kw in _PASS_FLAGS if getattr(args, kw) is not None}
     used: set[str] = set()
     passes = []
     for name in names:

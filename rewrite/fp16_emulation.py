@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from rewrite.fp16_graph_edits import retype_fp16_as_fp32, round_nodes, strict_cumsum_nodes
 from rewrite.ort_runner import Feed, infer_types, run_model
 from rewrite.precision_plan import PrecisionPlan
 from rewrite.schema_types import fixed_type_inputs, inline_constants
@@ -126,7 +127,7 @@ def build_emulation(
     g = m.graph
     if mode == "strong":
         fp16_tensors = {name for name, t in types.items() if t == _FLOAT16}
-        _retype_fp16_as_fp32(m)
+        retype_fp16_as_fp32(m)
         types = {k: (_FLOAT if v == _FLOAT16 else v) for k, v in types.items()}
         pinned: set[str] = set()
     else:
@@ -168,7 +169,7 @@ def build_emulation(
                     renamed[out] = out + "__raw"
                     node.output[idx] = out + "__raw"
         if emulate and strict_cumsum and node.op_type == "CumSum" and node.domain in ("", "ai.onnx"):
-            scan = _strict_cumsum_nodes(node, init_by_name, data_rank, new_inits)
+            scan = strict_cumsum_nodes(node, init_by_name, data_rank, new_inits)
             if scan is None:
                 notes.append(f"strict CumSum not applied to {node.name!r}: axis or rank unknown")
                 new_nodes.append(node)
@@ -179,7 +180,7 @@ def build_emulation(
         for out in float_outs:
             raw = renamed.get(out, out)
             if raw != out:
-                new_nodes.extend(_round_nodes(raw, out))
+                new_nodes.extend(round_nodes(raw, out))
             site = _stat_nodes(out, raw, node, emulate, new_nodes)
             sites.append(site)
 
@@ -328,17 +329,9 @@ def _rounded_edge(
         arr = np.clip(arr, -FP16_MAX, FP16_MAX).astype(np.float16).astype(np.float32)
         new_inits.append(numpy_helper.from_array(arr, rounded))
     else:
-        new_nodes.extend(_round_nodes(name, rounded))
+        new_nodes.extend(round_nodes(name, rounded))
     cache[name] = rounded
     return rounded
-
-
-def _round_nodes(src: str, dst: str) -> list[onnx.NodeProto]:
-    half = dst + "__half"
-    return [
-        helper.make_node("Cast", [src], [half], name=half, to=_FLOAT16),
-        helper.make_node("Cast", [half], [dst], name=dst + "__round", to=_FLOAT),
-    ]
 
 
 def _stat_nodes(out: str, raw: str, node: onnx.NodeProto, fp16: bool, nodes: list[onnx.NodeProto]) -> _StatSite:
@@ -352,66 +345,6 @@ def _stat_nodes(out: str, raw: str, node: onnx.NodeProto, fp16: bool, nodes: lis
         helper.make_node("ReduceSum", [raw], [p + "_sum"], name=p + "_sum", keepdims=0),
     ]
     return _StatSite(out, node.name, node.op_type, fp16, p + "_max", p + "_min", p + "_sum")
-
-
-def _strict_cumsum_nodes(
-    node: onnx.NodeProto,
-    init_by_name: dict[str, onnx.TensorProto],
-    rank: int | None,
-    new_inits: list[onnx.TensorProto],
-) -> list[onnx.NodeProto] | None:
-    """CumSum as a Scan whose running sum is rounded to FP16 after every step."""
-    x, axis_name = node.input[0], node.input[1]
-    if axis_name not in init_by_name or rank is None:
-        return None
-    axis = int(numpy_helper.to_array(init_by_name[axis_name]).reshape(-1)[0]) % rank
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    exclusive, reverse = int(attrs.get("exclusive", 0)), int(attrs.get("reverse", 0))
-    p = node.name or node.output[0]
-    keep = numpy_helper.from_array(np.array([d for d in range(rank) if d != axis], np.int64), p + "__keepdims")
-    new_inits.append(keep)
-    body = helper.make_graph(
-        [
-            helper.make_node("Add", ["s_prev", "x_i"], ["sum"]),
-            helper.make_node("Cast", ["sum"], ["sum16"], to=_FLOAT16),
-            helper.make_node("Cast", ["sum16"], ["s_next"], to=_FLOAT),
-            helper.make_node("Identity", ["s_prev" if exclusive else "s_next"], ["y_i"]),
-        ],
-        "strict_cumsum_body",
-        [helper.make_tensor_value_info("s_prev", _FLOAT, None), helper.make_tensor_value_info("x_i", _FLOAT, None)],
-        [helper.make_tensor_value_info("s_next", _FLOAT, None), helper.make_tensor_value_info("y_i", _FLOAT, None)],
-    )
-    return [
-        helper.make_node("Shape", [x], [p + "__shape"], name=p + "__shape"),
-        helper.make_node("Gather", [p + "__shape", keep.name], [p + "__stateshape"], name=p + "__gather", axis=0),
-        helper.make_node(
-            "ConstantOfShape", [p + "__stateshape"], [p + "__zeros"], name=p + "__zeros",
-            value=numpy_helper.from_array(np.zeros(1, np.float32)),
-        ),
-        helper.make_node(
-            "Scan", [p + "__zeros", x], [p + "__final", node.output[0]], name=p + "__strict_scan",
-            body=body, num_scan_inputs=1, scan_input_axes=[axis], scan_output_axes=[axis],
-            scan_input_directions=[reverse], scan_output_directions=[reverse],
-        ),
-    ]
-
-
-def _retype_fp16_as_fp32(m: onnx.ModelProto) -> None:
-    """Make every FLOAT16 tensor of a mixed graph FLOAT (the values stay FP16-exact)."""
-    g = m.graph
-    for vi in list(g.input) + list(g.output) + list(g.value_info):
-        tt = vi.type.tensor_type
-        if tt.elem_type == _FLOAT16:
-            tt.elem_type = _FLOAT
-    for i, init in enumerate(g.initializer):
-        if init.data_type == _FLOAT16:
-            g.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name))
-    for node in g.node:
-        for attr in node.attribute:
-            if node.op_type == "Cast" and attr.name == "to" and attr.i == _FLOAT16:
-                attr.i = _FLOAT
-            elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == _FLOAT16:
-                attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float32), attr.t.name))
 
 
 def _default_opset(m: onnx.ModelProto) -> int:

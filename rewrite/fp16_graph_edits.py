@@ -1,0 +1,78 @@
+"""Graph edits the FP16 emulation is made of: FP16 rounding, FP16-accumulating CumSum, retyping."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+_FLOAT = onnx.TensorProto.FLOAT
+_FLOAT16 = onnx.TensorProto.FLOAT16
+
+
+def round_nodes(src: str, dst: str) -> list[onnx.NodeProto]:
+    half = dst + "__half"
+    return [
+        helper.make_node("Cast", [src], [half], name=half, to=_FLOAT16),
+        helper.make_node("Cast", [half], [dst], name=dst + "__round", to=_FLOAT),
+    ]
+
+
+def strict_cumsum_nodes(
+    node: onnx.NodeProto,
+    init_by_name: dict[str, onnx.TensorProto],
+    rank: int | None,
+    new_inits: list[onnx.TensorProto],
+) -> list[onnx.NodeProto] | None:
+    """CumSum as a Scan whose running sum is rounded to FP16 after every step."""
+    x, axis_name = node.input[0], node.input[1]
+    if axis_name not in init_by_name or rank is None:
+        return None
+    axis = int(numpy_helper.to_array(init_by_name[axis_name]).reshape(-1)[0]) % rank
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    exclusive, reverse = int(attrs.get("exclusive", 0)), int(attrs.get("reverse", 0))
+    p = node.name or node.output[0]
+    keep = numpy_helper.from_array(np.array([d for d in range(rank) if d != axis], np.int64), p + "__keepdims")
+    new_inits.append(keep)
+    body = helper.make_graph(
+        [
+            helper.make_node("Add", ["s_prev", "x_i"], ["sum"]),
+            helper.make_node("Cast", ["sum"], ["sum16"], to=_FLOAT16),
+            helper.make_node("Cast", ["sum16"], ["s_next"], to=_FLOAT),
+            helper.make_node("Identity", ["s_prev" if exclusive else "s_next"], ["y_i"]),
+        ],
+        "strict_cumsum_body",
+        [helper.make_tensor_value_info("s_prev", _FLOAT, None), helper.make_tensor_value_info("x_i", _FLOAT, None)],
+        [helper.make_tensor_value_info("s_next", _FLOAT, None), helper.make_tensor_value_info("y_i", _FLOAT, None)],
+    )
+    return [
+        helper.make_node("Shape", [x], [p + "__shape"], name=p + "__shape"),
+        helper.make_node("Gather", [p + "__shape", keep.name], [p + "__stateshape"], name=p + "__gather", axis=0),
+        helper.make_node(
+            "ConstantOfShape", [p + "__stateshape"], [p + "__zeros"], name=p + "__zeros",
+            value=numpy_helper.from_array(np.zeros(1, np.float32)),
+        ),
+        helper.make_node(
+            "Scan", [p + "__zeros", x], [p + "__final", node.output[0]], name=p + "__strict_scan",
+            body=body, num_scan_inputs=1, scan_input_axes=[axis], scan_output_axes=[axis],
+            scan_input_directions=[reverse], scan_output_directions=[reverse],
+        ),
+    ]
+
+
+def retype_fp16_as_fp32(m: onnx.ModelProto) -> None:
+    """Make every FLOAT16 tensor of a mixed graph FLOAT (the values stay FP16-exact)."""
+    g = m.graph
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        tt = vi.type.tensor_type
+        if tt.elem_type == _FLOAT16:
+            tt.elem_type = _FLOAT
+    for i, init in enumerate(g.initializer):
+        if init.data_type == _FLOAT16:
+            g.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name))
+    for node in g.node:
+        for attr in node.attribute:
+            if node.op_type == "Cast" and attr.name == "to" and attr.i == _FLOAT16:
+                attr.i = _FLOAT
+            elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == _FLOAT16:
+                attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float32), attr.t.name))
