@@ -110,6 +110,7 @@ def build_emulation(
     *,
     strict_cumsum: bool = False,
     round_fp16: bool = True,
+    with_stats: bool = True,
 ) -> EmulationModel:
     """Rewrite ``model`` into the emulation graph (see the module docstring).
 
@@ -181,12 +182,17 @@ def build_emulation(
             raw = renamed.get(out, out)
             if raw != out:
                 new_nodes.extend(round_nodes(raw, out))
-            site = _stat_nodes(out, raw, node, emulate, new_nodes)
-            sites.append(site)
+            if with_stats:
+                sites.append(_stat_nodes(out, raw, node, emulate, new_nodes))
 
     del g.node[:]
     g.node.extend(new_nodes)
     g.initializer.extend(new_inits)
+    # Weights now read only through their FP16-rounded copies would sit in memory twice.
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    kept = [i for i in g.initializer if i.name in used or _read_by_subgraph(g, i.name)]
+    del g.initializer[:]
+    g.initializer.extend(kept)
     del g.value_info[:]
     for site in sites:
         g.output.extend(helper.make_tensor_value_info(name, _FLOAT, []) for name in site.outputs())
@@ -250,7 +256,7 @@ def profile_absmax(model: onnx.ModelProto, feeds: Sequence[Feed]) -> dict[str, f
 
 
 def _fp32_outputs(model: onnx.ModelProto, feeds: Sequence[Feed]) -> list[Feed]:
-    emu = build_emulation(model, None, round_fp16=False)
+    emu = build_emulation(model, None, round_fp16=False, with_stats=False)
     names = [o.name for o in model.graph.output]
     return run_model(emu.model, [_emu_feed(f, set()) for f in feeds], names)
 
@@ -345,6 +351,17 @@ def _stat_nodes(out: str, raw: str, node: onnx.NodeProto, fp16: bool, nodes: lis
         helper.make_node("ReduceSum", [raw], [p + "_sum"], name=p + "_sum", keepdims=0),
     ]
     return _StatSite(out, node.name, node.op_type, fp16, p + "_max", p + "_min", p + "_sum")
+
+
+def _read_by_subgraph(g: onnx.GraphProto, name: str) -> bool:
+    """Whether a name is used inside an If/Loop/Scan body (outer-scope reads are invisible
+    in the node inputs of the outer graph)."""
+    for node in g.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                if any(name in n.input for n in sub.node) or _read_by_subgraph(sub, name):
+                    return True
+    return False
 
 
 def _default_opset(m: onnx.ModelProto) -> int:
