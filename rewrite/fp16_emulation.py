@@ -300,7 +300,7 @@ def _site_stats(site: _StatSite, runs: list[Feed]) -> tuple[float, bool]:
     for r in runs:
         hi, lo, total = (float(r[name]) for name in site.outputs())
         nonfinite |= not np.isfinite(total)
-        absmax = max(absmax, np.nan_to_num(max(abs(hi), abs(lo)), nan=0.0))
+        absmax = max(absmax, float(np.nan_to_num(max(abs(hi), abs(lo)), nan=0.0, posinf=np.inf)))
     return absmax, nonfinite
 
 
