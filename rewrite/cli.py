@@ -176,6 +176,8 @@ def _cmd_fix(args: argparse.Namespace) -> int:
     save_model(result.model, out, input_path=args.model)
     print(f"wrote {out}")
     print(f"build it with:\n  {rep.trtexec}")
+    for warning in rep.warnings:
+        print(f"warning: {warning}")
     if args.report:
         write_json(rep.to_dict(), args.report)
     return rep.exit_code

@@ -51,6 +51,7 @@ class FixReport:
     mixed_ort_error: list[MixedRunError]
     trtexec: str
     trtexec_argv: list[str]
+    warnings: list[str]
 
     @property
     def exit_code(self) -> int:
@@ -108,6 +109,7 @@ def fix_model(
         argv = trtexec_command(model_path, plan, mode="strong")
     else:
         argv = trtexec_command(model_path, plan, mode="weak")
+    warnings = _build_warnings(fixed, plan, emit)
     fp16_after = check_fp16(
         fixed, feeds, reference, plan=plan, strict_cumsum=strict_cumsum, rel_l2_tolerance=rel_l2_tolerance
     )
@@ -121,8 +123,23 @@ def fix_model(
         mixed_ort_error=mixed_errors,
         trtexec=format_command(argv),
         trtexec_argv=argv,
+        warnings=warnings,
     )
     return FixResult(fixed, report)
+
+
+def _build_warnings(model: onnx.ModelProto, plan: PrecisionPlan, emit: str) -> list[str]:
+    """What the user must know before building, beyond the FP16 emulation's verdict."""
+    warnings = []
+    pinned_cumsums = [n.name for n in model.graph.node if n.op_type == "CumSum" and plan.is_fp32(n.name)]
+    if emit == "fp32" and pinned_cumsums:
+        # onnx-tensorrt <= 10.7 imports CumSum as an ILoop whose layers are not named after the
+        # node, so --layerPrecisions=<cumsum>:fp32 matches no layer there (and trtexec is silent).
+        warnings.append(
+            f"{len(pinned_cumsums)} pinned CumSum node(s): TensorRT <= 10.7 builds CumSum as an unnamed "
+            "loop that --layerPrecisions cannot reach; on those versions use --emit mixed (--stronglyTyped)"
+        )
+    return warnings
 
 
 def _mixed_ort_error(model: onnx.ModelProto, feeds: Sequence[Feed], reference: Sequence[Feed]) -> list[MixedRunError]:
