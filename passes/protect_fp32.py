@@ -23,6 +23,7 @@ from rewrite.errors import BadInputError
 from rewrite.fp16_emulation import FP16_MAX
 from rewrite.pass_base import Pass, PassResult, Site
 from rewrite.pass_context import PassContext
+from rewrite.regions import GraphIndex, grow_region
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class ProtectFp32(Pass):
         seeds = self._seeds(graph, result)
         region = dict(seeds)
         if self.grow and region:
-            self._grow(graph, ctx.tensor_absmax(), region)
+            region = grow_region(GraphIndex(ctx.model.graph), seeds, ctx.tensor_absmax(), self.exit_absmax)
         by_name = {n.name: n for n in graph.nodes}
         for name, reason in region.items():
             node = by_name[name]
@@ -97,26 +98,6 @@ class ProtectFp32(Pass):
         if not seeds:
             result.skipped.append(Site("-", "-", "no node selected (op types, pattern, names)"))
         return seeds
-
-    def _grow(self, graph: gs.Graph, absmax: dict[str, float], region: dict[str, str]) -> None:
-        def large(t: gs.Tensor) -> bool:
-            return isinstance(t, gs.Variable) and absmax.get(t.name, 0.0) > self.exit_absmax
-
-        work = [n for n in graph.nodes if n.name in region]
-        while work:
-            node = work.pop()
-            for t in node.outputs:
-                if not large(t):
-                    continue
-                for consumer in t.outputs:
-                    if consumer.name not in region:
-                        region[consumer.name] = f"reads {t.name} (FP32 absmax {absmax[t.name]:.4g})"
-                        work.append(consumer)
-            for t in node.inputs:
-                if large(t) and t.inputs and t.inputs[0].name not in region:
-                    producer = t.inputs[0]
-                    region[producer.name] = f"produces {t.name} (FP32 absmax {absmax[t.name]:.4g})"
-                    work.append(producer)
 
 
 def _absmax(t: gs.Constant) -> float:

@@ -18,6 +18,7 @@ Two modes, chosen from the model:
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from rewrite.fp16_graph_edits import retype_fp16_as_fp32, round_nodes, strict_cumsum_nodes
+from rewrite.fp16_graph_edits import (
+    error_nodes,
+    retype_fp16_as_fp32,
+    round_nodes,
+    shadow_nodes,
+    strict_cumsum_nodes,
+)
 from rewrite.ort_runner import Feed, infer_types, run_model
 from rewrite.precision_plan import PrecisionPlan
 from rewrite.schema_types import fixed_type_inputs, inline_constants
@@ -47,6 +54,18 @@ class TensorFinding:
     op: str
     absmax: float
     kind: str
+
+
+@dataclass
+class TensorError:
+    """How far a tensor's FP16-emulated value is from its FP32 value (relative L2)."""
+
+    tensor: str
+    node: str
+    op: str
+    fp16: bool
+    rel_error: float
+    nonfinite: bool
 
 
 @dataclass
@@ -86,9 +105,13 @@ class _StatSite:
     max_out: str
     min_out: str
     sum_out: str
+    # With an FP32 shadow: sum of squared FP16-vs-FP32 differences, and of squared FP32 values.
+    err_out: str | None = None
+    ref_out: str | None = None
 
-    def outputs(self) -> tuple[str, str, str]:
-        return self.max_out, self.min_out, self.sum_out
+    def outputs(self) -> tuple[str, ...]:
+        extra = (self.err_out, self.ref_out) if self.err_out and self.ref_out else ()
+        return (self.max_out, self.min_out, self.sum_out) + extra
 
 
 @dataclass
@@ -111,13 +134,16 @@ def build_emulation(
     strict_cumsum: bool = False,
     round_fp16: bool = True,
     with_stats: bool = True,
+    fp32_shadow: bool = False,
 ) -> EmulationModel:
     """Rewrite ``model`` into the emulation graph (see the module docstring).
 
     ``round_fp16=False`` keeps everything FP32 and only adds the statistics outputs: the FP32
     range profile of the model. ``strict_cumsum`` makes FP16 CumSums accumulate in FP16 (a Scan
     that rounds its running sum each step), as TensorRT <= 10.7 builds them (an ILoop whose
-    running sum has the tensor's type).
+    running sum has the tensor's type). ``fp32_shadow`` adds an untouched FP32 copy of the graph
+    and, per tensor, its FP16 error against it (``tensor_errors`` reads them): where along the
+    graph the FP16 result departs from FP32, precision failures included.
     """
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -135,6 +161,7 @@ def build_emulation(
         fp16_tensors = set()
         pinned = set(plan.fp32_nodes) if plan else set()
     is_float = {k for k, v in types.items() if v == _FLOAT}
+    originals = [_copy_node(n) for n in g.node] if fp32_shadow else []
     opset = _default_opset(m)
 
     new_nodes: list[onnx.NodeProto] = []
@@ -185,6 +212,11 @@ def build_emulation(
             if with_stats:
                 sites.append(_stat_nodes(out, raw, node, emulate, new_nodes))
 
+    if fp32_shadow:
+        new_nodes.extend(shadow_nodes(originals))
+        for site in sites:
+            new_nodes.extend(error_nodes(site.tensor))
+            site.err_out, site.ref_out = site.tensor + "__err", site.tensor + "__ref"
     del g.node[:]
     g.node.extend(new_nodes)
     g.initializer.extend(new_inits)
@@ -298,7 +330,7 @@ def _site_stats(site: _StatSite, runs: list[Feed]) -> tuple[float, bool]:
     """(absmax, non-finite) of a site over all runs; absmax ignores NaN where it can."""
     absmax, nonfinite = 0.0, False
     for r in runs:
-        hi, lo, total = (float(r[name]) for name in site.outputs())
+        hi, lo, total = (float(r[name]) for name in (site.max_out, site.min_out, site.sum_out))
         nonfinite |= not np.isfinite(total)
         absmax = max(absmax, float(np.nan_to_num(max(abs(hi), abs(lo)), nan=0.0, posinf=np.inf)))
     return absmax, nonfinite
@@ -351,6 +383,34 @@ def _stat_nodes(out: str, raw: str, node: onnx.NodeProto, fp16: bool, nodes: lis
         helper.make_node("ReduceSum", [raw], [p + "_sum"], name=p + "_sum", keepdims=0),
     ]
     return _StatSite(out, node.name, node.op_type, fp16, p + "_max", p + "_min", p + "_sum")
+
+
+def tensor_errors(
+    model: onnx.ModelProto, feeds: Sequence[Feed], plan: PrecisionPlan | None = None, *, strict_cumsum: bool = False
+) -> tuple[list[TensorError], list[Feed]]:
+    """Per float tensor, in topological order: FP32 absmax and FP16-vs-FP32 relative L2 error
+    (inf where the FP16 value is non-finite), from one emulation run per feed with an FP32
+    shadow. Also returns the emulated graph outputs of each run."""
+    emu = build_emulation(model, plan, strict_cumsum=strict_cumsum, fp32_shadow=True)
+    out_names = [o.name for o in model.graph.output]
+    runs = run_model(emu.model, [_emu_feed(f, emu.fp16_inputs) for f in feeds])
+    errors = []
+    for s in emu.sites:
+        absmax, nonfinite = _site_stats(s, runs)
+        err = sum(float(r[s.err_out]) for r in runs)
+        ref = sum(float(r[s.ref_out]) for r in runs)
+        if nonfinite or not np.isfinite(err):
+            rel = float("inf")
+        else:
+            rel = math.sqrt(err / ref) if ref > 0 else math.sqrt(err)
+        errors.append(TensorError(s.tensor, s.node, s.op, s.fp16, rel, nonfinite))
+    return errors, [{k: r[k] for k in out_names} for r in runs]
+
+
+def _copy_node(node: onnx.NodeProto) -> onnx.NodeProto:
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    return copy
 
 
 def _read_by_subgraph(g: onnx.GraphProto, name: str) -> bool:

@@ -76,3 +76,35 @@ def retype_fp16_as_fp32(m: onnx.ModelProto) -> None:
                 attr.i = _FLOAT
             elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == _FLOAT16:
                 attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float32), attr.t.name))
+
+
+SHADOW = "__fp32"
+
+
+def shadow_nodes(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """An FP32 copy of ``nodes`` whose produced tensors are renamed ``<name>__fp32``; graph
+    inputs and weights are shared (the copy reads the original, unrounded weights)."""
+    produced = {o for n in nodes for o in n.output if o}
+    shadow = []
+    for node in nodes:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = node.name + SHADOW
+        for i, name in enumerate(copy.input):
+            if name in produced:
+                copy.input[i] = name + SHADOW
+        for i, name in enumerate(copy.output):
+            if name:
+                copy.output[i] = name + SHADOW
+        shadow.append(copy)
+    return shadow
+
+
+def error_nodes(tensor: str) -> list[onnx.NodeProto]:
+    """Sum of squared differences between a tensor and its FP32 shadow, and of the shadow."""
+    p = tensor + "__e"
+    return [
+        helper.make_node("Sub", [tensor, tensor + SHADOW], [p + "_diff"], name=p + "_diff"),
+        helper.make_node("ReduceSumSquare", [p + "_diff"], [tensor + "__err"], name=p + "_err", keepdims=0),
+        helper.make_node("ReduceSumSquare", [tensor + SHADOW], [tensor + "__ref"], name=p + "_ref", keepdims=0),
+    ]
