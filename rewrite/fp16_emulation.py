@@ -256,7 +256,7 @@ def check_fp16(
     out_names = [o.name for o in model.graph.output]
     runs = run_model(emu.model, [_emu_feed(f, emu.fp16_inputs) for f in feeds])
     outputs = [
-        _compare(name, [r[name] for r in runs], [ref[name] for ref in reference], rel_l2_tolerance)
+        compare_output(name, [r[name] for r in runs], [ref[name] for ref in reference], rel_l2_tolerance)
         for name in out_names
     ]
     findings = _findings(emu.sites, runs)
@@ -304,7 +304,7 @@ def _emu_feed(feed: Feed, fp16_inputs: set[str]) -> Feed:
     return out
 
 
-def _compare(name: str, got: list[np.ndarray], ref: list[np.ndarray], tol: float) -> OutputCheck:
+def compare_output(name: str, got: list[np.ndarray], ref: list[np.ndarray], tol: float) -> OutputCheck:
     g = np.concatenate([np.asarray(a).ravel() for a in got])
     r = np.concatenate([np.asarray(a).ravel() for a in ref])
     if not np.issubdtype(r.dtype, np.floating):

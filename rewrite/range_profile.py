@@ -54,7 +54,7 @@ class RangeProfile:
     ranges: dict[str, TensorRange]
     runs: int
     batches: int
-    notes: list[str] = field(default_factory=list)
+    outputs: list[Feed] = field(default_factory=list)
 
     def absmax(self) -> dict[str, float]:
         return {name: r.absmax for name, r in self.ranges.items()}
@@ -86,12 +86,18 @@ def profile_ranges(
     rng = np.random.default_rng(seed)
     total, done = len(batches) * len(feeds), 0
     samples: dict[str, list[np.ndarray]] = {t: [] for t in producers}
-    for batch in batches:
+    # The graph outputs ride along with the first batch: they are the FP32 reference.
+    out_names = [o.name for o in m.graph.output]
+    outputs: list[Feed] = []
+    for b, batch in enumerate(batches):
         session = make_session(_exposing(m, [t for t in batch if t not in graph_outputs]))
+        fetch = batch + [o for o in out_names if o not in batch] if b == 0 else batch
         for feed in feeds:
-            values = session.run(batch, feed)
-            for name, value in zip(batch, values):
-                _accumulate(ranges[name], np.asarray(value), samples[name], rng)
+            values = dict(zip(fetch, session.run(fetch, feed)))
+            if b == 0:
+                outputs.append({o: values[o] for o in out_names})
+            for name in batch:
+                _accumulate(ranges[name], np.asarray(values[name]), samples[name], rng)
             done += 1
             if progress:
                 progress(done, total)
@@ -100,7 +106,7 @@ def profile_ranges(
             r.p999 = float(np.quantile(np.concatenate(samples[name]), 0.999))
     if len(batches) > 1:
         logger.info("profiled %d tensors in %d batches (memory budget %.0f MB)", len(ranges), len(batches), memory_budget_mb)
-    return RangeProfile(ranges, runs=total, batches=len(batches))
+    return RangeProfile(ranges, runs=total, batches=len(batches), outputs=outputs)
 
 
 def _accumulate(r: TensorRange, value: np.ndarray, samples: list[np.ndarray], rng: np.random.Generator) -> None:

@@ -1,0 +1,221 @@
+"""``fix --auto``: find the FP16 failure sites and give each the smallest fix that holds.
+
+1. Profile FP32 ranges: one run per sample (graph outputs ride along as the reference).
+2. Diagnose: one emulation run per sample with an FP32 shadow names the sites where FP16 error
+   is born (overflow, cancellation, underflow, precision).
+3. Rewrites first (when given): each candidate pass is applied through the PassManager (FP32
+   validated, rolled back on failure) and kept when it removes sites without adding any.
+4. Pin what is left: each site gets a region grown from it on measured ranges (forward until
+   values are back in range, back to where inputs are safe), then the emulation verifies; a site
+   that still fails grows further.
+5. Shrink greedily: region nodes whose values would fit FP16 are released where the emulation
+   stays clean (a bounded number of runs).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import onnx
+
+from rewrite.diagnosis import CANCELLATION_RATIO, FailureSite, diagnose
+from rewrite.fp16_emulation import FP16_MAX, check_fp16, compare_output
+from rewrite.ort_runner import Feed
+from rewrite.pass_base import Pass
+from rewrite.precision_plan import PrecisionPlan
+from rewrite.range_profile import RangeProfile, profile_ranges
+from rewrite.regions import GraphIndex, grow_region
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SiteFix:
+    """One failure site and the fix it got: ``fp32-region``, ``pass:<name>`` or ``unfixed``."""
+
+    tensor: str
+    node: str
+    op: str
+    kind: str
+    fp32_absmax: float
+    fp16_rel_error: float
+    back_in_range: str | None
+    fix: str
+    pinned_nodes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class AutoFixReport:
+    sites: list[SiteFix]
+    passes_kept: list[str]
+    fp32_nodes: int
+    released_by_shrink: list[str]
+    profiling_runs: int
+    emulation_runs: int
+    rounds: int
+    passed: bool
+
+
+def auto_fix(
+    model: onnx.ModelProto,
+    feeds: Sequence[Feed],
+    *,
+    tolerance: float = 1e-2,
+    exit_absmax: float = 2048.0,
+    strict_cumsum: bool = False,
+    rewrites: Sequence[Pass] = (),
+    max_rounds: int = 4,
+    max_shrink_runs: int = 4,
+    memory_budget_mb: float = 8192.0,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[onnx.ModelProto, AutoFixReport]:
+    """Returns the model with its precision plan (and any kept rewrites) and the report."""
+    from rewrite.pass_manager import PassManager, name_nodes
+
+    model = _copy(model)
+    name_nodes(model)
+    profile = profile_ranges(model, feeds, memory_budget_mb=memory_budget_mb, progress=progress)
+    reference = profile.outputs
+    counter = _Counter(len(feeds))
+    diag = counter.diagnose(model, feeds, profile, None, tolerance, exit_absmax, strict_cumsum)
+    sites: list[SiteFix] = []
+    kept: list[str] = []
+    for rewrite in rewrites:
+        if not diag.sites:
+            break
+        candidate, report = PassManager([rewrite], feeds).run(model)
+        if report.passes[0].status != "kept":
+            continue
+        cand_profile = profile_ranges(candidate, feeds, memory_budget_mb=memory_budget_mb)
+        counter.profiling += cand_profile.runs
+        cand_diag = counter.diagnose(candidate, feeds, cand_profile, None, tolerance, exit_absmax, strict_cumsum)
+        fixed = [s for s in diag.sites if not _still_failing(s, cand_diag.sites)]
+        if fixed and len(cand_diag.sites) < len(diag.sites):
+            sites += [_site_fix(s, f"pass:{rewrite.name}") for s in fixed]
+            kept.append(rewrite.name)
+            model, profile, diag = candidate, cand_profile, cand_diag
+    plan = PrecisionPlan.from_model(model)
+    index = GraphIndex(model.graph)
+    absmax = profile.absmax()
+    rounds = 0
+    while _needs_work(model, diag, reference, tolerance) and rounds < max_rounds:
+        rounds += 1
+        for site in diag.sites:
+            region = _site_region(index, site, absmax, exit_absmax, plan)
+            for name, reason in region.items():
+                plan.pin(name, f"auto: {site.kind} at {site.tensor}: {reason}")
+            previous = next((s for s in sites if s.tensor == site.tensor and s.fix == "fp32-region"), None)
+            if previous:
+                previous.pinned_nodes = sorted(set(previous.pinned_nodes) | set(region))
+            else:
+                sites.append(_site_fix(site, "fp32-region", sorted(region)))
+        diag = counter.diagnose(model, feeds, profile, plan, tolerance, exit_absmax, strict_cumsum)
+    unresolved = _needs_work(model, diag, reference, tolerance)
+    if unresolved:
+        sites += [_site_fix(site, "unfixed") for site in diag.sites]
+    released: list[str] = []
+    if not unresolved:
+        released = _shrink(model, feeds, reference, plan, sites, absmax, counter, max_shrink_runs,
+                           tolerance, strict_cumsum)
+    final = check_fp16(model, feeds, reference, plan=plan, strict_cumsum=strict_cumsum, rel_l2_tolerance=tolerance)
+    counter.emulation += len(feeds)
+    plan.store_in(model)
+    report = AutoFixReport(
+        sites=sites, passes_kept=kept, fp32_nodes=len(plan), released_by_shrink=released,
+        profiling_runs=profile.runs + counter.profiling, emulation_runs=counter.emulation,
+        rounds=rounds, passed=final.passed,
+    )
+    logger.info("auto: %d sites, %d FP32 nodes, %d profiling + %d emulation runs",
+                len(sites), len(plan), report.profiling_runs, report.emulation_runs)
+    return model, report
+
+
+class _Counter:
+    """Counts the model runs the search costs (the report states them)."""
+
+    def __init__(self, samples: int) -> None:
+        self.samples = samples
+        self.emulation = 0
+        self.profiling = 0
+
+    def diagnose(self, model, feeds, profile, plan, tolerance, exit_absmax, strict_cumsum):
+        self.emulation += self.samples
+        return diagnose(model, feeds, profile, plan, tolerance=tolerance, exit_absmax=exit_absmax,
+                        strict_cumsum=strict_cumsum)
+
+
+def _site_region(
+    index: GraphIndex, site: FailureSite, absmax: dict[str, float], exit_absmax: float, plan: PrecisionPlan
+) -> dict[str, str]:
+    """The region to pin for a site; a site already pinned that still fails grows further."""
+    if site.kind == "overflow":
+        limit = exit_absmax
+    else:
+        # Values much larger than the result carry the digits the result needs.
+        limit = max(site.fp32_absmax * CANCELLATION_RATIO, 1.0)
+    if plan.is_fp32(site.node):
+        limit /= 16
+    return grow_region(index, {site.node: f"{site.kind} site"}, absmax, min(limit, exit_absmax))
+
+
+def _shrink(model, feeds, reference, plan, sites, absmax, counter, budget, tolerance, strict_cumsum) -> list[str]:
+    """Release pinned nodes whose inputs and outputs all fit FP16 with room to spare, in groups
+    (all at once, then per site), keeping each release the emulation accepts."""
+    index = GraphIndex(model.graph)
+
+    def fits(name: str) -> bool:
+        node = index.nodes[name]
+        values = [absmax[t] for t in list(node.input) + list(node.output) if t in absmax]
+        return all(v <= FP16_MAX / 2 for v in values)
+
+    groups = [[n for n in s.pinned_nodes if fits(n)] for s in sites if s.fix == "fp32-region"]
+    groups = [g for g in groups if g]
+    all_candidates = sorted({n for g in groups for n in g})
+    attempts = [all_candidates] + groups if len(groups) > 1 else groups
+    released: list[str] = []
+    for group in attempts[:budget]:
+        group = [n for n in group if plan.is_fp32(n)]
+        if not group:
+            continue
+        trial = PrecisionPlan({k: v for k, v in plan.fp32_nodes.items() if k not in group})
+        report = check_fp16(model, feeds, reference, plan=trial, strict_cumsum=strict_cumsum, rel_l2_tolerance=tolerance)
+        counter.emulation += len(feeds)
+        if report.passed and not report.failing_tensors:
+            plan.fp32_nodes = trial.fp32_nodes
+            released += group
+            for s in sites:
+                s.pinned_nodes = [n for n in s.pinned_nodes if n not in group]
+    return released
+
+
+def _needs_work(model: onnx.ModelProto, diag, reference: list[Feed], tolerance: float) -> bool:
+    """More pinning is due while an output fails or a site still goes non-finite (a clean
+    output can hide an inf that a different input would surface)."""
+    if any(math.isinf(s.fp16_rel_error) for s in diag.sites):
+        return bool(diag.sites)
+    outputs_ok = all(
+        compare_output(o.name, [g[o.name] for g in diag.outputs], [r[o.name] for r in reference], tolerance).ok
+        for o in model.graph.output
+    )
+    return not outputs_ok and bool(diag.sites)
+
+
+def _still_failing(site: FailureSite, sites: list[FailureSite]) -> bool:
+    return any(s.tensor == site.tensor or s.node == site.node for s in sites)
+
+
+def _site_fix(site: FailureSite, fix: str, nodes: list[str] | None = None) -> SiteFix:
+    return SiteFix(site.tensor, site.node, site.op, site.kind, site.fp32_absmax, site.fp16_rel_error,
+                   site.back_in_range, fix, nodes or [])
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+__all__ = ["AutoFixReport", "RangeProfile", "SiteFix", "auto_fix"]

@@ -1,0 +1,117 @@
+"""Naming FP16 failure sites from FP32 ranges and the emulation's per-tensor errors.
+
+A *site* is where an FP16 error is born: a tensor whose FP16 value goes non-finite while its
+producer's inputs are finite, or whose relative error (vs the FP32 shadow) is both above
+``tolerance / 10`` and ``AMPLIFICATION`` times the largest error among its producer's inputs
+(at least FP16's unit roundoff): the node that amplifies error, not the ones that carry it on.
+Sites are classified from the FP32 ranges:
+- ``overflow``: the FP32 value itself exceeds 65504;
+- ``cancellation``: the inputs are far larger than the output (an integral-image box sum, a
+  variance as E[x^2] - E[x]^2): FP16's spacing at the inputs' magnitude swamps the result;
+- ``underflow``: many inputs or outputs are below FP16's normal range;
+- ``precision``: anything else (error amplified by exp, division, ...).
+Tensors that are already non-finite in FP32 (a masked ``log(0)``) or hold mask sentinels such
+as ``finfo(float32).min`` are never sites: FP16 does not break them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import onnx
+
+from rewrite.fp16_emulation import FP16_MAX, TensorError, tensor_errors
+from rewrite.ort_runner import Feed
+from rewrite.precision_plan import PrecisionPlan
+from rewrite.range_profile import RangeProfile
+from rewrite.regions import GraphIndex
+
+logger = logging.getLogger(__name__)
+
+CANCELLATION_RATIO = 8.0
+UNDERFLOW_FRACTION = 0.01
+AMPLIFICATION = 8.0
+UNIT_ROUNDOFF = 2.0**-11
+
+
+@dataclass
+class FailureSite:
+    tensor: str
+    node: str
+    op: str
+    kind: str
+    fp32_absmax: float
+    inputs_absmax: float
+    fp16_rel_error: float
+    back_in_range: str | None
+
+
+@dataclass
+class Diagnosis:
+    sites: list[FailureSite]
+    errors: list[TensorError]
+    outputs: list[Feed]
+
+
+def diagnose(
+    model: onnx.ModelProto,
+    feeds: Sequence[Feed],
+    profile: RangeProfile,
+    plan: PrecisionPlan | None = None,
+    *,
+    tolerance: float = 1e-2,
+    exit_absmax: float = 2048.0,
+    strict_cumsum: bool = False,
+) -> Diagnosis:
+    """One emulation run per feed (with an FP32 shadow), then classification from ``profile``."""
+    errors, outputs = tensor_errors(model, feeds, plan, strict_cumsum=strict_cumsum)
+    by_tensor = {e.tensor: e for e in errors}
+    index = GraphIndex(model.graph)
+    absmax = profile.absmax()
+    sites = []
+    for e in errors:
+        r = profile.ranges.get(e.tensor)
+        if r is None or r.fp32_nonfinite or r.sentinels or e.rel_error <= tolerance / 10:
+            continue
+        node = index.nodes[e.node]
+        inputs = [t for t in node.input if t in by_tensor]
+        in_error = max([by_tensor[t].rel_error for t in inputs] + [UNIT_ROUNDOFF])
+        if not (math.isinf(e.rel_error) and math.isfinite(in_error)) and e.rel_error <= AMPLIFICATION * in_error:
+            continue  # carried from upstream, not born here
+        in_absmax = max((absmax.get(t, 0.0) for t in inputs), default=0.0)
+        kind = _classify(r.absmax, in_absmax, r.subnormal_fraction,
+                         max((profile.ranges[t].subnormal_fraction for t in inputs if t in profile.ranges), default=0.0))
+        sites.append(FailureSite(e.tensor, e.node, e.op, kind, r.absmax, in_absmax, e.rel_error,
+                                 _back_in_range(index, e.tensor, absmax, exit_absmax)))
+    logger.info("diagnosis: %d failure sites", len(sites))
+    return Diagnosis(sites, errors, outputs)
+
+
+def _classify(out_absmax: float, in_absmax: float, out_subnormal: float, in_subnormal: float) -> str:
+    if out_absmax > FP16_MAX:
+        return "overflow"
+    if in_absmax > CANCELLATION_RATIO * out_absmax:
+        return "cancellation"
+    if max(out_subnormal, in_subnormal) > UNDERFLOW_FRACTION:
+        return "underflow"
+    return "precision"
+
+
+def _back_in_range(index: GraphIndex, tensor: str, absmax: dict[str, float], limit: float) -> str | None:
+    """The first tensor downstream (breadth first) whose FP32 absmax is back within ``limit``."""
+    seen, frontier = {tensor}, [tensor]
+    while frontier:
+        nxt = []
+        for t in frontier:
+            if t in absmax and absmax[t] <= limit:
+                return t
+            for consumer in index.consumers.get(t, []):
+                for out in consumer.output:
+                    if out and out not in seen:
+                        seen.add(out)
+                        nxt.append(out)
+        frontier = nxt
+    return None
