@@ -52,6 +52,7 @@ class FixReport:
     trtexec: str
     trtexec_argv: list[str]
     warnings: list[str]
+    auto: object | None = None
 
     @property
     def exit_code(self) -> int:
@@ -85,10 +86,14 @@ def fix_model(
     per_output: Mapping[str, Tolerance] | None = None,
     rel_l2_tolerance: float = 1e-2,
     model_path: str = "model.onnx",
+    auto: bool = False,
+    auto_rewrites: Sequence[Pass] = (),
 ) -> FixResult:
     """Run ``passes`` (each validated in FP32 and rolled back on failure), then emit the model
     for ``emit`` and check it with the FP16 emulation against the original's FP32 outputs.
 
+    With ``auto``, the automatic fixer runs after ``passes``: it finds the failure sites, tries
+    ``auto_rewrites`` first and pins minimal FP32 regions for the rest.
     ``model_path`` is only used to write the trtexec command line."""
     from rewrite.trtexec import format_command, trtexec_command
 
@@ -99,6 +104,12 @@ def fix_model(
     fp16_before = check_fp16(
         model, feeds, reference, strict_cumsum=strict_cumsum, rel_l2_tolerance=rel_l2_tolerance
     )
+    auto_report = None
+    if auto:
+        from rewrite.auto_fix import auto_fix
+
+        fixed, auto_report = auto_fix(fixed, feeds, tolerance=rel_l2_tolerance, strict_cumsum=strict_cumsum,
+                                      rewrites=auto_rewrites)
     plan = PrecisionPlan.from_model(fixed)
     mixed_report, mixed_errors = None, []
     if emit == "mixed":
@@ -124,6 +135,7 @@ def fix_model(
         trtexec=format_command(argv),
         trtexec_argv=argv,
         warnings=warnings,
+        auto=auto_report,
     )
     return FixResult(fixed, report)
 
