@@ -51,6 +51,7 @@ class SiteFix:
 class AutoFixReport:
     sites: list[SiteFix]
     passes_kept: list[str]
+    rewrites_tried: list  # PassRecord of each rewrite tried (its FP32 validation included)
     fp32_nodes: int
     released_by_shrink: list[str]
     profiling_runs: int
@@ -83,10 +84,12 @@ def auto_fix(
     diag = counter.diagnose(model, feeds, profile, None, tolerance, exit_absmax, strict_cumsum)
     sites: list[SiteFix] = []
     kept: list[str] = []
+    tried = []
     for rewrite in rewrites:
         if not diag.sites:
             break
         candidate, report = PassManager([rewrite], feeds).run(model)
+        tried.append(report.passes[0])
         if report.passes[0].status != "kept":
             continue
         cand_profile = profile_ranges(candidate, feeds, memory_budget_mb=memory_budget_mb)
@@ -124,7 +127,7 @@ def auto_fix(
     counter.emulation += len(feeds)
     plan.store_in(model)
     report = AutoFixReport(
-        sites=sites, passes_kept=kept, fp32_nodes=len(plan), released_by_shrink=released,
+        sites=sites, passes_kept=kept, rewrites_tried=tried, fp32_nodes=len(plan), released_by_shrink=released,
         profiling_runs=profile.runs + counter.profiling, emulation_runs=counter.emulation,
         rounds=rounds, passed=final.passed,
     )
