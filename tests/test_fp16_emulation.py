@@ -4,6 +4,7 @@ import numpy as np
 import onnx
 import pytest
 
+from conftest import WINDOW, parse_named
 from rewrite.fp16_emulation import FP16_MAX, build_emulation, check_fp16, profile_absmax
 from rewrite.ort_runner import run_model
 from rewrite.precision_plan import PrecisionPlan
@@ -16,11 +17,7 @@ def r16(a):
         return np.asarray(a, F32).astype(F16).astype(F32)
 
 
-def parse(text: str) -> onnx.ModelProto:
-    model = onnx.parser.parse_model(text)
-    for i, node in enumerate(model.graph.node):
-        node.name = node.name or f"{node.op_type.lower()}{i}"
-    return model
+parse = parse_named
 
 
 CUMSUM = """<ir_version: 8, opset_import: ["" : 17]>
@@ -30,24 +27,6 @@ g (float[1,N] x) => (float[1,N] y) {
   n = Constant<value=float {4096.0}>()
   y = Div(c, n)
 }"""
-
-# Integral image of a 1-D signal and a window difference: the overflow sits in the middle.
-WINDOW = """<ir_version: 8, opset_import: ["" : 17]>
-g (float[1,4096] x) => (float[1,4064] y) {
-  ax = Constant<value=int64 {1}>()
-  c = CumSum(x, ax)
-  s0 = Constant<value=int64[1] {0}>()
-  e0 = Constant<value=int64[1] {4064}>()
-  s1 = Constant<value=int64[1] {32}>()
-  e1 = Constant<value=int64[1] {4096}>()
-  one = Constant<value=int64[1] {1}>()
-  lo = Slice(c, s0, e0, one)
-  hi = Slice(c, s1, e1, one)
-  d = Sub(hi, lo)
-  k = Constant<value=float {32.0}>()
-  y = Div(d, k)
-}"""
-
 
 def test_rounding_is_fp16_storage_fp32_compute_bitwise():
     model = parse("""<ir_version: 8, opset_import: ["" : 17]>
