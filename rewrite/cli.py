@@ -1,4 +1,4 @@
-"""The ``onnx-rewrite`` command line: check, fix, passes. The only module that prints."""
+"""The ``onnx-rewrite`` command line: check, fix, passes, trtexec. The only module that prints."""
 
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     fix.add_argument("--tolerance", action="append", default=[], metavar="OUTPUT:RTOL,ATOL",
                      help="per-output FP32 validation tolerance")
     _add_check_args(fix)
+    _add_trt_args(sub, check, fix)
     return parser
 
 
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_passes()
         if args.command == "check":
             return _cmd_check(args)
+        if args.command == "trtexec":
+            return _cmd_trtexec(args)
         return _cmd_fix(args)
     except RewriteError as exc:
         print(f"onnx-rewrite: error: {exc}", file=sys.stderr)
@@ -134,11 +137,21 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from rewrite.report import render_fp16, write_json
 
     _check_report_path(args.report, args.model)
+    if args.backend == "trt" and args.strict_cumsum:
+        raise BadInputError("--strict-cumsum applies to the emulation backend only")
+    trt_version = _require_trt(args.backend == "trt")
     model, feeds = _load(args)
-    report = check_fp16(model, feeds, strict_cumsum=args.strict_cumsum, rel_l2_tolerance=args.rel_l2)
-    print(render_fp16(report, "FP16 emulation"))
+    if trt_version:
+        from rewrite.trt_backend import check_trt
+
+        report = check_trt(model, feeds, model_path=args.model, rel_l2_tolerance=args.rel_l2)
+        print(render_fp16(report, f"TensorRT {trt_version}"))
+    else:
+        report = check_fp16(model, feeds, strict_cumsum=args.strict_cumsum, rel_l2_tolerance=args.rel_l2)
+        print(render_fp16(report, "FP16 emulation"))
+    pitfalls = _print_pitfalls(model, trt_version)
     if args.report:
-        write_json(asdict(report), args.report)
+        write_json({**asdict(report), "trt_pitfalls": [asdict(p) for p in pitfalls]}, args.report)
     return EXIT_OK if report.passed else EXIT_FP16_FAILS
 
 
@@ -159,13 +172,14 @@ def _cmd_fix(args: argparse.Namespace) -> int:
     _check_report_path(args.report, args.model)
     if args.keep_io_types and args.emit != "mixed":
         raise BadInputError("--keep-io-types only applies to --emit mixed")
+    _require_trt(args.verify == "trt")  # fail before any work
     passes = _make_passes(names, args, get_pass_class)
     per_output = _parse_tolerances(args.tolerance)
     model, feeds = _load(args)
     result = fix_model(
         model, passes, feeds, emit=args.emit, keep_io_types=args.keep_io_types,
         strict_cumsum=args.strict_cumsum, tolerance=Tolerance(args.rtol, args.atol),
-        per_output=per_output, rel_l2_tolerance=args.rel_l2, model_path=str(out),
+        per_output=per_output, rel_l2_tolerance=args.rel_l2, model_path=str(out), verify=args.verify,
     )
     rep = result.report
     print(render_fp16(rep.fp16_before, "before: FP16 emulation"))
@@ -173,6 +187,8 @@ def _cmd_fix(args: argparse.Namespace) -> int:
     for e in rep.mixed_ort_error:
         print(f"mixed model in ORT vs FP32 reference: {e.output}: max abs {e.max_abs_error:.3g}, rel L2 {e.rel_l2:.3g} (FP16 weights)")
     print(render_fp16(rep.fp16_after, f"after ({args.emit}): FP16 emulation"))
+    if rep.trt_after is not None:
+        print(render_fp16(rep.trt_after, f"after ({args.emit}): TensorRT"))
     save_model(result.model, out, input_path=args.model)
     print(f"wrote {out}")
     print(f"build it with:\n  {rep.trtexec}")
@@ -222,6 +238,55 @@ def _check_report_path(report: str | None, model: str | None) -> None:
     refuse_overwrite(report, model)
     if not Path(report).parent.exists():
         raise BadInputError(f"report folder does not exist: {Path(report).parent}")
+
+
+# --- TensorRT: check --backend trt, fix --verify trt, trtexec (rewrite.trt_backend, rewrite.trt_pitfalls) ---
+
+
+def _add_trt_args(sub, check: argparse.ArgumentParser, fix: argparse.ArgumentParser) -> None:
+    check.add_argument("--backend", choices=["emulation", "trt"], default="emulation",
+                       help="emulation: FP16 on the CPU (default); trt: build and run a TensorRT engine (GPU)")
+    fix.add_argument("--verify", choices=["emulation", "trt"], default="emulation",
+                     help="trt: also build and run the fixed model with TensorRT (GPU)")
+    cmd = sub.add_parser("trtexec", help="print the trtexec command that builds a (fixed) model")
+    cmd.add_argument("model", help="ONNX model (its precision plan is read from the model)")
+    cmd.add_argument("--mode", choices=["weak", "strong", "auto"], default="auto",
+                     help="weak: --fp16 + --layerPrecisions; strong: --stronglyTyped; auto: strong for FLOAT16 models")
+    cmd.add_argument("--engine", help="add --saveEngine=PATH")
+
+
+def _require_trt(wanted: bool) -> str | None:
+    """TensorRT's version when ``wanted`` (exit 5 before any work when it is missing), else None."""
+    if not wanted:
+        return None
+    from rewrite.trt_backend import require_tensorrt
+
+    return require_tensorrt()
+
+
+def _print_pitfalls(model, trt_version: str | None) -> list:
+    from rewrite.trt_backend import parse_trt_version
+    from rewrite.trt_pitfalls import find_pitfalls
+
+    pitfalls = find_pitfalls(model, trt_version=parse_trt_version(trt_version) if trt_version else None)
+    for pitfall in pitfalls:
+        print(f"warning: {pitfall.message}")
+    return pitfalls
+
+
+def _cmd_trtexec(args: argparse.Namespace) -> int:
+    from rewrite.model_io import load_model
+    from rewrite.precision_plan import PrecisionPlan
+    from rewrite.trt_backend import has_fp16_tensors, trtexec_mode
+    from rewrite.trtexec import format_command, trtexec_command
+
+    model = load_model(args.model)
+    mode, warnings = trtexec_mode(args.mode, has_fp16_tensors(model))
+    argv = trtexec_command(args.model, PrecisionPlan.from_model(model), mode=mode, engine_path=args.engine)
+    print(format_command(argv))
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -25,6 +25,16 @@ class PassFailedError(RewriteError):
     exit_code = 3
 
 
+class TensorRTUnavailableError(RewriteError):
+    """TensorRT (or Polygraphy) is not installed, cannot be loaded, or is older than 10.0."""
+
+    exit_code = 5
+
+
+class TensorRTBuildError(RewriteError):
+    """TensorRT could not parse, build or run the model (exit code 1: not the user's input, not a verdict)."""
+
+
 def one_line(exc: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message (its type name when it has none)."""
     text = str(exc).strip() or type(exc).__name__

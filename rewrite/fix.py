@@ -53,10 +53,13 @@ class FixReport:
     trtexec_argv: list[str]
     warnings: list[str]
     auto: object | None = None
+    trt_after: Fp16Report | None = None  # --verify trt: the fixed model built and run by TensorRT
 
     @property
     def exit_code(self) -> int:
         if not self.fp16_after.passed:
+            return EXIT_FP16_FAILS
+        if self.trt_after is not None and not self.trt_after.passed:
             return EXIT_FP16_FAILS
         if self.passes.rolled_back:
             return EXIT_ROLLED_BACK
@@ -88,14 +91,23 @@ def fix_model(
     model_path: str = "model.onnx",
     auto: bool = False,
     auto_rewrites: Sequence[Pass] = (),
+    verify: Literal["emulation", "trt"] = "emulation",
 ) -> FixResult:
     """Run ``passes`` (each validated in FP32 and rolled back on failure), then emit the model
     for ``emit`` and check it with the FP16 emulation against the original's FP32 outputs.
 
     With ``auto``, the automatic fixer runs after ``passes``: it finds the failure sites, tries
     ``auto_rewrites`` first and pins minimal FP32 regions for the rest.
-    ``model_path`` is only used to write the trtexec command line."""
+    ``model_path`` is only used to write the trtexec command line.
+    ``verify="trt"`` also builds and runs the fixed model with TensorRT (``rewrite.trt_backend``);
+    a missing TensorRT fails here, before any pass runs."""
     from rewrite.trtexec import format_command, trtexec_command
+
+    trt_version = None
+    if verify == "trt":
+        from rewrite.trt_backend import require_tensorrt
+
+        trt_version = require_tensorrt()
 
     manager = PassManager(passes, feeds, tolerance=tolerance, per_output=per_output)
     fixed, run_report = manager.run(model)
@@ -137,21 +149,27 @@ def fix_model(
         warnings=warnings,
         auto=auto_report,
     )
+    if trt_version is not None:
+        _verify_trt(report, fixed, feeds, reference, plan, trt_version, rel_l2_tolerance)
     return FixResult(fixed, report)
 
 
+def _verify_trt(report: FixReport, fixed: onnx.ModelProto, feeds: Sequence[Feed], reference: Sequence[Feed],
+                plan: PrecisionPlan, trt_version: str, rel_l2_tolerance: float) -> None:
+    """--verify trt: the TensorRT verdict on the fixed model, and the pitfalls of this TensorRT version."""
+    from rewrite.trt_backend import check_trt, parse_trt_version
+    from rewrite.trt_pitfalls import find_pitfalls
+
+    report.trt_after = check_trt(fixed, feeds, reference, plan=plan, rel_l2_tolerance=rel_l2_tolerance)
+    pitfalls = find_pitfalls(fixed, plan, trt_version=parse_trt_version(trt_version))
+    report.warnings = [p.message for p in pitfalls]
+
+
 def _build_warnings(model: onnx.ModelProto, plan: PrecisionPlan, emit: str) -> list[str]:
-    """What the user must know before building, beyond the FP16 emulation's verdict."""
-    warnings = []
-    pinned_cumsums = [n.name for n in model.graph.node if n.op_type == "CumSum" and plan.is_fp32(n.name)]
-    if emit == "fp32" and pinned_cumsums:
-        # onnx-tensorrt <= 10.7 imports CumSum as an ILoop whose layers are not named after the
-        # node, so --layerPrecisions=<cumsum>:fp32 matches no layer there (and trtexec is silent).
-        warnings.append(
-            f"{len(pinned_cumsums)} pinned CumSum node(s): TensorRT <= 10.7 builds CumSum as an unnamed "
-            "loop that --layerPrecisions cannot reach; on those versions use --emit mixed (--stronglyTyped)"
-        )
-    return warnings
+    """Known TensorRT pitfalls of the emitted model (all versions; --verify trt narrows them)."""
+    from rewrite.trt_pitfalls import find_pitfalls
+
+    return [p.message for p in find_pitfalls(model, plan)]
 
 
 def _mixed_ort_error(model: onnx.ModelProto, feeds: Sequence[Feed], reference: Sequence[Feed]) -> list[MixedRunError]:

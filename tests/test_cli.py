@@ -61,7 +61,7 @@ def test_fix_protect_sca(nafnet_path, tmp_path, capsys, emit):
         assert "--precisionConstraints=obey" in report["trtexec_argv"]
         spec = next(a for a in report["trtexec_argv"] if a.startswith("--layerPrecisions="))
         assert spec.count(":fp32") == len(plan.fp32_nodes)
-        assert any("TensorRT <= 10.7" in w for w in report["warnings"])
+        assert any("TensorRT < 10.8" in w and "unnamed loops" in w for w in report["warnings"])
     assert "trtexec --onnx=" in capsys.readouterr().out
 
 
