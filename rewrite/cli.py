@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     fix = sub.add_parser("fix", help="rewrite, validate and FP16-check a model")
     _add_model_args(fix)
     fix.add_argument("-o", "--output", required=True, help="where to write the fixed model")
-    fix.add_argument("--pass", dest="passes", default="protect-fp32", help="passes to run, comma-separated")
+    fix.add_argument("--pass", dest="passes", help="passes to run, comma-separated (default protect-fp32, none with --auto)")
+    fix.add_argument("--auto", action="store_true",
+                     help="find the failure sites; try range-safe rewrites, pin minimal FP32 regions for the rest")
     for dest, (flag, conv, helptext) in _PASS_FLAGS.items():
         fix.add_argument(flag, dest=dest, type=conv, help=helptext)
     fix.add_argument("--emit", choices=["fp32", "mixed"], default="fp32",
@@ -159,11 +161,11 @@ def _cmd_fix(args: argparse.Namespace) -> int:
     from rewrite.fix import fix_model
     from rewrite.model_io import refuse_overwrite, save_model
     from rewrite.registry import get_pass_class, parse_pipeline
-    from rewrite.report import render_fp16, render_passes, write_json
+    from rewrite.report import render_auto, render_fp16, render_passes, write_json
     from rewrite.validate import Tolerance
 
-    names = parse_pipeline(args.passes)
-    if not names:
+    names = parse_pipeline(args.passes if args.passes is not None else ("" if args.auto else "protect-fp32"))
+    if not names and not args.auto:
         raise BadInputError("--pass needs at least one pass name")
     out = Path(args.output)
     refuse_overwrite(out, args.model)
@@ -180,12 +182,17 @@ def _cmd_fix(args: argparse.Namespace) -> int:
         model, passes, feeds, emit=args.emit, keep_io_types=args.keep_io_types,
         strict_cumsum=args.strict_cumsum, tolerance=Tolerance(args.rtol, args.atol),
         per_output=per_output, rel_l2_tolerance=args.rel_l2, model_path=str(out), verify=args.verify,
+        auto=args.auto, auto_rewrites=_auto_rewrites() if args.auto else (),
     )
     rep = result.report
     print(render_fp16(rep.fp16_before, "before: FP16 emulation"))
     print(render_passes(rep.passes))
     for e in rep.mixed_ort_error:
         print(f"mixed model in ORT vs FP32 reference: {e.output}: max abs {e.max_abs_error:.3g}, rel L2 {e.rel_l2:.3g} (FP16 weights)")
+    if rep.auto is not None:
+        print(render_auto(rep.auto))
+    if rep.fp16_flop_fraction is not None:
+        print(f"FP16 FLOP fraction: {rep.fp16_flop_fraction:.1%} of estimated FLOPs still run in FP16")
     print(render_fp16(rep.fp16_after, f"after ({args.emit}): FP16 emulation"))
     if rep.trt_after is not None:
         print(render_fp16(rep.trt_after, f"after ({args.emit}): TensorRT"))
@@ -197,6 +204,14 @@ def _cmd_fix(args: argparse.Namespace) -> int:
     if args.report:
         write_json(rep.to_dict(), args.report)
     return rep.exit_code
+
+
+def _auto_rewrites():
+    """The registered range-safe rewrites, cheapest first, with default options."""
+    from rewrite.registry import pass_classes
+
+    candidates = [cls for cls in pass_classes().values() if cls.auto_cost is not None]
+    return [cls() for cls in sorted(candidates, key=lambda c: c.auto_cost)]
 
 
 def _make_passes(names, args, get_pass_class):

@@ -53,6 +53,7 @@ class FixReport:
     trtexec_argv: list[str]
     warnings: list[str]
     auto: object | None = None
+    fp16_flop_fraction: float | None = None
     trt_after: Fp16Report | None = None  # --verify trt: the fixed model built and run by TensorRT
 
     @property
@@ -133,6 +134,7 @@ def fix_model(
     else:
         argv = trtexec_command(model_path, plan, mode="weak")
     warnings = _build_warnings(fixed, plan, emit)
+    from rewrite.flops import fp16_flop_fraction
     fp16_after = check_fp16(
         fixed, feeds, reference, plan=plan, strict_cumsum=strict_cumsum, rel_l2_tolerance=rel_l2_tolerance
     )
@@ -148,6 +150,7 @@ def fix_model(
         trtexec_argv=argv,
         warnings=warnings,
         auto=auto_report,
+        fp16_flop_fraction=fp16_flop_fraction(fixed, plan),
     )
     if trt_version is not None:
         _verify_trt(report, fixed, feeds, reference, plan, trt_version, rel_l2_tolerance)

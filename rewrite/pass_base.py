@@ -39,6 +39,9 @@ class Pass:
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    # ``fix --auto`` tries range-safe rewrites with a cost, cheapest first, before pinning
+    # anything to FP32; None keeps a pass out of the automatic search.
+    auto_cost: ClassVar[int | None] = None
 
     def run(self, graph: "gs.Graph", ctx: "PassContext") -> PassResult:
         raise NotImplementedError

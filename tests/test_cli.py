@@ -134,3 +134,16 @@ def test_usage_errors_are_one_line(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "invalid float value" in err
+
+
+def test_fix_auto_reports_sites_and_flop_fraction(nafnet_path, tmp_path, capsys):
+    code = main(["fix", str(nafnet_path), "-o", str(tmp_path / "auto.onnx"), "--auto", "--report", str(tmp_path / "a.json")])
+    assert code == 0
+    report = json.loads((tmp_path / "a.json").read_text())
+    sites = report["auto"]["sites"]
+    assert [(s["kind"], s["op"], s["fix"]) for s in sites] == [("overflow", "CumSum", "fp32-region")] * 2
+    assert report["auto"]["profiling_runs"] == 1
+    # Pinning every `sca` node keeps 89% of the FLOPs in FP16; the automatic regions keep 99%.
+    assert report["fp16_flop_fraction"] > 0.98
+    out = capsys.readouterr().out
+    assert "fp32 region (10 nodes)" in out and "FP16 FLOP fraction: 99.0%" in out

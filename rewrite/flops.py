@@ -1,0 +1,221 @@
+"""Estimated FLOPs per node, and the share of them a precision plan leaves in FP16.
+
+An estimate, not a profile: it says how much arithmetic a rewrite adds and how much of a model a
+plan keeps out of FP16, which is what the reports need. Counting rules (one multiply-add = 2):
+- Conv: 2 * output elements * (C_in / group) * kernel volume (+ output elements for a bias);
+  ConvTranspose: 2 * input elements * (C_out / group) * kernel volume.
+- MatMul: 2 * output elements * K; Gemm: 2 * M * N * K (+ M * N for C); Einsum: 2 * the product of
+  all index sizes when something is contracted, else the output elements.
+- Pooling (AveragePool, MaxPool, LpPool): output elements * kernel volume. Without this a 384x384
+  AveragePool would look as cheap as an Add; comparing pooling with integral images is the point.
+- Reductions (Reduce*, ArgMax/ArgMin, Global*Pool): input elements (the output can be one number).
+- Ops that only relabel memory (Reshape, Squeeze, Unsqueeze, Flatten, Identity, Shape, Size,
+  Constant): 0.
+- Everything else (elementwise, CumSum, Slice, Pad, Concat, Transpose, Cast ...): output elements.
+Shapes come from ONNX shape inference (with data propagation). A node with an unknown or symbolic
+shape counts 0 and is named in a log warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from rewrite.precision_plan import PrecisionPlan
+
+__all__ = ["fp16_flop_fraction", "node_flops", "op_flops", "tensor_shapes"]
+
+logger = logging.getLogger(__name__)
+
+Shape = tuple[int | None, ...]
+
+_PROTO_LIMIT = 2**31 - 1
+_VIEW_OPS = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Shape", "Size", "Constant"}
+_POOL_OPS = {"AveragePool", "MaxPool", "LpPool"}
+_REDUCE_OPS = {"ArgMax", "ArgMin", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
+_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+
+
+def tensor_shapes(model: onnx.ModelProto) -> tuple[dict[str, Shape], dict[str, int]]:
+    """Shape (None for unknown dims) and element type of every tensor shape inference can type."""
+    if model.ByteSize() <= _PROTO_LIMIT:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+            onnx.save_model(model, str(src), save_as_external_data=True, location="in.onnx.data")
+            onnx.shape_inference.infer_shapes_path(str(src), str(dst), data_prop=True)
+            inferred = onnx.load(str(dst), load_external_data=False)
+    g = inferred.graph
+    shapes: dict[str, Shape] = {}
+    types: dict[str, int] = {}
+    for vi in (*g.input, *g.output, *g.value_info):
+        tt = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type"):
+            continue
+        types[vi.name] = tt.elem_type
+        if tt.HasField("shape"):
+            shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+    for init in g.initializer:
+        shapes[init.name] = tuple(init.dims)
+        types[init.name] = init.data_type
+    for node in g.node:  # Constant nodes: shape inference types them, but be sure
+        if node.op_type == "Constant" and node.output[0] not in shapes:
+            for a in node.attribute:
+                if a.name == "value":
+                    shapes[node.output[0]] = tuple(a.t.dims)
+                    types[node.output[0]] = a.t.data_type
+    return shapes, types
+
+
+def _numel(shape: Shape | None) -> int | None:
+    if shape is None or any(d is None or d < 0 for d in shape):
+        return None
+    return int(np.prod(shape, dtype=np.int64)) if shape else 1
+
+
+def op_flops(op: str, attrs: dict[str, object], ins: Sequence[Shape | None],
+             outs: Sequence[Shape | None]) -> float | None:
+    """FLOPs of one node from its input and output shapes (see the module docstring);
+    None when a shape it needs is unknown."""
+    if op in _VIEW_OPS:
+        return 0.0
+    out0 = _numel(outs[0]) if outs else None
+    in0 = _numel(ins[0]) if ins else None
+    if op == "Conv":
+        w = ins[1] if len(ins) > 1 else None
+        if out0 is None or w is None or _numel(w) is None:
+            return None
+        bias = out0 if len(ins) > 2 and ins[2] is not None else 0
+        return 2.0 * out0 * int(np.prod(w[1:])) + bias
+    if op == "ConvTranspose":
+        w = ins[1] if len(ins) > 1 else None
+        if in0 is None or w is None or _numel(w) is None:
+            return None
+        # Weight [C_in, C_out / group, k...]: each input element feeds C_out/group * kernel volume MACs.
+        bias = (out0 or 0) if len(ins) > 2 and ins[2] is not None else 0
+        return 2.0 * in0 * int(np.prod(w[1:])) + bias
+    if op == "MatMul":
+        a = ins[0] if ins else None
+        if out0 is None or not a or a[-1] is None:
+            return None
+        return 2.0 * out0 * a[-1]
+    if op == "Gemm":
+        a = ins[0] if ins else None
+        if out0 is None or a is None or len(a) != 2 or None in a:
+            return None
+        k = a[0] if attrs.get("transA", 0) else a[1]
+        bias = out0 if len(ins) > 2 and ins[2] is not None else 0
+        return 2.0 * out0 * k + bias
+    if op == "Einsum":
+        return _einsum_flops(str(attrs.get("equation", "")), ins, out0)
+    if op in _POOL_OPS:
+        kernel = attrs.get("kernel_shape")
+        if out0 is None or not kernel:
+            return None
+        return float(out0) * int(np.prod(kernel))
+    if op.startswith("Reduce") or op in _REDUCE_OPS:
+        return None if in0 is None else float(in0)
+    total = 0
+    for shape in outs:
+        n = _numel(shape)
+        if n is None:
+            return None
+        total += n
+    return float(total)
+
+
+def _einsum_flops(equation: str, ins: Sequence[Shape | None], out0: int | None) -> float | None:
+    equation = equation.replace(" ", "")
+    lhs, _, rhs = equation.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(ins):
+        return None
+    sizes: dict[str, int] = {}
+    for term, shape in zip(terms, ins):
+        if shape is None or None in shape:
+            return None
+        n_ell = len(shape) - len(term.replace("...", ""))
+        labels = term.replace("...", "".join(f"<{i}>" for i in range(n_ell)))
+        # "<i>" marks the i-th broadcast dim; split labels into single letters and markers.
+        tokens, i = [], 0
+        while i < len(labels):
+            j = labels.index(">", i) + 1 if labels[i] == "<" else i + 1
+            tokens.append(labels[i:j])
+            i = j
+        for tok, dim in zip(tokens, shape):
+            sizes[tok] = max(sizes.get(tok, 1), dim)
+    if not rhs and "->" in equation:
+        out_labels: set[str] = set()
+    elif "->" in equation:
+        out_labels = set(rhs.replace("...", ""))
+    else:  # implicit output: labels used once
+        flat = lhs.replace(",", "").replace("...", "")
+        out_labels = {c for c in flat if flat.count(c) == 1}
+    contracted = {t for t in sizes if len(t) == 1 and t not in out_labels}
+    if not contracted:
+        return None if out0 is None else float(out0)
+    return 2.0 * float(np.prod(list(sizes.values()), dtype=np.float64))
+
+
+def node_flops(model: onnx.ModelProto) -> dict[str, float]:
+    """Estimated FLOPs of every node of the main graph, keyed by node name (unnamed or duplicate
+    names get the names ``PassManager`` would give them). Nodes with unknown shapes count 0 and are
+    logged as a warning."""
+    from rewrite.pass_manager import name_nodes
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    name_nodes(m)
+    shapes, _ = tensor_shapes(m)
+    result: dict[str, float] = {}
+    unknown: list[str] = []
+    for node in m.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        ins = [shapes.get(i) if i else None for i in node.input]
+        outs = [shapes.get(o) for o in node.output if o]
+        flops = op_flops(node.op_type, attrs, ins, outs)
+        if flops is None:
+            unknown.append(node.name)
+            flops = 0.0
+        result[node.name] = flops
+    if unknown:
+        logger.warning("FLOPs: %d node(s) with unknown shapes counted as 0: %s", len(unknown),
+                       ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else ""))
+    return result
+
+
+def fp16_flop_fraction(model: onnx.ModelProto, plan: PrecisionPlan | None = None) -> float:
+    """Share of the estimated FLOPs in nodes that run in FP16.
+
+    A weakly typed model (no FLOAT16 tensor): a node is FP16 unless ``plan`` pins it (``plan`` None:
+    the plan stored in the model). A mixed-precision model: a node is FP16 when its float outputs
+    are FLOAT16 (the plan is not consulted). Nodes without float outputs (shape arithmetic) count
+    on neither side. Returns 0.0 for a model with no float FLOPs.
+    """
+    from rewrite.pass_manager import name_nodes
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    name_nodes(m)
+    flops = node_flops(m)
+    _, types = tensor_shapes(m)
+    mixed = any(t == TensorProto.FLOAT16 for t in types.values())
+    if plan is None:
+        plan = PrecisionPlan.from_model(m)
+    fp16 = total = 0.0
+    for node in m.graph.node:
+        float_outs = [types.get(o) for o in node.output if o and types.get(o) in _FLOAT_TYPES]
+        if not float_outs:
+            continue
+        is_fp16 = (any(t == TensorProto.FLOAT16 for t in float_outs) if mixed
+                   else not plan.is_fp32(node.name))
+        total += flops[node.name]
+        fp16 += flops[node.name] if is_fp16 else 0.0
+    return fp16 / total if total > 0 else 0.0
