@@ -146,4 +146,4 @@ def test_fix_auto_reports_sites_and_flop_fraction(nafnet_path, tmp_path, capsys)
     # Pinning every `sca` node keeps 89% of the FLOPs in FP16; the automatic regions keep 99%.
     assert report["fp16_flop_fraction"] > 0.98
     out = capsys.readouterr().out
-    assert "fp32 region (10 nodes)" in out and "FP16 FLOP fraction: 99.0%" in out
+    assert "fp32 region (10 nodes)" in out and "FP16 FLOP fraction: 99." in out
