@@ -153,15 +153,17 @@ class _Counter:
 def _site_region(
     index: GraphIndex, site: FailureSite, absmax: dict[str, float], exit_absmax: float, plan: PrecisionPlan
 ) -> dict[str, str]:
-    """The region to pin for a site; a site already pinned that still fails grows further."""
+    """The region to pin for a site. An overflow grows both ways until values are back within
+    ``exit_absmax``. Any other site (cancellation, precision, underflow) has a small result: it
+    grows backward only, through inputs much larger than the result (they carry the digits the
+    result needs); a site already pinned that still fails reaches further back."""
+    seeds = {site.node: f"{site.kind} site"}
     if site.kind == "overflow":
-        limit = exit_absmax
-    else:
-        # Values much larger than the result carry the digits the result needs.
-        limit = max(site.fp32_absmax * CANCELLATION_RATIO, 1.0)
+        return grow_region(index, seeds, absmax, exit_absmax)
+    limit = min(max(site.fp32_absmax * CANCELLATION_RATIO, 1.0), exit_absmax)
     if plan.is_fp32(site.node):
         limit /= 16
-    return grow_region(index, {site.node: f"{site.kind} site"}, absmax, min(limit, exit_absmax))
+    return grow_region(index, seeds, absmax, limit, forward=False)
 
 
 def _shrink(model, feeds, reference, plan, sites, absmax, counter, budget, tolerance, strict_cumsum) -> list[str]:

@@ -37,6 +37,7 @@ def grow_region(
     absmax: Mapping[str, float],
     limit: float,
     *,
+    forward: bool = True,
     backward: bool = True,
 ) -> dict[str, str]:
     """Seeds (node name -> reason) grown into a region (node name -> reason)."""
@@ -48,7 +49,7 @@ def grow_region(
 
     while work:
         node = work.pop()
-        for t in node.output:
+        for t in node.output if forward else ():
             if not large(t):
                 continue
             for consumer in index.consumers.get(t, []):
