@@ -183,6 +183,7 @@ def _cmd_fix(args: argparse.Namespace) -> int:
         strict_cumsum=args.strict_cumsum, tolerance=Tolerance(args.rtol, args.atol),
         per_output=per_output, rel_l2_tolerance=args.rel_l2, model_path=str(out), verify=args.verify,
         auto=args.auto, auto_rewrites=_auto_rewrites() if args.auto else (),
+        progress=_progress("profiling ranges") if sys.stderr.isatty() else None,
     )
     rep = result.report
     print(render_fp16(rep.fp16_before, "before: FP16 emulation"))
@@ -204,6 +205,15 @@ def _cmd_fix(args: argparse.Namespace) -> int:
     if args.report:
         write_json(rep.to_dict(), args.report)
     return rep.exit_code
+
+
+def _progress(label: str):
+    """A one-line progress counter on a terminal's stderr (profiling many samples takes a while)."""
+    def show(done: int, total: int) -> None:
+        end = "\n" if done == total else ""
+        print(f"\r{label}: {done}/{total} runs", end=end, file=sys.stderr, flush=True)
+
+    return show
 
 
 def _auto_rewrites():

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -93,6 +93,7 @@ def fix_model(
     auto: bool = False,
     auto_rewrites: Sequence[Pass] = (),
     verify: Literal["emulation", "trt"] = "emulation",
+    progress: Callable[[int, int], None] | None = None,
 ) -> FixResult:
     """Run ``passes`` (each validated in FP32 and rolled back on failure), then emit the model
     for ``emit`` and check it with the FP16 emulation against the original's FP32 outputs.
@@ -122,7 +123,7 @@ def fix_model(
         from rewrite.auto_fix import auto_fix
 
         fixed, auto_report = auto_fix(fixed, feeds, tolerance=rel_l2_tolerance, strict_cumsum=strict_cumsum,
-                                      rewrites=auto_rewrites)
+                                      rewrites=auto_rewrites, progress=progress)
     plan = PrecisionPlan.from_model(fixed)
     mixed_report, mixed_errors = None, []
     if emit == "mixed":
