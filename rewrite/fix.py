@@ -13,11 +13,13 @@ from typing import Literal
 import numpy as np
 import onnx
 
+from rewrite.flops import fp16_flop_fraction
 from rewrite.fp16_emulation import Fp16Report, check_fp16
 from rewrite.ort_runner import Feed, run_model
 from rewrite.pass_base import Pass
 from rewrite.pass_manager import PassManager, RunReport
 from rewrite.precision_plan import PrecisionPlan
+from rewrite.trtexec import format_command, trtexec_command
 from rewrite.validate import Tolerance
 
 logger = logging.getLogger(__name__)
@@ -103,8 +105,6 @@ def fix_model(
     ``model_path`` is only used to write the trtexec command line.
     ``verify="trt"`` also builds and runs the fixed model with TensorRT (``rewrite.trt_backend``);
     a missing TensorRT fails here, before any pass runs."""
-    from rewrite.trtexec import format_command, trtexec_command
-
     trt_version = None
     if verify == "trt":
         from rewrite.trt_backend import require_tensorrt
@@ -134,8 +134,7 @@ def fix_model(
         argv = trtexec_command(model_path, plan, mode="strong")
     else:
         argv = trtexec_command(model_path, plan, mode="weak")
-    warnings = _build_warnings(fixed, plan, emit)
-    from rewrite.flops import fp16_flop_fraction
+    warnings = _build_warnings(fixed, plan)
     fp16_after = check_fp16(
         fixed, feeds, reference, plan=plan, strict_cumsum=strict_cumsum, rel_l2_tolerance=rel_l2_tolerance
     )
@@ -169,7 +168,7 @@ def _verify_trt(report: FixReport, fixed: onnx.ModelProto, feeds: Sequence[Feed]
     report.warnings = [p.message for p in pitfalls]
 
 
-def _build_warnings(model: onnx.ModelProto, plan: PrecisionPlan, emit: str) -> list[str]:
+def _build_warnings(model: onnx.ModelProto, plan: PrecisionPlan) -> list[str]:
     """Known TensorRT pitfalls of the emitted model (all versions; --verify trt narrows them)."""
     from rewrite.trt_pitfalls import find_pitfalls
 
