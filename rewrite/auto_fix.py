@@ -56,6 +56,7 @@ class AutoFixReport:
     released_by_shrink: list[str]
     profiling_runs: int
     emulation_runs: int
+    validation_runs: int
     rounds: int
     passed: bool
 
@@ -79,6 +80,7 @@ def auto_fix(
     model = _copy(model)
     name_nodes(model)
     profile = profile_ranges(model, feeds, memory_budget_mb=memory_budget_mb, progress=progress)
+    profile_runs = profile.runs
     reference = profile.outputs
     counter = _Counter(len(feeds))
     diag = counter.diagnose(model, feeds, profile, None, tolerance, exit_absmax, strict_cumsum)
@@ -88,18 +90,20 @@ def auto_fix(
     for rewrite in rewrites:
         if not diag.sites:
             break
-        candidate, report = PassManager([rewrite], feeds).run(model)
+        # The pass reads ranges already measured; the manager adds two FP32 validation runs.
+        manager = PassManager([rewrite], feeds, initial_absmax=profile.absmax())
+        candidate, report = manager.run(model)
+        counter.validation += 2 * len(feeds)
         tried.append(report.passes[0])
         if report.passes[0].status != "kept":
             continue
-        cand_profile = profile_ranges(candidate, feeds, memory_budget_mb=memory_budget_mb)
-        counter.profiling += cand_profile.runs
-        cand_diag = counter.diagnose(candidate, feeds, cand_profile, None, tolerance, exit_absmax, strict_cumsum)
+        cand_diag = counter.diagnose(candidate, feeds, profile, None, tolerance, exit_absmax, strict_cumsum,
+                                     refresh_profile=True)
         fixed = [s for s in diag.sites if not _still_failing(s, cand_diag.sites)]
         if fixed and len(cand_diag.sites) < len(diag.sites):
             sites += [_site_fix(s, f"pass:{rewrite.name}") for s in fixed]
             kept.append(rewrite.name)
-            model, profile, diag = candidate, cand_profile, cand_diag
+            model, profile, diag = candidate, cand_diag.profile, cand_diag
     plan = PrecisionPlan.from_model(model)
     index = GraphIndex(model.graph)
     absmax = profile.absmax()
@@ -128,7 +132,7 @@ def auto_fix(
     plan.store_in(model)
     report = AutoFixReport(
         sites=sites, passes_kept=kept, rewrites_tried=tried, fp32_nodes=len(plan), released_by_shrink=released,
-        profiling_runs=profile.runs + counter.profiling, emulation_runs=counter.emulation,
+        profiling_runs=profile_runs, emulation_runs=counter.emulation, validation_runs=counter.validation,
         rounds=rounds, passed=final.passed,
     )
     logger.info("auto: %d sites, %d FP32 nodes, %d profiling + %d emulation runs",
@@ -142,12 +146,12 @@ class _Counter:
     def __init__(self, samples: int) -> None:
         self.samples = samples
         self.emulation = 0
-        self.profiling = 0
+        self.validation = 0
 
-    def diagnose(self, model, feeds, profile, plan, tolerance, exit_absmax, strict_cumsum):
+    def diagnose(self, model, feeds, profile, plan, tolerance, exit_absmax, strict_cumsum, refresh_profile=False):
         self.emulation += self.samples
         return diagnose(model, feeds, profile, plan, tolerance=tolerance, exit_absmax=exit_absmax,
-                        strict_cumsum=strict_cumsum)
+                        strict_cumsum=strict_cumsum, refresh_profile=refresh_profile)
 
 
 def _site_region(

@@ -19,6 +19,12 @@ _PASS_FLAGS = {
     "op_types": ("--op-types", lambda s: tuple(filter(None, s.split(","))), "op types to pin, comma-separated (default CumSum)"),
     "nodes": ("--nodes", lambda s: tuple(filter(None, s.split(","))), "node names to pin, comma-separated"),
     "exit_absmax": ("--exit-absmax", float, "largest FP32 absmax a tensor may have to leave an FP32 region"),
+    "window_form": ("--window-form", str, "box-filter: auto, blocked, prefix or pool"),
+    "max_flop_ratio": ("--max-flop-ratio", float, "box-filter: skip sites whose rewrite costs more FLOPs than this ratio"),
+    "target_absmax": ("--target-absmax", float, "rescale-accumulation: largest value the rescaled chain may hold"),
+    "max_rel_l2": ("--max-rel-l2", float, "rescale-accumulation: largest FP16 error at the chain's exits to keep it"),
+    "scan_form": ("--scan-form", str, "split-cumsum: blocked or matmul"),
+    "block_size": ("--block-size", int, "split-cumsum: block length of the blocked scan"),
 }
 
 

@@ -54,6 +54,7 @@ class Diagnosis:
     sites: list[FailureSite]
     errors: list[TensorError]
     outputs: list[Feed]
+    profile: RangeProfile
 
 
 def diagnose(
@@ -65,9 +66,14 @@ def diagnose(
     tolerance: float = 1e-2,
     exit_absmax: float = 2048.0,
     strict_cumsum: bool = False,
+    refresh_profile: bool = False,
 ) -> Diagnosis:
-    """One emulation run per feed (with an FP32 shadow), then classification from ``profile``."""
+    """One emulation run per feed (with an FP32 shadow), then classification from ``profile``.
+    ``refresh_profile``: ``model`` was rewritten since ``profile`` was taken; its ranges are
+    refreshed from the shadow (no extra profiling run)."""
     errors, outputs = tensor_errors(model, feeds, plan, strict_cumsum=strict_cumsum)
+    if refresh_profile:
+        profile = profile.refreshed(errors)
     by_tensor = {e.tensor: e for e in errors}
     index = GraphIndex(model.graph)
     absmax = profile.absmax()
@@ -87,7 +93,7 @@ def diagnose(
         sites.append(FailureSite(e.tensor, e.node, e.op, kind, r.absmax, in_absmax, e.rel_error,
                                  _back_in_range(index, e.tensor, absmax, exit_absmax)))
     logger.info("diagnosis: %d failure sites", len(sites))
-    return Diagnosis(sites, errors, outputs)
+    return Diagnosis(sites, errors, outputs, profile)
 
 
 def _classify(out_absmax: float, in_absmax: float, out_subnormal: float, in_subnormal: float) -> str:

@@ -114,7 +114,8 @@ def op_flops(op: str, attrs: dict[str, object], ins: Sequence[Shape | None],
         bias = out0 if len(ins) > 2 and ins[2] is not None else 0
         return 2.0 * out0 * k + bias
     if op == "Einsum":
-        return _einsum_flops(str(attrs.get("equation", "")), ins, out0)
+        equation = attrs.get("equation", b"")
+        return _einsum_flops(equation.decode() if isinstance(equation, bytes) else str(equation), ins, out0)
     if op in _POOL_OPS:
         kernel = attrs.get("kernel_shape")
         if out0 is None or not kernel:

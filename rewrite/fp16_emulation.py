@@ -66,6 +66,7 @@ class TensorError:
     fp16: bool
     rel_error: float
     nonfinite: bool
+    fp32_absmax: float  # from the FP32 shadow (NaN where FP32 itself has NaN)
 
 
 @dataclass
@@ -108,9 +109,11 @@ class _StatSite:
     # With an FP32 shadow: sum of squared FP16-vs-FP32 differences, and of squared FP32 values.
     err_out: str | None = None
     ref_out: str | None = None
+    shadow_max_out: str | None = None
+    shadow_min_out: str | None = None
 
     def outputs(self) -> tuple[str, ...]:
-        extra = (self.err_out, self.ref_out) if self.err_out and self.ref_out else ()
+        extra = (self.err_out, self.ref_out, self.shadow_max_out, self.shadow_min_out) if self.err_out else ()
         return (self.max_out, self.min_out, self.sum_out) + extra
 
 
@@ -217,6 +220,7 @@ def build_emulation(
         for site in sites:
             new_nodes.extend(error_nodes(site.tensor))
             site.err_out, site.ref_out = site.tensor + "__err", site.tensor + "__ref"
+            site.shadow_max_out, site.shadow_min_out = site.tensor + "__fmax", site.tensor + "__fmin"
     del g.node[:]
     g.node.extend(new_nodes)
     g.initializer.extend(new_inits)
@@ -403,7 +407,9 @@ def tensor_errors(
             rel = float("inf")
         else:
             rel = math.sqrt(err / ref) if ref > 0 else math.sqrt(err)
-        errors.append(TensorError(s.tensor, s.node, s.op, s.fp16, rel, nonfinite))
+        hi = max(float(r[s.shadow_max_out]) for r in runs)
+        lo = min(float(r[s.shadow_min_out]) for r in runs)
+        errors.append(TensorError(s.tensor, s.node, s.op, s.fp16, rel, nonfinite, max(abs(hi), abs(lo))))
     return errors, [{k: r[k] for k in out_names} for r in runs]
 
 

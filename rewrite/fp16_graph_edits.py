@@ -101,9 +101,12 @@ def shadow_nodes(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
 
 
 def error_nodes(tensor: str) -> list[onnx.NodeProto]:
-    """Sum of squared differences between a tensor and its FP32 shadow, and of the shadow."""
+    """Sum of squared differences between a tensor and its FP32 shadow, sum of squares, max
+    and min of the shadow (its FP32 range, so no separate profiling run is needed)."""
     p = tensor + "__e"
     return [
+        helper.make_node("ReduceMax", [tensor + SHADOW], [tensor + "__fmax"], name=p + "_fmax", keepdims=0),
+        helper.make_node("ReduceMin", [tensor + SHADOW], [tensor + "__fmin"], name=p + "_fmin", keepdims=0),
         helper.make_node("Sub", [tensor, tensor + SHADOW], [p + "_diff"], name=p + "_diff"),
         helper.make_node("ReduceSumSquare", [p + "_diff"], [tensor + "__err"], name=p + "_err", keepdims=0),
         helper.make_node("ReduceSumSquare", [tensor + SHADOW], [tensor + "__ref"], name=p + "_ref", keepdims=0),

@@ -65,8 +65,12 @@ class PassManager:
         *,
         tolerance: Tolerance = Tolerance(),
         per_output: Mapping[str, Tolerance] | None = None,
+        initial_absmax: Mapping[str, float] | None = None,
     ) -> None:
+        """``initial_absmax``: FP32 ranges already measured on ``feeds`` for the model ``run``
+        will get, so the first pass need not measure them again."""
         self.passes = list(passes)
+        self.initial_absmax = dict(initial_absmax) if initial_absmax is not None else None
         self.feeds = list(feeds)
         self.tolerance = tolerance
         self.per_output = dict(per_output or {})
@@ -78,20 +82,24 @@ class PassManager:
         renamed = name_nodes(current)
         self.validator = Validator(current, self.feeds, default=self.tolerance, per_output=self.per_output)
         records = []
+        absmax = self.initial_absmax
         for p in self.passes:
-            record, current = self._run_one(p, current)
+            record, current = self._run_one(p, current, absmax)
             records.append(record)
+            absmax = absmax if record.status != "kept" else None
         plan = PrecisionPlan.from_model(current)
         return current, RunReport(records, renamed, dict(plan.fp32_nodes))
 
-    def _run_one(self, p: Pass, model: onnx.ModelProto) -> tuple[PassRecord, onnx.ModelProto]:
+    def _run_one(
+        self, p: Pass, model: onnx.ModelProto, absmax: dict[str, float] | None
+    ) -> tuple[PassRecord, onnx.ModelProto]:
         assert self.validator is not None
         start = time.perf_counter()
         record = PassRecord(p.name, p.options(), "unchanged")
         # A protobuf copy is deep: unlike gs.Graph.copy() it shares no weights with the pass's graph.
         snapshot = onnx.ModelProto()
         snapshot.CopyFrom(model)
-        ctx = PassContext(model=snapshot, feeds=self.feeds, plan=PrecisionPlan.from_model(model))
+        ctx = PassContext(model=snapshot, feeds=self.feeds, plan=PrecisionPlan.from_model(model), _absmax=absmax)
         try:
             graph = gs.import_onnx(model)
             result = p.run(graph, ctx)

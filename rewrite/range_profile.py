@@ -59,6 +59,21 @@ class RangeProfile:
     def absmax(self) -> dict[str, float]:
         return {name: r.absmax for name, r in self.ranges.items()}
 
+    def refreshed(self, errors) -> "RangeProfile":
+        """The profile of a rewritten model, from the FP32 shadow of an emulation run
+        (``TensorError.fp32_absmax``) instead of another profiling run; what only a profiling
+        run sees (FP32 inf/NaN, sentinels, subnormals) carries over for tensors that kept
+        their name and their range."""
+        ranges = {}
+        for e in errors:
+            old = self.ranges.get(e.tensor)
+            absmax = e.fp32_absmax if math.isfinite(e.fp32_absmax) else 0.0
+            if old is not None and old.op == e.op and (old.fp32_nonfinite or old.sentinels or old.absmax == absmax):
+                ranges[e.tensor] = old
+            else:
+                ranges[e.tensor] = TensorRange(e.tensor, e.node, e.op, absmax=absmax)
+        return RangeProfile(ranges, runs=0, batches=0, outputs=self.outputs)
+
 
 def profile_ranges(
     model: onnx.ModelProto,

@@ -72,14 +72,18 @@ def render_auto(report) -> str:
     """The per-site table of ``fix --auto`` (an AutoFixReport)."""
     lines = [
         f"auto: {len(report.sites)} failure sites, {report.fp32_nodes} FP32 nodes, "
-        f"{report.profiling_runs} FP32 profiling + {report.emulation_runs} emulation runs"
-        + (f", rewrites kept: {', '.join(report.passes_kept)}" if report.passes_kept else ""),
+        f"{report.profiling_runs} FP32 profiling + {report.emulation_runs} emulation "
+        f"+ {report.validation_runs} validation runs",
         f"  {'kind':<13} {'op':<10} {'FP32 absmax':>12} {'FP16 rel err':>12}  {'fix':<22} site -> back in range",
     ]
     for s in report.sites:
         fix = s.fix if s.fix != "fp32-region" else f"fp32 region ({len(s.pinned_nodes)} nodes)"
         lines.append(f"  {s.kind:<13} {s.op:<10} {s.fp32_absmax:>12.4g} {s.fp16_rel_error:>12.3g}  {fix:<22} "
                      f"{s.node} -> {s.back_in_range or '-'}")
+    for rec in report.rewrites_tried:
+        verdict = rec.status if rec.status != "kept" else (
+            "kept" if rec.name in report.passes_kept else "valid in FP32, fixed no site")
+        lines.append(f"  tried {rec.name}: {verdict}" + (f" ({rec.error})" if rec.error else ""))
     if report.released_by_shrink:
         lines.append(f"  released by shrinking: {', '.join(report.released_by_shrink)}")
     return "\n".join(lines)

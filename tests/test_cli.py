@@ -136,14 +136,19 @@ def test_usage_errors_are_one_line(capsys):
     assert len(err.strip().splitlines()) == 1 and "invalid float value" in err
 
 
-def test_fix_auto_reports_sites_and_flop_fraction(nafnet_path, tmp_path, capsys):
+def test_fix_auto_prefers_exact_rescaling(nafnet_path, tmp_path, capsys):
     code = main(["fix", str(nafnet_path), "-o", str(tmp_path / "auto.onnx"), "--auto", "--report", str(tmp_path / "a.json")])
     assert code == 0
     report = json.loads((tmp_path / "a.json").read_text())
-    sites = report["auto"]["sites"]
-    assert [(s["kind"], s["op"], s["fix"]) for s in sites] == [("overflow", "CumSum", "fp32-region")] * 2
-    assert report["auto"]["profiling_runs"] == 1
-    # Pinning every `sca` node keeps 89% of the FLOPs in FP16; the automatic regions keep 99%.
-    assert report["fp16_flop_fraction"] > 0.98
-    out = capsys.readouterr().out
-    assert "fp32 region (10 nodes)" in out and "FP16 FLOP fraction: 99." in out
+    auto = report["auto"]
+    # The cheapest rewrite (bit-exact power-of-two rescaling) fixes the sca blocks: nothing is
+    # pinned, all FLOPs stay FP16 and trtexec needs no --layerPrecisions.
+    assert auto["passes_kept"] == ["rescale-accumulation"]
+    assert {s["fix"] for s in auto["sites"]} == {"pass:rescale-accumulation"}
+    assert auto["fp32_nodes"] == 0 and report["fp16_flop_fraction"] == 1.0
+    assert auto["rewrites_tried"][0]["validation"]["outputs"][0]["max_abs_error"] == 0.0
+    assert not any(a.startswith("--layerPrecisions") for a in report["trtexec_argv"])
+    assert auto["profiling_runs"] == 1
+    after = report["fp16_after"]["outputs"][0]
+    assert after["nan"] == 0 and after["inf"] == 0 and after["rel_l2"] <= 1e-2
+    assert "pass:rescale-accumulation" in capsys.readouterr().out

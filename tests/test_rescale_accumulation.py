@@ -1,0 +1,135 @@
+"""rescale-accumulation: bit-exact in FP32, and kept only where the FP16 emulation says it helps."""
+
+import numpy as np
+import pytest
+from onnx import numpy_helper
+
+from models import build_cumsum_chain, build_integral_box_filter, build_nafnet
+from models.nafnet import demo_inputs
+from passes import ProtectFp32
+from passes.rescale_accumulation import RescaleAccumulation
+from rewrite.errors import BadInputError
+from rewrite.fp16_emulation import check_fp16
+from rewrite.ort_runner import run_model
+from rewrite.pass_manager import PassManager
+from rewrite.precision_plan import PrecisionPlan
+from tests.adversarial import adversarial_feeds
+from tests.conftest import parse_named
+
+
+def run(model, pass_, feeds):
+    fixed, report = PassManager([pass_], feeds).run(model)
+    return fixed, report.passes[0]
+
+
+def assert_bit_exact(model, fixed, feeds):
+    for want, got in zip(run_model(model, feeds), run_model(fixed, feeds)):
+        for name in want:
+            assert np.array_equal(want[name], got[name]), name
+
+
+def test_fold_into_the_following_divide_is_bit_exact_and_fixes_fp16():
+    model = build_cumsum_chain(length=4096, scale=64.0)  # prefix sums to ~1.3e5, then / 4096
+    feeds = [demo_inputs(model)]
+    fixed, record = run(model, RescaleAccumulation(), feeds)
+    assert record.status == "kept"
+    detail = record.rewritten[0].detail
+    assert "scaled by 2^-4" in detail and "1 folded into a constant Div/Mul" in detail and "inf ->" in detail
+    assert_bit_exact(model, fixed, feeds + adversarial_feeds(model))
+    div = next(n for n in fixed.graph.node if n.op_type == "Div")
+    const = next(i for i in fixed.graph.initializer if i.name == div.input[1])
+    assert numpy_helper.to_array(const) == np.float32(4096 / 16)  # 4096 * 2^-4
+    report = check_fp16(fixed, feeds, plan=PrecisionPlan())
+    assert report.passed and report.outputs[0].inf == 0
+
+
+def test_nafnet_512_bit_exact_and_all_fp16_beside_protect_fp32():
+    """NAFNet's 384x384 windows cover most of the 512x512 image, so the box sum is as large as the
+    integral image and little cancels: here rescaling alone is enough."""
+    model = build_nafnet()
+    feeds = [demo_inputs(model)]
+    reference = run_model(model, feeds)
+    fixed, record = run(model, RescaleAccumulation(), feeds)
+    assert record.status == "kept" and len(record.rewritten) == 2
+    # The 147456 = 384*384 divisor does not fit FP16; folded with 2^-6 it is 2304.
+    assert all("scaled by 2^-6" in s.detail and "1 folded" in s.detail for s in record.rewritten)
+    assert_bit_exact(model, fixed, feeds)
+    after = check_fp16(fixed, feeds, reference, plan=PrecisionPlan()).outputs[0]
+    pinned, _ = run(model, ProtectFp32(match="sca"), feeds)
+    protect = check_fp16(pinned, feeds, reference).outputs[0]
+    assert after.nan == after.inf == 0 and after.rel_l2 <= 1e-2, after
+    assert protect.rel_l2 <= 1e-2 and after.rel_l2 < 2 * protect.rel_l2, (after.rel_l2, protect.rel_l2)
+
+
+def test_bit_exact_on_adversarial_inputs():
+    model = build_nafnet(height=64, width=64, kernel=(48, 48))
+    feeds = adversarial_feeds(model)
+    fixed, record = run(model, RescaleAccumulation(target_absmax=1024.0, max_rel_l2=1.0), feeds)
+    assert record.status == "kept" and len(record.rewritten) == 2
+    assert_bit_exact(model, fixed, feeds)
+    assert all(o.max_abs_error == 0.0 for o in record.validation.outputs)
+
+
+def test_box_filter_3x3_is_refused_by_the_fp16_judge():
+    """The notes' 256x256 integral image with 3x3 windows: in range after scaling, but the FP16
+    cancellation in s4 + s1 - s2 - s3 leaves an error of order 1, so the pass must not keep it."""
+    model = build_integral_box_filter()
+    fixed, record = run(model, RescaleAccumulation(), [demo_inputs(model)])
+    assert record.status == "unchanged" and not record.rewritten
+    site = record.skipped[0]
+    assert site.node == "/box/CumSum" and "still wrong: rel L2 at the exits inf ->" in site.detail
+    after = float(site.detail.split("inf -> ")[1].split(" ")[0])
+    assert after > 0.5
+
+
+CHAIN = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[1,4096] x) => (float[1,2048] d, float[1,2048] r) {
+  ax = Constant<value=int64 {1}>()
+  c = CumSum(x, ax)
+  b = Constant<value=float {100.0}>()
+  cb = Add(c, b)
+  s0 = Constant<value=int64[1] {0}>()
+  e0 = Constant<value=int64[1] {2048}>()
+  s1 = Constant<value=int64[1] {2048}>()
+  e1 = Constant<value=int64[1] {4096}>()
+  one = Constant<value=int64[1] {1}>()
+  lo = Slice(cb, s0, e0, one)
+  hi = Slice(cb, s1, e1, one)
+  d = Sub(hi, lo)
+  r = Relu(d)
+}"""
+
+
+def test_chain_ending_in_a_graph_output_and_a_nonlinear_reader():
+    """The window sums leave the chain twice (as a graph output and into a Relu): both get the exact
+    values back through Mul(2^k); the constant added inside the chain is scaled with it."""
+    model = parse_named(CHAIN)
+    feeds = [{"x": np.random.default_rng(2).uniform(20, 40, (1, 4096)).astype(np.float32)}]
+    fixed, record = run(model, RescaleAccumulation(), feeds)
+    assert record.status == "kept", record.skipped
+    assert "undone by Mul(2^4)" in record.rewritten[0].detail and "5 node(s)" in record.rewritten[0].detail
+    assert_bit_exact(model, fixed, feeds)
+    assert check_fp16(model, feeds).outputs[0].inf > 0
+    assert check_fp16(fixed, feeds, plan=PrecisionPlan()).passed
+
+
+@pytest.mark.parametrize("model, feeds, pass_, reason", [
+    (build_cumsum_chain(length=4096), None, RescaleAccumulation(), "in range: the chain's FP32 absmax"),
+    (parse_named(CHAIN.replace("r = Relu(d)", "r = Relu(d)\n  q = Relu(c)").replace(
+        "float[1,2048] r)", "float[1,2048] r, float[1,4096] q)")),
+     [{"x": np.full((1, 4096), 30.0, np.float32)}], RescaleAccumulation(), "beyond FP16 whatever the scale"),
+    (build_cumsum_chain(length=4096), [{"x": np.full((1, 4096), 1e-5, np.float32)}],
+     RescaleAccumulation(target_absmax=1e-5), "below FP16's smallest subnormal"),
+])
+def test_refusals_come_with_reasons(model, feeds, pass_, reason):
+    _, record = run(model, pass_, feeds or [demo_inputs(model)])
+    assert record.status == "unchanged" and reason in record.skipped[0].detail, record.skipped
+
+
+def test_bad_options():
+    with pytest.raises(BadInputError, match="target_absmax"):
+        RescaleAccumulation(target_absmax=1e5)
+    with pytest.raises(BadInputError, match="max_rel_l2"):
+        RescaleAccumulation(max_rel_l2=0)
+    with pytest.raises(BadInputError, match="linear accumulations, not Softmax"):
+        RescaleAccumulation(seed_ops=("CumSum", "Softmax"))
