@@ -1,14 +1,39 @@
 """All rewrite passes, in the order a pipeline should usually apply them: range-safe rewrites
-that keep the graph in FP16 first, FP32 pinning last.
+that keep the graph in FP16 first (prescale-attention before rescale-residual before
+fuse-normalization, which would otherwise hide the residual stream behind a pre-scale), the
+approximate clamp and FP32 pinning last.
 
 The list is explicit: importing a pass module registers nothing.
 """
 
 from passes.box_filter import BoxFilter
+from passes.clamp_fp16 import ClampFp16
+from passes.fuse_normalization import FuseNormalization
+from passes.prescale_attention import PrescaleAttention
 from passes.protect_fp32 import ProtectFp32
 from passes.rescale_accumulation import RescaleAccumulation
+from passes.rescale_residual import RescaleResidual
 from passes.split_cumsum import SplitCumSum
 
-ALL_PASSES = [BoxFilter, RescaleAccumulation, SplitCumSum, ProtectFp32]
+ALL_PASSES = [
+    BoxFilter,
+    RescaleAccumulation,
+    SplitCumSum,
+    PrescaleAttention,
+    RescaleResidual,
+    FuseNormalization,
+    ClampFp16,
+    ProtectFp32,
+]
 
-__all__ = ["ALL_PASSES", "BoxFilter", "ProtectFp32", "RescaleAccumulation", "SplitCumSum"]
+__all__ = [
+    "ALL_PASSES",
+    "BoxFilter",
+    "ClampFp16",
+    "FuseNormalization",
+    "PrescaleAttention",
+    "ProtectFp32",
+    "RescaleAccumulation",
+    "RescaleResidual",
+    "SplitCumSum",
+]

@@ -17,14 +17,17 @@ from rewrite.fix import EXIT_BAD_INPUT, EXIT_FP16_FAILS, EXIT_OK
 _PASS_FLAGS = {
     "match": ("--match", str, "regex on node / output names to pin (e.g. sca)"),
     "op_types": ("--op-types", lambda s: tuple(filter(None, s.split(","))), "op types to pin, comma-separated (default CumSum)"),
-    "nodes": ("--nodes", lambda s: tuple(filter(None, s.split(","))), "node names to pin, comma-separated"),
+    "nodes": ("--nodes", lambda s: tuple(filter(None, s.split(","))), "node names to act on (protect-fp32: to pin), comma-separated"),
     "exit_absmax": ("--exit-absmax", float, "largest FP32 absmax a tensor may have to leave an FP32 region"),
     "window_form": ("--window-form", str, "box-filter: auto, blocked, prefix or pool"),
     "max_flop_ratio": ("--max-flop-ratio", float, "box-filter: skip sites whose rewrite costs more FLOPs than this ratio"),
-    "target_absmax": ("--target-absmax", float, "rescale-accumulation: largest value the rescaled chain may hold"),
+    "target_absmax": ("--target-absmax", float, "rescale-accumulation / rescale-residual / fuse-normalization: largest value after rescaling"),
     "max_rel_l2": ("--max-rel-l2", float, "rescale-accumulation: largest FP16 error at the chain's exits to keep it"),
     "scan_form": ("--scan-form", str, "split-cumsum: blocked or matmul"),
     "block_size": ("--block-size", int, "split-cumsum: block length of the blocked scan"),
+    "opset": ("--opset", int, "fuse-normalization: upgrade the model to this opset to fuse (only when given)"),
+    "softmax": ("--softmax", str, "prescale-attention: fuse, max-subtract or keep decomposed softmaxes"),
+    "margin": ("--margin", float, "clamp-fp16: clamp to +-(65504 - margin) (approximate)"),
 }
 
 
@@ -166,7 +169,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_fix(args: argparse.Namespace) -> int:
     from rewrite.fix import fix_model
     from rewrite.model_io import refuse_overwrite, save_model
-    from rewrite.registry import get_pass_class, parse_pipeline
+    from rewrite.registry import auto_rewrites, get_pass_class, parse_pipeline
     from rewrite.report import render_auto, render_fp16, render_passes, write_json
     from rewrite.validate import Tolerance
 
@@ -188,7 +191,7 @@ def _cmd_fix(args: argparse.Namespace) -> int:
         model, passes, feeds, emit=args.emit, keep_io_types=args.keep_io_types,
         strict_cumsum=args.strict_cumsum, tolerance=Tolerance(args.rtol, args.atol),
         per_output=per_output, rel_l2_tolerance=args.rel_l2, model_path=str(out), verify=args.verify,
-        auto=args.auto, auto_rewrites=_auto_rewrites() if args.auto else (),
+        auto=args.auto, auto_rewrites=auto_rewrites() if args.auto else (),
         progress=_progress("profiling ranges") if sys.stderr.isatty() else None,
     )
     rep = result.report
@@ -220,14 +223,6 @@ def _progress(label: str):
         print(f"\r{label}: {done}/{total} runs", end=end, file=sys.stderr, flush=True)
 
     return show
-
-
-def _auto_rewrites():
-    """The registered range-safe rewrites, cheapest first, with default options."""
-    from rewrite.registry import pass_classes
-
-    candidates = [cls for cls in pass_classes().values() if cls.auto_cost is not None]
-    return [cls() for cls in sorted(candidates, key=lambda c: c.auto_cost)]
 
 
 def _make_passes(names, args, get_pass_class):

@@ -26,7 +26,7 @@ import onnx
 from rewrite.fp16_emulation import FP16_MAX, TensorError, tensor_errors
 from rewrite.ort_runner import Feed
 from rewrite.precision_plan import PrecisionPlan
-from rewrite.range_profile import RangeProfile
+from rewrite.range_profile import FP16_MIN_NORMAL, RangeProfile
 from rewrite.regions import GraphIndex
 
 logger = logging.getLogger(__name__)
@@ -99,10 +99,10 @@ def diagnose(
 def _classify(out_absmax: float, in_absmax: float, out_subnormal: float, in_subnormal: float) -> str:
     if out_absmax > FP16_MAX:
         return "overflow"
+    if out_absmax < FP16_MIN_NORMAL or max(out_subnormal, in_subnormal) > UNDERFLOW_FRACTION:
+        return "underflow"
     if in_absmax > CANCELLATION_RATIO * out_absmax:
         return "cancellation"
-    if max(out_subnormal, in_subnormal) > UNDERFLOW_FRACTION:
-        return "underflow"
     return "precision"
 
 

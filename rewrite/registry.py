@@ -30,3 +30,9 @@ def parse_pipeline(text: str) -> list[str]:
     for name in names:
         get_pass_class(name)
     return names
+
+
+def auto_rewrites() -> list[Pass]:
+    """The range-safe rewrites ``fix --auto`` tries, cheapest first, with default options."""
+    candidates = [cls for cls in pass_classes().values() if cls.auto_cost is not None]
+    return [cls() for cls in sorted(candidates, key=lambda c: c.auto_cost)]

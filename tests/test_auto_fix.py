@@ -81,3 +81,33 @@ def test_box_filter_pins_no_more_than_autocast():
     assert [(s.kind, s.op) for s in report.sites] == [("overflow", "CumSum"), ("cancellation", "Add")]
     pinned = PrecisionPlan.from_model(fixed).fp32_nodes
     assert "/box/CumSum" in pinned and "/box/Div" not in pinned and "/head/Conv" not in pinned
+
+
+REWRITE_MODELS = {
+    # module: (builder, the rewrite --auto must choose for the first site, FP16 FLOP fraction at least)
+    "gpt2_attention": ("build_gpt2_attention", "prescale-attention", 1.0),
+    "sd_vae_decoder": ("build_sd_vae_decoder", "rescale-residual", 1.0),
+    "t5_encoder": ("build_t5_encoder", "rescale-residual", 0.99),
+}
+
+
+@pytest.mark.parametrize("name", REWRITE_MODELS)
+def test_auto_prefers_rewrites_over_pinning(name):
+    import importlib
+
+    from rewrite.registry import auto_rewrites
+
+    module = importlib.import_module(f"models.{name}")
+    builder, expected, min_fraction = REWRITE_MODELS[name]
+    model = getattr(module, builder)()
+    feeds = [module.demo_inputs(model)]
+    rep = fix_model(model, [], feeds, auto=True, auto_rewrites=auto_rewrites()).report
+    assert rep.fp16_before.outputs[0].nan > 0
+    assert rep.exit_code == 0
+    out = rep.fp16_after.outputs[0]
+    assert out.nan == 0 and out.inf == 0 and out.rel_l2 <= 1e-2
+    assert rep.auto.sites[0].fix == f"pass:{expected}" and expected in rep.auto.passes_kept
+    # Every kept rewrite held its FP32 validation (rtol 1e-5 / atol 1e-5).
+    kept = [r for r in rep.auto.rewrites_tried if r.status == "kept"]
+    assert kept and all(r.validation.ok for r in kept)
+    assert rep.fp16_flop_fraction >= min_fraction
