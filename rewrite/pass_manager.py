@@ -151,7 +151,9 @@ def _export(graph: gs.Graph, before: onnx.ModelProto, plan: PrecisionPlan, pass_
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
     # graphsurgeon rebuilds the ModelProto: carry over what it does not know about.
-    out.ir_version = before.ir_version
+    # Keep the input's IR version unless a pass raised the opset past what it can carry.
+    needed = onnx.helper.find_min_ir_version_for(list(out.opset_import), ignore_unknown=True)
+    out.ir_version = max(before.ir_version, needed)
     out.producer_name, out.producer_version = before.producer_name, before.producer_version
     out.doc_string = before.doc_string
     out.metadata_props.extend(p for p in before.metadata_props if p.key != HISTORY_KEY)
