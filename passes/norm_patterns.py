@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from rewrite.graph_edit import const_value
+
 if TYPE_CHECKING:
     from rewrite.pass_context import PassContext
 
@@ -67,22 +69,9 @@ def measured_absmax(ctx: "PassContext", graph: gs.Graph) -> dict[str, float]:
     return absmax
 
 
-def const_values(t: gs.Tensor | None) -> np.ndarray | None:
-    """The value of a constant tensor (initializer or Constant node output), else None."""
-    if t is None:
-        return None
-    if isinstance(t, gs.Constant):
-        return np.asarray(t.values)
-    if len(t.inputs) == 1 and t.inputs[0].op == "Constant":
-        value = t.inputs[0].attrs.get("value")
-        if isinstance(value, gs.Constant):
-            return np.asarray(value.values)
-    return None
-
-
 def scalar(t: gs.Tensor | None) -> float | None:
     """A one-element float constant's value."""
-    v = const_values(t)
+    v = const_value(t)
     if v is None or v.size != 1 or not np.issubdtype(v.dtype, np.floating):
         return None
     return float(v.reshape(-1)[0])
@@ -118,7 +107,7 @@ def reduce_axes(node: gs.Node) -> list[int] | None:
     if node.attrs.get("keepdims", 1) != 1:
         return None
     if len(node.inputs) > 1:
-        axes = const_values(node.inputs[1])
+        axes = const_value(node.inputs[1])
         return None if axes is None else [int(a) for a in axes.reshape(-1)]
     axes = node.attrs.get("axes")
     return None if axes is None else [int(a) for a in axes]
@@ -186,13 +175,13 @@ def _affine(chain: _Chain, t: gs.Tensor, want_bias: bool) -> tuple[gs.Tensor, np
     """Optional ``Mul(., gamma)`` then ``Add(., beta)`` with constant operands."""
     gamma = beta = None
     node = sole_consumer(t, "Mul", chain.outputs)
-    if node is not None and const_values(other_input(node, t)) is not None:
-        gamma = const_values(other_input(node, t))
+    if node is not None and const_value(other_input(node, t)) is not None:
+        gamma = const_value(other_input(node, t))
         chain.nodes.append(node)
         t = node.outputs[0]
     node = sole_consumer(t, "Add", chain.outputs) if want_bias else None
-    if node is not None and const_values(other_input(node, t)) is not None:
-        beta = const_values(other_input(node, t))
+    if node is not None and const_value(other_input(node, t)) is not None:
+        beta = const_value(other_input(node, t))
         chain.nodes.append(node)
         t = node.outputs[0]
     return t, gamma, beta
@@ -253,8 +242,8 @@ def match_group_norm(inorm: gs.Node, outputs: set[str]) -> NormMatch | None:
     if len(grouped.inputs) != 1 or grouped.inputs[0].op != "Reshape" or sole_consumer(grouped, None, outputs) is None:
         return None
     reshape_in = grouped.inputs[0]
-    x, target = reshape_in.inputs[0], const_values(reshape_in.inputs[1])
-    scale, bias = const_values(inorm.inputs[1]), const_values(inorm.inputs[2])
+    x, target = reshape_in.inputs[0], const_value(reshape_in.inputs[1])
+    scale, bias = const_value(inorm.inputs[1]), const_value(inorm.inputs[2])
     if target is None or target.size != 3 or int(target[2]) != -1 or scale is None or bias is None:
         return None
     groups = int(target[1])
@@ -265,7 +254,7 @@ def match_group_norm(inorm: gs.Node, outputs: set[str]) -> NormMatch | None:
         return None
     shape_src = reshape_out.inputs[1]
     from_shape = len(shape_src.inputs) == 1 and shape_src.inputs[0].op == "Shape" and shape_src.inputs[0].inputs[0] is x
-    if not from_shape and const_values(shape_src) is None:
+    if not from_shape and const_value(shape_src) is None:
         return None
     out, gamma, beta = _affine(chain, reshape_out.outputs[0], want_bias=True)
     # PyTorch exports the per-group affine of the InstanceNormalization as ones/zeros; the fusion folds any

@@ -24,7 +24,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from passes.norm_patterns import (
-    const_values,
+    const_value,
     consumers,
     measured_absmax,
     other_input,
@@ -93,7 +93,7 @@ class PrescaleAttention(Pass):
 
     def _move_scale(self, graph: gs.Graph, mm: gs.Node, outputs: set[str], result: PassResult) -> None:
         a, b = mm.inputs
-        if const_values(a) is not None or const_values(b) is not None:
+        if const_value(a) is not None or const_value(b) is not None:
             return  # a projection with weights, not q.kT
         scale = sole_consumer(mm.outputs[0], ("Div", "Mul"), outputs)
         if scale is None or (scale.op == "Div" and scale.inputs[0] is not mm.outputs[0]):
@@ -167,7 +167,7 @@ class PrescaleAttention(Pass):
     def _fix_fill(self, node: gs.Node, absmax: dict[str, float], result: PassResult) -> None:
         idx = _fill_input(node)
         assert idx is not None
-        values = const_values(node.inputs[idx])
+        values = const_value(node.inputs[idx])
         fill = values < -FP16_MAX
         scores = node.inputs[2 if idx == 1 else 1] if node.op == "Where" else other_input(node, node.inputs[idx])
         if not _feeds_softmax(node.outputs[0]):
@@ -201,7 +201,7 @@ def _fill_input(node: gs.Node) -> int | None:
     for idx in candidates:
         if idx >= len(node.inputs):
             continue
-        v = const_values(node.inputs[idx])
+        v = const_value(node.inputs[idx])
         if v is not None and np.issubdtype(v.dtype, np.floating) and (v < -FP16_MAX).any() \
                 and np.isfinite(v).all():
             return idx

@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from passes.norm_patterns import NORM_OPS, NormMatch, const_values, consumers, find_norms, measured_absmax
+from passes.norm_patterns import NORM_OPS, NormMatch, const_value, consumers, find_norms, measured_absmax
 from rewrite.errors import BadInputError
 from rewrite.fp16_emulation import FP16_MAX
 from rewrite.ort_runner import infer_types
@@ -70,8 +70,8 @@ class _Region:
     def is_float(self, t: gs.Tensor) -> bool:
         if isinstance(t, gs.Constant):
             return np.issubdtype(np.asarray(t.values).dtype, np.floating)
-        if const_values(t) is not None:
-            return np.issubdtype(const_values(t).dtype, np.floating)
+        if const_value(t) is not None:
+            return np.issubdtype(const_value(t).dtype, np.floating)
         return bool(t.name) and self.types.get(t.name, onnx.TensorProto.FLOAT) in _FLOAT_TYPES
 
 
@@ -174,27 +174,27 @@ def _backward(t: gs.Tensor, join, scale_const, region: _Region) -> None:
         return
     p = t.inputs[0]
     floats = [(i, x) for i, x in enumerate(p.inputs) if region.is_float(x)]
-    if p.op in LINEAR or (p.op == "MatMul" and const_values(p.inputs[1]) is not None):
+    if p.op in LINEAR or (p.op == "MatMul" and const_value(p.inputs[1]) is not None):
         region.linear[id(p)] = p
-    elif p.op == "Gather" and const_values(p.inputs[0]) is not None:
+    elif p.op == "Gather" and const_value(p.inputs[0]) is not None:
         scale_const(p, 0)                             # an embedding table
     elif p.op in HOMOGENEOUS and not (p.op == "Pad" and not _zero_pad(p)):
         join(p.inputs[0])
     elif p.op in ADDITIVE:
         for i, x in floats:
-            if const_values(x) is not None:
+            if const_value(x) is not None:
                 scale_const(p, i)
             else:
                 join(x)
     elif p.op in ("Mul", "Div") or (p.op == "MatMul"):
-        const = [i for i, x in floats if const_values(x) is not None]
+        const = [i for i, x in floats if const_value(x) is not None]
         if any(x.name in region.tensors for _, x in floats):
             pass                                      # already scaled through an operand (checked in _check)
         elif const and (p.op != "Div" or const == [1]):
             scale_const(p, const[0], -1 if p.op == "Div" else 1)
         else:
             join(p.inputs[0])                         # the numerator / first factor
-    elif p.op in AFFINE_INPUTS and all(const_values(p.inputs[i]) is not None for i in AFFINE_INPUTS[p.op]
+    elif p.op in AFFINE_INPUTS and all(const_value(p.inputs[i]) is not None for i in AFFINE_INPUTS[p.op]
                                        if i < len(p.inputs)):
         for i in AFFINE_INPUTS[p.op]:
             if i < len(p.inputs):
@@ -221,13 +221,13 @@ def _forward(c: gs.Node, t: gs.Tensor, join, scale_const, region: _Region, reade
             join(o)
     elif c.op in ADDITIVE:
         for i, x in enumerate(c.inputs):
-            if region.is_float(x) and const_values(x) is not None:
+            if region.is_float(x) and const_value(x) is not None:
                 scale_const(c, i)
             elif region.is_float(x):
                 join(x)
         for o in float_outs:
             join(o)
-    elif c.op in LINEAR or (c.op == "MatMul" and const_values(c.inputs[1]) is not None):
+    elif c.op in LINEAR or (c.op == "MatMul" and const_value(c.inputs[1]) is not None):
         if c.inputs[0] is not t:
             raise _Refused(f"{t.name} is a weight of {c.op} {c.name}")
         region.linear[id(c)] = c
@@ -284,7 +284,7 @@ def _apply(graph: gs.Graph, region: _Region, k: int) -> str:
     s = np.float32(2.0**-k)
     for node, idx, pw in region.consts.values():
         old = node.inputs[idx]
-        values = const_values(old)
+        values = const_value(old)
         new = np.asarray(values * np.float32(s) ** pw, dtype=values.dtype)
         shared = len(consumers(old)) > 1 or list(node.inputs).count(old) > 1 or not isinstance(old, gs.Constant)
         node.inputs[idx] = gs.Constant(f"{old.name}_x2^{-k * pw}" if shared else old.name, new)
@@ -302,9 +302,9 @@ def _apply(graph: gs.Graph, region: _Region, k: int) -> str:
     for sink in region.sinks.values():
         if isinstance(sink, NormMatch):
             assert sink.eps_node is not None
-            i = 0 if const_values(sink.eps_node.inputs[0]) is not None else 1
+            i = 0 if const_value(sink.eps_node.inputs[0]) is not None else 1
             old = sink.eps_node.inputs[i]
-            values = const_values(old)
+            values = const_value(old)
             sink.eps_node.inputs[i] = gs.Constant(f"{old.name}_x2^-{2 * k}", np.asarray(values * s * s, values.dtype))
             sinks.append(f"{sink.kind} norm {sink.anchor.name}")
         else:
@@ -322,5 +322,5 @@ def _zero_pad(node: gs.Node) -> bool:
     """Pad is homogeneous unless it pads with a non-zero constant."""
     if node.attrs.get("mode", "constant") != "constant":
         return True
-    value = const_values(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+    value = const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
     return value is None or not np.any(value)
