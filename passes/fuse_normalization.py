@@ -33,7 +33,7 @@ import onnx_graphsurgeon as gs
 
 from passes.norm_patterns import (
     NormMatch,
-    const_values,
+    const_value,
     consumers,
     find_norms,
     measured_absmax,
@@ -175,9 +175,9 @@ class FuseNormalization(Pass):
         # and the final Div/Mul. The mean path of a LayerNorm is left alone, so a constant row stays exactly 0.
         targets = consumers(sq) if m.kind == "layer" else m.readers
         assert m.eps_node is not None  # layer and rms matches always have their Add(eps)
-        eps_in = 0 if const_values(m.eps_node.inputs[0]) is not None else 1
+        eps_in = 0 if const_value(m.eps_node.inputs[0]) is not None else 1
         eps_const = m.eps_node.inputs[eps_in]
-        eps_value = const_values(eps_const)
+        eps_value = const_value(eps_const)
         if self.prescale == "static" or graph.opset < 11:  # Clip takes its bounds as inputs from opset 11
             s = np.float32(2.0**-k)
             factor = _const(f"{sq.name}/prescale.k", s)
