@@ -28,8 +28,10 @@ if job == "plain":
     extra = {}
 else:
     from rewrite.auto_fix import auto_fix
-    _, report = auto_fix(model, feeds)
+    from rewrite.registry import auto_rewrites
+    _, report = auto_fix(model, feeds, rewrites=auto_rewrites() if job == "auto" else ())
     extra = {"profiling_runs": report.profiling_runs, "emulation_runs": report.emulation_runs,
+             "validation_runs": report.validation_runs, "kept": report.passes_kept,
              "fp32_nodes": report.fp32_nodes, "passed": report.passed}
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -47,13 +49,15 @@ def main() -> None:
     parser.add_argument("--model", default="nafnet", choices=["nafnet", "integral-1024"])
     args = parser.parse_args()
     plain = run("plain", args.model)
-    auto = run("auto", args.model)
     print(f"{args.model}: plain ORT FP32 inference {plain['seconds']:.2f} s, peak RSS {plain['peak_mb']:.0f} MB")
-    print(f"  fix --auto: {auto['seconds']:.2f} s = {auto['seconds'] / plain['seconds']:.1f}x, "
-          f"peak RSS {auto['peak_mb']:.0f} MB = {auto['peak_mb'] / plain['peak_mb']:.1f}x "
-          f"(model-run memory {auto['delta_mb']:.0f} vs {plain['delta_mb']:.0f} MB)")
-    print(f"  runs: {auto['profiling_runs']} FP32 profiling + {auto['emulation_runs']} emulation; "
-          f"{auto['fp32_nodes']} FP32 nodes; passed={auto['passed']}")
+    for job, label in (("auto", "fix --auto (rewrites first)"), ("pin", "auto, pinning only")):
+        auto = run(job, args.model)
+        print(f"  {label}: {auto['seconds']:.2f} s = {auto['seconds'] / plain['seconds']:.1f}x, "
+              f"peak RSS {auto['peak_mb']:.0f} MB = {auto['peak_mb'] / plain['peak_mb']:.1f}x "
+              f"(model-run memory {auto['delta_mb']:.0f} vs {plain['delta_mb']:.0f} MB)")
+        print(f"    runs: {auto['profiling_runs']} FP32 profiling + {auto['emulation_runs']} emulation + "
+              f"{auto['validation_runs']} validation; kept {auto['kept']}; {auto['fp32_nodes']} FP32 nodes; "
+              f"passed={auto['passed']}")
 
 
 if __name__ == "__main__":

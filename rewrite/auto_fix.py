@@ -71,7 +71,6 @@ def auto_fix(
     rewrites: Sequence[Pass] = (),
     max_rounds: int = 4,
     max_shrink_runs: int = 4,
-    memory_budget_mb: float = 8192.0,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[onnx.ModelProto, AutoFixReport]:
     """Returns the model with its precision plan (and any kept rewrites) and the report."""
@@ -79,7 +78,7 @@ def auto_fix(
 
     model = _copy(model)
     name_nodes(model)
-    profile = profile_ranges(model, feeds, memory_budget_mb=memory_budget_mb, progress=progress)
+    profile = profile_ranges(model, feeds, progress=progress)
     profile_runs = profile.runs
     reference = profile.outputs
     counter = _Counter(len(feeds))

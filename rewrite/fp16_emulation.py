@@ -164,7 +164,7 @@ def build_emulation(
         fp16_tensors = set()
         pinned = set(plan.fp32_nodes) if plan else set()
     is_float = {k for k, v in types.items() if v == _FLOAT}
-    originals = [_copy_node(n) for n in g.node] if fp32_shadow else []
+    shadows = shadow_nodes([_copy_node(n) for n in g.node]) if fp32_shadow else []
     opset = _default_opset(m)
 
     new_nodes: list[onnx.NodeProto] = []
@@ -175,7 +175,7 @@ def build_emulation(
     fp16_inputs = {i.name for i in g.input if i.name in fp16_tensors} if round_fp16 else set()
     fp16_nodes = fp32_nodes = 0
 
-    for node in g.node:
+    for i, node in enumerate(g.node):
         float_outs = [o for o in node.output if o and o in is_float]
         if mode == "strong":
             node_fp16 = any(o in fp16_tensors for o in float_outs)
@@ -214,13 +214,16 @@ def build_emulation(
                 new_nodes.extend(round_nodes(raw, out))
             if with_stats:
                 sites.append(_stat_nodes(out, raw, node, emulate, new_nodes))
-
-    if fp32_shadow:
-        new_nodes.extend(shadow_nodes(originals))
-        for site in sites:
-            new_nodes.extend(error_nodes(site.tensor))
-            site.err_out, site.ref_out = site.tensor + "__err", site.tensor + "__ref"
-            site.shadow_max_out, site.shadow_min_out = site.tensor + "__fmax", site.tensor + "__fmin"
+        if fp32_shadow:
+            # The FP32 twin right after its node, and the error reductions right after it, so
+            # each pair of tensors is freed early (all at the end kept every activation alive).
+            new_nodes.append(shadows[i])
+            for out in float_outs:
+                new_nodes.extend(error_nodes(out))
+                site = sites[-len(float_outs) + float_outs.index(out)] if with_stats else None
+                if site is not None:
+                    site.err_out, site.ref_out = out + "__err", out + "__ref"
+                    site.shadow_max_out, site.shadow_min_out = out + "__fmax", out + "__fmin"
     del g.node[:]
     g.node.extend(new_nodes)
     g.initializer.extend(new_inits)
