@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import onnx
 
-from rewrite.fp16_emulation import FP16_MAX, TensorError, tensor_errors
+from rewrite.error_attribution import TensorError, tensor_errors
+from rewrite.fp16_emulation import FP16_MAX
 from rewrite.ort_runner import Feed
 from rewrite.precision_plan import PrecisionPlan
 from rewrite.range_profile import FP16_MIN_NORMAL, RangeProfile

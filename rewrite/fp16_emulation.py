@@ -18,7 +18,6 @@ Two modes, chosen from the model:
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +27,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from rewrite.fp16_graph_edits import (
+    copy_node,
     error_nodes,
+    read_by_subgraph,
     retype_fp16_as_fp32,
     round_nodes,
     shadow_nodes,
@@ -54,19 +55,6 @@ class TensorFinding:
     op: str
     absmax: float
     kind: str
-
-
-@dataclass
-class TensorError:
-    """How far a tensor's FP16-emulated value is from its FP32 value (relative L2)."""
-
-    tensor: str
-    node: str
-    op: str
-    fp16: bool
-    rel_error: float
-    nonfinite: bool
-    fp32_absmax: float  # from the FP32 shadow (NaN where FP32 itself has NaN)
 
 
 @dataclass
@@ -145,7 +133,7 @@ def build_emulation(
     range profile of the model. ``strict_cumsum`` makes FP16 CumSums accumulate in FP16 (a Scan
     that rounds its running sum each step), as TensorRT <= 10.7 builds them (an ILoop whose
     running sum has the tensor's type). ``fp32_shadow`` adds an untouched FP32 copy of the graph
-    and, per tensor, its FP16 error against it (``tensor_errors`` reads them): where along the
+    and, per tensor, its FP16 error against it (``rewrite.error_attribution`` reads them): where along the
     graph the FP16 result departs from FP32, precision failures included.
     """
     m = onnx.ModelProto()
@@ -164,7 +152,7 @@ def build_emulation(
         fp16_tensors = set()
         pinned = set(plan.fp32_nodes) if plan else set()
     is_float = {k for k, v in types.items() if v == _FLOAT}
-    shadows = shadow_nodes([_copy_node(n) for n in g.node]) if fp32_shadow else []
+    shadows = shadow_nodes([copy_node(n) for n in g.node]) if fp32_shadow else []
     opset = _default_opset(m)
 
     new_nodes: list[onnx.NodeProto] = []
@@ -229,7 +217,7 @@ def build_emulation(
     g.initializer.extend(new_inits)
     # Weights now read only through their FP16-rounded copies would sit in memory twice.
     used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-    kept = [i for i in g.initializer if i.name in used or _read_by_subgraph(g, i.name)]
+    kept = [i for i in g.initializer if i.name in used or read_by_subgraph(g, i.name)]
     del g.initializer[:]
     g.initializer.extend(kept)
     del g.value_info[:]
@@ -261,7 +249,7 @@ def check_fp16(
     if reference is None:
         reference = _fp32_outputs(model, feeds)
     out_names = [o.name for o in model.graph.output]
-    runs = run_model(emu.model, [_emu_feed(f, emu.fp16_inputs) for f in feeds])
+    runs = run_model(emu.model, [emu_feed(f, emu.fp16_inputs) for f in feeds])
     outputs = [
         compare_output(name, [r[name] for r in runs], [ref[name] for ref in reference], rel_l2_tolerance)
         for name in out_names
@@ -291,16 +279,16 @@ def profile_absmax(model: onnx.ModelProto, feeds: Sequence[Feed]) -> dict[str, f
     """FP32 absmax of every float tensor a node produces (max over feeds), NaN ignored."""
     emu = build_emulation(model, None, round_fp16=False)
     runs = run_model(emu.model, list(feeds), [name for s in emu.sites for name in s.outputs()])
-    return {s.tensor: _site_stats(s, runs)[0] for s in emu.sites}
+    return {s.tensor: site_stats(s, runs)[0] for s in emu.sites}
 
 
 def _fp32_outputs(model: onnx.ModelProto, feeds: Sequence[Feed]) -> list[Feed]:
     emu = build_emulation(model, None, round_fp16=False, with_stats=False)
     names = [o.name for o in model.graph.output]
-    return run_model(emu.model, [_emu_feed(f, set()) for f in feeds], names)
+    return run_model(emu.model, [emu_feed(f, set()) for f in feeds], names)
 
 
-def _emu_feed(feed: Feed, fp16_inputs: set[str]) -> Feed:
+def emu_feed(feed: Feed, fp16_inputs: set[str]) -> Feed:
     out = {}
     for name, value in feed.items():
         arr = np.asarray(value)
@@ -333,7 +321,7 @@ def compare_output(name: str, got: list[np.ndarray], ref: list[np.ndarray], tol:
     return OutputCheck(name, max(nan, 0), max(inf, 0), max_abs, rel, ref_absmax, ok)
 
 
-def _site_stats(site: _StatSite, runs: list[Feed]) -> tuple[float, bool]:
+def site_stats(site: _StatSite, runs: list[Feed]) -> tuple[float, bool]:
     """(absmax, non-finite) of a site over all runs; absmax ignores NaN where it can."""
     absmax, nonfinite = 0.0, False
     for r in runs:
@@ -346,7 +334,7 @@ def _site_stats(site: _StatSite, runs: list[Feed]) -> tuple[float, bool]:
 def _findings(sites: list[_StatSite], runs: list[Feed]) -> list[TensorFinding]:
     found = []
     for s in sites:
-        absmax, nonfinite = _site_stats(s, runs)
+        absmax, nonfinite = site_stats(s, runs)
         if s.fp16 and absmax > FP16_MAX:
             kind = "overflow"
         elif nonfinite:
@@ -390,47 +378,6 @@ def _stat_nodes(out: str, raw: str, node: onnx.NodeProto, fp16: bool, nodes: lis
         helper.make_node("ReduceSum", [raw], [p + "_sum"], name=p + "_sum", keepdims=0),
     ]
     return _StatSite(out, node.name, node.op_type, fp16, p + "_max", p + "_min", p + "_sum")
-
-
-def tensor_errors(
-    model: onnx.ModelProto, feeds: Sequence[Feed], plan: PrecisionPlan | None = None, *, strict_cumsum: bool = False
-) -> tuple[list[TensorError], list[Feed]]:
-    """Per float tensor, in topological order: FP32 absmax and FP16-vs-FP32 relative L2 error
-    (inf where the FP16 value is non-finite), from one emulation run per feed with an FP32
-    shadow. Also returns the emulated graph outputs of each run."""
-    emu = build_emulation(model, plan, strict_cumsum=strict_cumsum, fp32_shadow=True)
-    out_names = [o.name for o in model.graph.output]
-    runs = run_model(emu.model, [_emu_feed(f, emu.fp16_inputs) for f in feeds])
-    errors = []
-    for s in emu.sites:
-        absmax, nonfinite = _site_stats(s, runs)
-        err = sum(float(r[s.err_out]) for r in runs)
-        ref = sum(float(r[s.ref_out]) for r in runs)
-        if nonfinite or not np.isfinite(err):
-            rel = float("inf")
-        else:
-            rel = math.sqrt(err / ref) if ref > 0 else math.sqrt(err)
-        hi = max(float(r[s.shadow_max_out]) for r in runs)
-        lo = min(float(r[s.shadow_min_out]) for r in runs)
-        errors.append(TensorError(s.tensor, s.node, s.op, s.fp16, rel, nonfinite, max(abs(hi), abs(lo))))
-    return errors, [{k: r[k] for k in out_names} for r in runs]
-
-
-def _copy_node(node: onnx.NodeProto) -> onnx.NodeProto:
-    copy = onnx.NodeProto()
-    copy.CopyFrom(node)
-    return copy
-
-
-def _read_by_subgraph(g: onnx.GraphProto, name: str) -> bool:
-    """Whether a name is used inside an If/Loop/Scan body (outer-scope reads are invisible
-    in the node inputs of the outer graph)."""
-    for node in g.node:
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                if any(name in n.input for n in sub.node) or _read_by_subgraph(sub, name):
-                    return True
-    return False
 
 
 def _default_opset(m: onnx.ModelProto) -> int:

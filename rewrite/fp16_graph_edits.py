@@ -111,3 +111,20 @@ def error_nodes(tensor: str) -> list[onnx.NodeProto]:
         helper.make_node("ReduceSumSquare", [p + "_diff"], [tensor + "__err"], name=p + "_err", keepdims=0),
         helper.make_node("ReduceSumSquare", [tensor + SHADOW], [tensor + "__ref"], name=p + "_ref", keepdims=0),
     ]
+
+
+def copy_node(node: onnx.NodeProto) -> onnx.NodeProto:
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    return copy
+
+
+def read_by_subgraph(g: onnx.GraphProto, name: str) -> bool:
+    """Whether a name is used inside an If/Loop/Scan body (outer-scope reads are invisible
+    in the node inputs of the outer graph)."""
+    for node in g.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                if any(name in n.input for n in sub.node) or read_by_subgraph(sub, name):
+                    return True
+    return False
