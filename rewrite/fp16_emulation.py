@@ -129,8 +129,8 @@ def build_emulation(
 ) -> EmulationModel:
     """Rewrite ``model`` into the emulation graph (see the module docstring).
 
-    ``round_fp16=False`` keeps everything FP32 and only adds the statistics outputs: the FP32
-    range profile of the model. ``strict_cumsum`` makes FP16 CumSums accumulate in FP16 (a Scan
+    ``round_fp16=False`` keeps everything FP32 (the model's own FP32 outputs, for a
+    mixed-precision graph too). ``strict_cumsum`` makes FP16 CumSums accumulate in FP16 (a Scan
     that rounds its running sum each step), as TensorRT <= 10.7 builds them (an ILoop whose
     running sum has the tensor's type). ``fp32_shadow`` adds an untouched FP32 copy of the graph
     and, per tensor, its FP16 error against it (``rewrite.error_attribution`` reads them): where along the
@@ -273,13 +273,6 @@ def check_fp16(
         len(findings),
     )
     return report
-
-
-def profile_absmax(model: onnx.ModelProto, feeds: Sequence[Feed]) -> dict[str, float]:
-    """FP32 absmax of every float tensor a node produces (max over feeds), NaN ignored."""
-    emu = build_emulation(model, None, round_fp16=False)
-    runs = run_model(emu.model, list(feeds), [name for s in emu.sites for name in s.outputs()])
-    return {s.tensor: site_stats(s, runs)[0] for s in emu.sites}
 
 
 def _fp32_outputs(model: onnx.ModelProto, feeds: Sequence[Feed]) -> list[Feed]:

@@ -24,7 +24,7 @@ class PassContext:
     def tensor_absmax(self) -> dict[str, float]:
         """FP32 absmax (over all feeds) of every float tensor a node of ``model`` produces."""
         if self._absmax is None:
-            from rewrite.fp16_emulation import profile_absmax
+            from rewrite.range_profile import profile_absmax
 
             self._absmax = profile_absmax(self.model, self.feeds)
         return self._absmax

@@ -117,6 +117,11 @@ def profile_ranges(
     return RangeProfile(ranges, runs=len(feeds), outputs=outputs)
 
 
+def profile_absmax(model: onnx.ModelProto, feeds: Sequence[Feed]) -> dict[str, float]:
+    """FP32 absmax of every float tensor a node produces (sentinels and inf/NaN ignored)."""
+    return profile_ranges(model, feeds).absmax()
+
+
 def _accumulate(r: TensorRange, hi: float, lo: float, total: float, sample: np.ndarray) -> None:
     if not (math.isfinite(hi) and math.isfinite(lo) and math.isfinite(total)):
         r.fp32_nonfinite = True

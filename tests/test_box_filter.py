@@ -11,7 +11,8 @@ from passes import ProtectFp32
 from passes.box_filter import BoxFilter
 from rewrite.errors import BadInputError
 from rewrite.flops import fp16_flop_fraction, node_flops, tensor_shapes
-from rewrite.fp16_emulation import check_fp16, profile_absmax
+from rewrite.fp16_emulation import check_fp16
+from rewrite.range_profile import profile_absmax
 from rewrite.ort_runner import run_model
 from rewrite.pass_manager import PassManager
 from rewrite.precision_plan import PrecisionPlan

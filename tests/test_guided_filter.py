@@ -6,7 +6,8 @@ import pytest
 
 from models.guided_filter import build_guided_filter, guided_filter_reference, window_counts
 from models.nafnet import demo_inputs
-from rewrite.fp16_emulation import FP16_MAX, profile_absmax
+from rewrite.fp16_emulation import FP16_MAX
+from rewrite.range_profile import profile_absmax
 from rewrite.ort_runner import run_model
 
 

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from conftest import parse_named
+from conftest import WINDOW, parse_named
 from models.failure_patterns import build_masked_sentinels
-from rewrite.range_profile import FP16_MIN_NORMAL, profile_ranges
+from rewrite.range_profile import FP16_MAX, FP16_MIN_NORMAL, profile_absmax, profile_ranges
 
 MODEL = parse_named("""<ir_version: 8, opset_import: ["" : 17]>
 g (float[1,4096] x) => (float[1,4096] y) {
@@ -69,3 +69,13 @@ def test_masked_log_and_finfo_min_are_not_overflow():
     scores = prof.ranges["/attn/Add_output_0"]
     # 120 of 256 entries are finfo.min (the causal mask); absmax is that of the rest.
     assert scores.sentinels > 0 and scores.absmax < 10
+
+
+def test_profile_absmax_matches_numpy():
+    model = parse_named(WINDOW)
+    x = np.random.default_rng(2).uniform(0, 40, (1, 4096)).astype(np.float32)
+    ranges = profile_absmax(model, [{"x": x}])
+    c = np.cumsum(x, axis=1, dtype=np.float32)
+    assert ranges["c"] == pytest.approx(float(c.max()), rel=1e-6)
+    assert ranges["c"] > FP16_MAX
+    assert ranges["y"] == pytest.approx(float(np.abs((c[:, 32:] - c[:, :4064]) / 32).max()), rel=1e-4)
