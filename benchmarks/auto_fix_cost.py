@@ -14,8 +14,8 @@ import sys
 _JOB = r"""
 import json, resource, sys, time
 job, name = sys.argv[1], sys.argv[2]
-from models import DEMO_MODELS, failure_patterns
-from models.nafnet import demo_inputs
+from onnx_fp16_rewrite.models import DEMO_MODELS, failure_patterns
+from onnx_fp16_rewrite.models.nafnet import demo_inputs
 if name == "nafnet":
     model = DEMO_MODELS["nafnet"](); feeds = [demo_inputs(model)]
 else:
@@ -23,12 +23,12 @@ else:
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
 if job == "plain":
-    from rewrite.ort_runner import run_model
+    from onnx_fp16_rewrite.io.ort_runner import run_model
     run_model(model, feeds)
     extra = {}
 else:
-    from rewrite.auto_fix import auto_fix
-    from rewrite.registry import auto_rewrites
+    from onnx_fp16_rewrite.analysis.auto_fix import auto_fix
+    from onnx_fp16_rewrite.pipeline.registry import auto_rewrites
     _, report = auto_fix(model, feeds, rewrites=auto_rewrites() if job == "auto" else ())
     extra = {"profiling_runs": report.profiling_runs, "emulation_runs": report.emulation_runs,
              "validation_runs": report.validation_runs, "kept": report.passes_kept,

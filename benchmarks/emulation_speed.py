@@ -9,9 +9,9 @@ import argparse
 import resource
 import time
 
-from models.nafnet import build_nafnet, demo_inputs
-from rewrite.fp16_emulation import build_emulation, check_fp16
-from rewrite.ort_runner import make_session
+from onnx_fp16_rewrite.models.nafnet import build_nafnet, demo_inputs
+from onnx_fp16_rewrite.emulation.fp16_emulation import build_emulation, check_fp16
+from onnx_fp16_rewrite.io.ort_runner import make_session
 
 
 def best_of(fn, repeat: int) -> float:

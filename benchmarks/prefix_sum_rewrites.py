@@ -13,18 +13,18 @@ from __future__ import annotations
 import argparse
 import time
 
-from models import build_integral_box_filter, build_nafnet
-from models.guided_filter import build_guided_filter
-from models.nafnet import demo_inputs
-from passes import ProtectFp32
-from passes.box_filter import BoxFilter
-from passes.rescale_accumulation import RescaleAccumulation
-from passes.split_cumsum import SplitCumSum
-from rewrite.flops import fp16_flop_fraction, node_flops
-from rewrite.fp16_emulation import check_fp16
-from rewrite.ort_runner import run_model
-from rewrite.pass_manager import PassManager
-from rewrite.precision_plan import PrecisionPlan
+from onnx_fp16_rewrite.models import build_integral_box_filter, build_nafnet
+from onnx_fp16_rewrite.models.guided_filter import build_guided_filter
+from onnx_fp16_rewrite.models.nafnet import demo_inputs
+from onnx_fp16_rewrite.passes import ProtectFp32
+from onnx_fp16_rewrite.passes.box_filter import BoxFilter
+from onnx_fp16_rewrite.passes.rescale_accumulation import RescaleAccumulation
+from onnx_fp16_rewrite.passes.split_cumsum import SplitCumSum
+from onnx_fp16_rewrite.analysis.flops import fp16_flop_fraction, node_flops
+from onnx_fp16_rewrite.emulation.fp16_emulation import check_fp16
+from onnx_fp16_rewrite.io.ort_runner import run_model
+from onnx_fp16_rewrite.pipeline.pass_manager import PassManager
+from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 
 MODELS = {
     "nafnet-512": build_nafnet,

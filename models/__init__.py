@@ -11,10 +11,10 @@ from collections.abc import Callable
 
 import onnx
 
-from models.box_filter import build_integral_box_filter
-from models.nafnet import build_nafnet, demo_inputs
-from models.residual_norm import build_residual_groupnorm
-from models.small import GraphBuilder, build_cumsum_chain, build_mlp
+from onnx_fp16_rewrite.models.box_filter import build_integral_box_filter
+from onnx_fp16_rewrite.models.nafnet import build_nafnet, demo_inputs
+from onnx_fp16_rewrite.models.residual_norm import build_residual_groupnorm
+from onnx_fp16_rewrite.models.small import GraphBuilder, build_cumsum_chain, build_mlp
 
 __all__ = [
     "DEMO_MODELS",

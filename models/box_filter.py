@@ -17,7 +17,7 @@ import logging
 import numpy as np
 import onnx
 
-from models.small import GraphBuilder
+from onnx_fp16_rewrite.models.small import GraphBuilder
 
 __all__ = ["build_integral_box_filter"]
 

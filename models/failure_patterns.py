@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from models.small import GraphBuilder
+from onnx_fp16_rewrite.models.small import GraphBuilder
 
 __all__ = [
     "build_attention_logits",

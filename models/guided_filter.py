@@ -22,7 +22,7 @@ import logging
 import numpy as np
 import onnx
 
-from models.small import GraphBuilder
+from onnx_fp16_rewrite.models.small import GraphBuilder
 
 __all__ = ["build_guided_filter", "guided_filter_reference", "window_counts"]
 

@@ -24,7 +24,7 @@ import logging
 import numpy as np
 import onnx
 
-from models.small import GraphBuilder
+from onnx_fp16_rewrite.models.small import GraphBuilder
 
 __all__ = ["MASSIVE_CHANNELS", "build_sd_vae_decoder", "demo_inputs"]
 

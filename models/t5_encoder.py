@@ -23,7 +23,7 @@ import logging
 import numpy as np
 import onnx
 
-from models.small import GraphBuilder
+from onnx_fp16_rewrite.models.small import GraphBuilder
 
 __all__ = ["OUTLIER_DIMS", "RARE_TOKENS", "build_t5_encoder", "demo_inputs"]
 

@@ -6,14 +6,14 @@ approximate clamp and FP32 pinning last.
 The list is explicit: importing a pass module registers nothing.
 """
 
-from passes.box_filter import BoxFilter
-from passes.clamp_fp16 import ClampFp16
-from passes.fuse_normalization import FuseNormalization
-from passes.prescale_attention import PrescaleAttention
-from passes.protect_fp32 import ProtectFp32
-from passes.rescale_accumulation import RescaleAccumulation
-from passes.rescale_residual import RescaleResidual
-from passes.split_cumsum import SplitCumSum
+from onnx_fp16_rewrite.passes.box_filter import BoxFilter
+from onnx_fp16_rewrite.passes.clamp_fp16 import ClampFp16
+from onnx_fp16_rewrite.passes.fuse_normalization import FuseNormalization
+from onnx_fp16_rewrite.passes.prescale_attention import PrescaleAttention
+from onnx_fp16_rewrite.passes.protect_fp32 import ProtectFp32
+from onnx_fp16_rewrite.passes.rescale_accumulation import RescaleAccumulation
+from onnx_fp16_rewrite.passes.rescale_residual import RescaleResidual
+from onnx_fp16_rewrite.passes.split_cumsum import SplitCumSum
 
 ALL_PASSES = [
     BoxFilter,

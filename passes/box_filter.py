@@ -6,7 +6,7 @@ costs O(1) per pixel but its values grow to H*W*mean: NAFNet's TLC pooling at 51
 keeps only ~3 digits of numbers that are then cancelled down to a small window sum. Rescaling
 does not help (the cancellation stays); changing the *shape* of the sum does. The box is
 separable, so each summed axis becomes a 1-D window sum, in one of three forms (``window_form``;
-``auto``: per axis, the cheapest allowed one by estimated FLOPs, ``rewrite.flops`` rules):
+``auto``: per axis, the cheapest allowed one by estimated FLOPs, ``onnx_fp16_rewrite.analysis.flops`` rules):
 - ``blocked``: prefix sums restarted every ``k`` (= window) elements; a window is the suffix of one
   block plus a prefix of the next (``T_b - E_b[t] + E_{b+1}[t]``), so no value exceeds a block sum.
   O(1) per element. All its CumSums scan axis 1 of a rank-3 view, so a graph with several of them
@@ -35,12 +35,12 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from rewrite.errors import BadInputError
-from rewrite.flops import node_flops, tensor_shapes
-from rewrite.graph_edit import Emitter, carry_pins
-from rewrite.integral_image import IntegralWindow, WindowAxis, match_integral_window
-from rewrite.pass_base import Pass, PassResult, Site
-from rewrite.pass_context import PassContext
+from onnx_fp16_rewrite.errors import BadInputError
+from onnx_fp16_rewrite.analysis.flops import node_flops, tensor_shapes
+from onnx_fp16_rewrite.pipeline.graph_edit import Emitter, carry_pins
+from onnx_fp16_rewrite.patterns.integral_image import IntegralWindow, WindowAxis, match_integral_window
+from onnx_fp16_rewrite.pipeline.pass_base import Pass, PassResult, Site
+from onnx_fp16_rewrite.pipeline.pass_context import PassContext
 
 logger = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from rewrite.errors import BadInputError
-from rewrite.fp16_emulation import FP16_MAX
-from rewrite.pass_base import Pass, PassResult, Site
-from rewrite.pass_context import PassContext
+from onnx_fp16_rewrite.errors import BadInputError
+from onnx_fp16_rewrite.emulation.fp16_emulation import FP16_MAX
+from onnx_fp16_rewrite.pipeline.pass_base import Pass, PassResult, Site
+from onnx_fp16_rewrite.pipeline.pass_context import PassContext
 
 logger = logging.getLogger(__name__)
 

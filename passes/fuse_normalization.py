@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from passes.norm_patterns import (
+from onnx_fp16_rewrite.patterns.norm_patterns import (
     NormMatch,
     const_value,
     consumers,
@@ -40,9 +40,9 @@ from passes.norm_patterns import (
     remove_nodes,
     trailing_axes,
 )
-from rewrite.errors import BadInputError
-from rewrite.pass_base import Pass, PassResult, Site
-from rewrite.pass_context import PassContext
+from onnx_fp16_rewrite.errors import BadInputError
+from onnx_fp16_rewrite.pipeline.pass_base import Pass, PassResult, Site
+from onnx_fp16_rewrite.pipeline.pass_context import PassContext
 
 logger = logging.getLogger(__name__)
 

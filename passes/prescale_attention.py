@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes.norm_patterns import (
+from onnx_fp16_rewrite.patterns.norm_patterns import (
     const_value,
     consumers,
     measured_absmax,
@@ -33,10 +33,10 @@ from passes.norm_patterns import (
     scalar,
     sole_consumer,
 )
-from rewrite.errors import BadInputError
-from rewrite.fp16_emulation import FP16_MAX
-from rewrite.pass_base import Pass, PassResult, Site
-from rewrite.pass_context import PassContext
+from onnx_fp16_rewrite.errors import BadInputError
+from onnx_fp16_rewrite.emulation.fp16_emulation import FP16_MAX
+from onnx_fp16_rewrite.pipeline.pass_base import Pass, PassResult, Site
+from onnx_fp16_rewrite.pipeline.pass_context import PassContext
 
 logger = logging.getLogger(__name__)
 

@@ -32,13 +32,13 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
 
-from rewrite.errors import BadInputError, one_line
-from rewrite.fp16_emulation import FP16_MAX, check_fp16
-from rewrite.graph_edit import Emitter, const_value
-from rewrite.ort_runner import run_model
-from rewrite.pass_base import Pass, PassResult, Site
-from rewrite.pass_context import PassContext
-from rewrite.precision_plan import PrecisionPlan
+from onnx_fp16_rewrite.errors import BadInputError, one_line
+from onnx_fp16_rewrite.emulation.fp16_emulation import FP16_MAX, check_fp16
+from onnx_fp16_rewrite.pipeline.graph_edit import Emitter, const_value
+from onnx_fp16_rewrite.io.ort_runner import run_model
+from onnx_fp16_rewrite.pipeline.pass_base import Pass, PassResult, Site
+from onnx_fp16_rewrite.pipeline.pass_context import PassContext
+from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 
 logger = logging.getLogger(__name__)
 

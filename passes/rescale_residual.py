@@ -27,12 +27,12 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from passes.norm_patterns import NORM_OPS, NormMatch, const_value, consumers, find_norms, measured_absmax
-from rewrite.errors import BadInputError
-from rewrite.fp16_emulation import FP16_MAX
-from rewrite.ort_runner import infer_types
-from rewrite.pass_base import Pass, PassResult, Site
-from rewrite.pass_context import PassContext
+from onnx_fp16_rewrite.patterns.norm_patterns import NORM_OPS, NormMatch, const_value, consumers, find_norms, measured_absmax
+from onnx_fp16_rewrite.errors import BadInputError
+from onnx_fp16_rewrite.emulation.fp16_emulation import FP16_MAX
+from onnx_fp16_rewrite.io.ort_runner import infer_types
+from onnx_fp16_rewrite.pipeline.pass_base import Pass, PassResult, Site
+from onnx_fp16_rewrite.pipeline.pass_context import PassContext
 
 logger = logging.getLogger(__name__)
 

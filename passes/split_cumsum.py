@@ -28,11 +28,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from rewrite.errors import BadInputError
-from rewrite.flops import tensor_shapes
-from rewrite.graph_edit import Emitter, carry_pins, cumsum_attrs
-from rewrite.pass_base import Pass, PassResult, Site
-from rewrite.pass_context import PassContext
+from onnx_fp16_rewrite.errors import BadInputError
+from onnx_fp16_rewrite.analysis.flops import tensor_shapes
+from onnx_fp16_rewrite.pipeline.graph_edit import Emitter, carry_pins, cumsum_attrs
+from onnx_fp16_rewrite.pipeline.pass_base import Pass, PassResult, Site
+from onnx_fp16_rewrite.pipeline.pass_context import PassContext
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from rewrite.errors import BadInputError, RewriteError, one_line
-from rewrite.fix import EXIT_BAD_INPUT, EXIT_FP16_FAILS, EXIT_OK
+from onnx_fp16_rewrite.errors import BadInputError, RewriteError, one_line
+from onnx_fp16_rewrite.fix import EXIT_BAD_INPUT, EXIT_FP16_FAILS, EXIT_OK
 
 # CLI flag -> pass keyword argument, with how to parse it. A flag goes to every selected pass
 # whose __init__ takes that keyword; a flag no selected pass takes is an error.
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cmd_passes() -> int:
-    from rewrite.registry import pass_classes
+    from onnx_fp16_rewrite.pipeline.registry import pass_classes
 
     for name, cls in pass_classes().items():
         params = [p for p in inspect.signature(cls.__init__).parameters.values() if p.kind == p.KEYWORD_ONLY]
@@ -119,13 +119,13 @@ def _cmd_passes() -> int:
 
 
 def _load(args: argparse.Namespace):
-    from rewrite.inputs import generate_feeds, load_feeds, parse_shapes
-    from rewrite.model_io import check_model, load_model
+    from onnx_fp16_rewrite.io.inputs import generate_feeds, load_feeds, parse_shapes
+    from onnx_fp16_rewrite.io.model_io import check_model, load_model
 
     if bool(args.model) == bool(args.demo):
         raise BadInputError("give either a MODEL path or --demo NAME")
     if args.demo:
-        from models import DEMO_MODELS
+        from onnx_fp16_rewrite.models import DEMO_MODELS
 
         if args.demo not in DEMO_MODELS:
             raise BadInputError(f"unknown demo {args.demo!r} (known: {', '.join(DEMO_MODELS)})")
@@ -144,8 +144,8 @@ def _load(args: argparse.Namespace):
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from rewrite.fp16_emulation import check_fp16
-    from rewrite.report import render_fp16, write_json
+    from onnx_fp16_rewrite.emulation.fp16_emulation import check_fp16
+    from onnx_fp16_rewrite.report.report import render_fp16, write_json
 
     _check_report_path(args.report, args.model)
     if args.backend == "trt" and args.strict_cumsum:
@@ -153,7 +153,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     trt_version = _require_trt(args.backend == "trt")
     model, feeds = _load(args)
     if trt_version:
-        from rewrite.trt_backend import check_trt
+        from onnx_fp16_rewrite.tensorrt.trt_backend import check_trt
 
         report = check_trt(model, feeds, model_path=args.model, rel_l2_tolerance=args.rel_l2)
         print(render_fp16(report, f"TensorRT {trt_version}"))
@@ -167,11 +167,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_fix(args: argparse.Namespace) -> int:
-    from rewrite.fix import fix_model
-    from rewrite.model_io import refuse_overwrite, save_model
-    from rewrite.registry import auto_rewrites, get_pass_class, parse_pipeline
-    from rewrite.report import render_auto, render_fp16, render_passes, write_json
-    from rewrite.validate import Tolerance
+    from onnx_fp16_rewrite.fix import fix_model
+    from onnx_fp16_rewrite.io.model_io import refuse_overwrite, save_model
+    from onnx_fp16_rewrite.pipeline.registry import auto_rewrites, get_pass_class, parse_pipeline
+    from onnx_fp16_rewrite.report.report import render_auto, render_fp16, render_passes, write_json
+    from onnx_fp16_rewrite.pipeline.validate import Tolerance
 
     names = parse_pipeline(args.passes if args.passes is not None else ("" if args.auto else "protect-fp32"))
     if not names and not args.auto:
@@ -243,7 +243,7 @@ def _make_passes(names, args, get_pass_class):
 
 
 def _parse_tolerances(specs: list[str]):
-    from rewrite.validate import Tolerance
+    from onnx_fp16_rewrite.pipeline.validate import Tolerance
 
     result = {}
     for spec in specs:
@@ -259,14 +259,14 @@ def _parse_tolerances(specs: list[str]):
 def _check_report_path(report: str | None, model: str | None) -> None:
     if report is None:
         return
-    from rewrite.model_io import refuse_overwrite
+    from onnx_fp16_rewrite.io.model_io import refuse_overwrite
 
     refuse_overwrite(report, model)
     if not Path(report).parent.exists():
         raise BadInputError(f"report folder does not exist: {Path(report).parent}")
 
 
-# --- TensorRT: check --backend trt, fix --verify trt, trtexec (rewrite.trt_backend, rewrite.trt_pitfalls) ---
+# --- TensorRT: check --backend trt, fix --verify trt, trtexec (onnx_fp16_rewrite.tensorrt.trt_backend, onnx_fp16_rewrite.tensorrt.trt_pitfalls) ---
 
 
 def _add_trt_args(sub, check: argparse.ArgumentParser, fix: argparse.ArgumentParser) -> None:
@@ -285,14 +285,14 @@ def _require_trt(wanted: bool) -> str | None:
     """TensorRT's version when ``wanted`` (exit 5 before any work when it is missing), else None."""
     if not wanted:
         return None
-    from rewrite.trt_backend import require_tensorrt
+    from onnx_fp16_rewrite.tensorrt.trt_backend import require_tensorrt
 
     return require_tensorrt()
 
 
 def _print_pitfalls(model, trt_version: str | None) -> list:
-    from rewrite.trt_backend import parse_trt_version
-    from rewrite.trt_pitfalls import find_pitfalls
+    from onnx_fp16_rewrite.tensorrt.trt_backend import parse_trt_version
+    from onnx_fp16_rewrite.tensorrt.trt_pitfalls import find_pitfalls
 
     pitfalls = find_pitfalls(model, trt_version=parse_trt_version(trt_version) if trt_version else None)
     for pitfall in pitfalls:
@@ -301,10 +301,10 @@ def _print_pitfalls(model, trt_version: str | None) -> list:
 
 
 def _cmd_trtexec(args: argparse.Namespace) -> int:
-    from rewrite.model_io import load_model
-    from rewrite.precision_plan import PrecisionPlan
-    from rewrite.trt_backend import has_fp16_tensors, trtexec_mode
-    from rewrite.trtexec import format_command, trtexec_command
+    from onnx_fp16_rewrite.io.model_io import load_model
+    from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
+    from onnx_fp16_rewrite.tensorrt.trt_backend import has_fp16_tensors, trtexec_mode
+    from onnx_fp16_rewrite.emit.trtexec import format_command, trtexec_command
 
     model = load_model(args.model)
     mode, warnings = trtexec_mode(args.mode, has_fp16_tensors(model))

@@ -13,14 +13,14 @@ from typing import Literal
 import numpy as np
 import onnx
 
-from rewrite.flops import fp16_flop_fraction
-from rewrite.fp16_emulation import Fp16Report, check_fp16
-from rewrite.ort_runner import Feed, run_model
-from rewrite.pass_base import Pass
-from rewrite.pass_manager import PassManager, RunReport
-from rewrite.precision_plan import PrecisionPlan
-from rewrite.trtexec import format_command, trtexec_command
-from rewrite.validate import Tolerance
+from onnx_fp16_rewrite.analysis.flops import fp16_flop_fraction
+from onnx_fp16_rewrite.emulation.fp16_emulation import Fp16Report, check_fp16
+from onnx_fp16_rewrite.io.ort_runner import Feed, run_model
+from onnx_fp16_rewrite.pipeline.pass_base import Pass
+from onnx_fp16_rewrite.pipeline.pass_manager import PassManager, RunReport
+from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
+from onnx_fp16_rewrite.emit.trtexec import format_command, trtexec_command
+from onnx_fp16_rewrite.pipeline.validate import Tolerance
 
 logger = logging.getLogger(__name__)
 
@@ -103,11 +103,11 @@ def fix_model(
     With ``auto``, the automatic fixer runs after ``passes``: it finds the failure sites, tries
     ``auto_rewrites`` first and pins minimal FP32 regions for the rest.
     ``model_path`` is only used to write the trtexec command line.
-    ``verify="trt"`` also builds and runs the fixed model with TensorRT (``rewrite.trt_backend``);
+    ``verify="trt"`` also builds and runs the fixed model with TensorRT (``onnx_fp16_rewrite.tensorrt.trt_backend``);
     a missing TensorRT fails here, before any pass runs."""
     trt_version = None
     if verify == "trt":
-        from rewrite.trt_backend import require_tensorrt
+        from onnx_fp16_rewrite.tensorrt.trt_backend import require_tensorrt
 
         trt_version = require_tensorrt()
 
@@ -120,14 +120,14 @@ def fix_model(
     )
     auto_report = None
     if auto:
-        from rewrite.auto_fix import auto_fix
+        from onnx_fp16_rewrite.analysis.auto_fix import auto_fix
 
         fixed, auto_report = auto_fix(fixed, feeds, tolerance=rel_l2_tolerance, strict_cumsum=strict_cumsum,
                                       rewrites=auto_rewrites, progress=progress)
     plan = PrecisionPlan.from_model(fixed)
     mixed_report, mixed_errors = None, []
     if emit == "mixed":
-        from rewrite.mixed_precision import to_mixed_precision
+        from onnx_fp16_rewrite.emit.mixed_precision import to_mixed_precision
 
         fixed, mixed_report = to_mixed_precision(fixed, plan, keep_io_types=keep_io_types)
         mixed_errors = _mixed_ort_error(fixed, feeds, reference)
@@ -160,8 +160,8 @@ def fix_model(
 def _verify_trt(report: FixReport, fixed: onnx.ModelProto, feeds: Sequence[Feed], reference: Sequence[Feed],
                 plan: PrecisionPlan, trt_version: str, rel_l2_tolerance: float) -> None:
     """--verify trt: the TensorRT verdict on the fixed model, and the pitfalls of this TensorRT version."""
-    from rewrite.trt_backend import check_trt, parse_trt_version
-    from rewrite.trt_pitfalls import find_pitfalls
+    from onnx_fp16_rewrite.tensorrt.trt_backend import check_trt, parse_trt_version
+    from onnx_fp16_rewrite.tensorrt.trt_pitfalls import find_pitfalls
 
     report.trt_after = check_trt(fixed, feeds, reference, plan=plan, rel_l2_tolerance=rel_l2_tolerance)
     pitfalls = find_pitfalls(fixed, plan, trt_version=parse_trt_version(trt_version))
@@ -170,7 +170,7 @@ def _verify_trt(report: FixReport, fixed: onnx.ModelProto, feeds: Sequence[Feed]
 
 def _build_warnings(model: onnx.ModelProto, plan: PrecisionPlan) -> list[str]:
     """Known TensorRT pitfalls of the emitted model (all versions; --verify trt narrows them)."""
-    from rewrite.trt_pitfalls import find_pitfalls
+    from onnx_fp16_rewrite.tensorrt.trt_pitfalls import find_pitfalls
 
     return [p.message for p in find_pitfalls(model, plan)]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from models.nafnet import demo_inputs
+from onnx_fp16_rewrite.models.nafnet import demo_inputs
 
 
 def adversarial_feeds(model: onnx.ModelProto, *, seed: int = 0) -> list[dict[str, np.ndarray]]:

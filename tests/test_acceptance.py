@@ -3,15 +3,15 @@
 import numpy as np
 import onnx
 
-from models import DEMO_MODELS
-from models.nafnet import demo_inputs
-from passes import ProtectFp32
-from rewrite.fix import EXIT_ROLLED_BACK, fix_model
-from rewrite.fp16_emulation import check_fp16
-from rewrite.mixed_precision import to_mixed_precision
-from rewrite.ort_runner import run_model
-from rewrite.pass_base import Pass
-from rewrite.precision_plan import PrecisionPlan
+from onnx_fp16_rewrite.models import DEMO_MODELS
+from onnx_fp16_rewrite.models.nafnet import demo_inputs
+from onnx_fp16_rewrite.passes import ProtectFp32
+from onnx_fp16_rewrite.fix import EXIT_ROLLED_BACK, fix_model
+from onnx_fp16_rewrite.emulation.fp16_emulation import check_fp16
+from onnx_fp16_rewrite.emit.mixed_precision import to_mixed_precision
+from onnx_fp16_rewrite.io.ort_runner import run_model
+from onnx_fp16_rewrite.pipeline.pass_base import Pass
+from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 
 
 def test_onnxruntime_fp16_misses_the_residual_overflow_that_check_flags():

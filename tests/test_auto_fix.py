@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from models import DEMO_MODELS, failure_patterns
-from models.nafnet import demo_inputs
-from rewrite.auto_fix import auto_fix
-from rewrite.fix import fix_model
-from rewrite.fp16_emulation import check_fp16
-from rewrite.precision_plan import PrecisionPlan
+from onnx_fp16_rewrite.models import DEMO_MODELS, failure_patterns
+from onnx_fp16_rewrite.models.nafnet import demo_inputs
+from onnx_fp16_rewrite.analysis.auto_fix import auto_fix
+from onnx_fp16_rewrite.fix import fix_model
+from onnx_fp16_rewrite.emulation.fp16_emulation import check_fp16
+from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 
 PATTERNS = {
     # name: (builder, kind of the first site, op of the first site)
@@ -95,9 +95,9 @@ REWRITE_MODELS = {
 def test_auto_prefers_rewrites_over_pinning(name):
     import importlib
 
-    from rewrite.registry import auto_rewrites
+    from onnx_fp16_rewrite.pipeline.registry import auto_rewrites
 
-    module = importlib.import_module(f"models.{name}")
+    module = importlib.import_module(f"onnx_fp16_rewrite.models.{name}")
     builder, expected, min_fraction = REWRITE_MODELS[name]
     model = getattr(module, builder)()
     feeds = [module.demo_inputs(model)]

@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 
-from models.small import GraphBuilder
-from passes.clamp_fp16 import ClampFp16
-from rewrite.errors import BadInputError
-from rewrite.fp16_emulation import check_fp16
-from rewrite.ort_runner import run_model
-from rewrite.pass_manager import PassManager
-from rewrite.validate import Tolerance
+from onnx_fp16_rewrite.models.small import GraphBuilder
+from onnx_fp16_rewrite.passes.clamp_fp16 import ClampFp16
+from onnx_fp16_rewrite.errors import BadInputError
+from onnx_fp16_rewrite.emulation.fp16_emulation import check_fp16
+from onnx_fp16_rewrite.io.ort_runner import run_model
+from onnx_fp16_rewrite.pipeline.pass_manager import PassManager
+from onnx_fp16_rewrite.pipeline.validate import Tolerance
 
 
 def t5_ffn_like():

@@ -8,10 +8,10 @@ import numpy as np
 import onnx
 import pytest
 
-from models import DEMO_MODELS
-from rewrite.cli import main
-from rewrite.model_io import save_model
-from rewrite.precision_plan import PrecisionPlan
+from onnx_fp16_rewrite.models import DEMO_MODELS
+from onnx_fp16_rewrite.cli import main
+from onnx_fp16_rewrite.io.model_io import save_model
+from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def _bad_input_cases(tmp_path, nafnet_path):
     np.savez(wrong_shape, input=np.zeros((1, 3, 256, 256), np.float32))
     np.savez(wrong_dtype, input=np.zeros((1, 3, 512, 512), np.float64))
     dynamic = tmp_path / "dynamic.onnx"
-    from models.nafnet import build_nafnet
+    from onnx_fp16_rewrite.models.nafnet import build_nafnet
 
     save_model(build_nafnet(dynamic=True), dynamic)
     out = str(tmp_path / "out" / "o.onnx")
@@ -121,7 +121,7 @@ def test_bad_inputs_one_line_exit_2_nothing_written(tmp_path, nafnet_path, capsy
 
 
 def test_console_script_bad_input_has_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "rewrite.cli", "check", str(tmp_path / "missing.onnx")],
+    proc = subprocess.run([sys.executable, "-m", "onnx_fp16_rewrite.cli", "check", str(tmp_path / "missing.onnx")],
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"onnx-rewrite: error: model file not found: {tmp_path / 'missing.onnx'}"

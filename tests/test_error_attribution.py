@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from rewrite.error_attribution import tensor_errors
-from rewrite.precision_plan import PrecisionPlan
+from onnx_fp16_rewrite.emulation.error_attribution import tensor_errors
+from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 
 
 def test_errors_follow_numpy_fp16(window_model):

@@ -7,9 +7,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from rewrite.errors import BadInputError
-from rewrite.float64_reference import run_float64, to_float64, toposorted
-from rewrite.ort_runner import run_model
+from onnx_fp16_rewrite.errors import BadInputError
+from onnx_fp16_rewrite.pipeline.float64_reference import run_float64, to_float64, toposorted
+from onnx_fp16_rewrite.io.ort_runner import run_model
 
 N, K = 1024, 32
 M = N - K
@@ -54,7 +54,7 @@ def test_integral_image_float64_matches_numpy_while_fp32_is_noisy(caplog):
     s64 = np.cumsum(np.cumsum(x.astype(np.float64), axis=3), axis=2)
     y64 = (s64[..., K:, K:] + s64[..., :M, :M] - s64[..., :M, K:] - s64[..., K:, :M]) / (K * K)
 
-    with caplog.at_level(logging.INFO, logger="rewrite.float64_reference"):
+    with caplog.at_level(logging.INFO, logger="onnx_fp16_rewrite.pipeline.float64_reference"):
         out = run_float64(model, {"x": x})
     assert _engine(caplog) == "onnxruntime"  # CumSum, Slice, Add, Sub, Div all have double kernels
     assert out["s"].dtype == np.float64 and out["y"].dtype == np.float64
@@ -98,7 +98,7 @@ def _conv3x3_f64(x, w, b):
 def test_conv_falls_back_to_the_reference_evaluator(caplog):
     model, w, b = _conv_model()
     x = np.random.default_rng(2).standard_normal((1, 2, 9, 9)).astype(np.float32)
-    with caplog.at_level(logging.INFO, logger="rewrite.float64_reference"):
+    with caplog.at_level(logging.INFO, logger="onnx_fp16_rewrite.pipeline.float64_reference"):
         out = run_float64(model, {"x": x})
     assert _engine(caplog) == "reference"  # ORT CPU has no double Conv kernel (NOT_IMPLEMENTED)
     assert "NOT_IMPLEMENTED" in caplog.text
@@ -164,7 +164,7 @@ def test_every_float_becomes_double_and_float16_stays():
 
 def test_cast_model_runs_in_double_with_int_feeds_untouched(caplog):
     x = np.array([1.0, -2.0, 3.0, 0.125], np.float32)
-    with caplog.at_level(logging.INFO, logger="rewrite.float64_reference"):
+    with caplog.at_level(logging.INFO, logger="onnx_fp16_rewrite.pipeline.float64_reference"):
         out = run_float64(_casts_model(), {"x": x, "n": np.array([5], np.int64)})
     assert _engine(caplog) == "onnxruntime"
     h = (x.astype(np.float64) * 2.5 + [1, 2, 3, 4]).astype(np.float16)
@@ -182,7 +182,7 @@ def test_unsorted_graph_is_sorted_for_the_reference_evaluator(caplog):
     assert toposorted(model) is not model
     assert [n.op_type for n in toposorted(model).graph.node] == ["Conv", "Mul"]
     x = np.random.default_rng(3).standard_normal((1, 2, 9, 9)).astype(np.float32)
-    with caplog.at_level(logging.INFO, logger="rewrite.float64_reference"):
+    with caplog.at_level(logging.INFO, logger="onnx_fp16_rewrite.pipeline.float64_reference"):
         out = run_float64(model, {"x": x}, engine="reference")
     assert _engine(caplog) == "reference"
     np.testing.assert_allclose(out["y"], _conv3x3_f64(x, w, b) ** 2, rtol=1e-12, atol=1e-12)

@@ -6,12 +6,12 @@ import numpy as np
 import onnx
 import pytest
 
-from models import build_nafnet
-from passes import ProtectFp32
-from rewrite.flops import fp16_flop_fraction, node_flops, op_flops
-from rewrite.mixed_precision import to_mixed_precision
-from rewrite.pass_manager import PassManager
-from rewrite.precision_plan import PrecisionPlan
+from onnx_fp16_rewrite.models import build_nafnet
+from onnx_fp16_rewrite.passes import ProtectFp32
+from onnx_fp16_rewrite.analysis.flops import fp16_flop_fraction, node_flops, op_flops
+from onnx_fp16_rewrite.emit.mixed_precision import to_mixed_precision
+from onnx_fp16_rewrite.pipeline.pass_manager import PassManager
+from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 from tests.conftest import parse_named
 
 COUNTS = """<ir_version: 8, opset_import: ["" : 17]>
@@ -52,7 +52,7 @@ g (float[N,8] x, int64[2] shape) => (float[A,B] y, float[N,8] z) {
   y = Reshape(x, shape)
   z = Relu(x)
 }""")
-    with caplog.at_level(logging.WARNING, logger="rewrite.flops"):
+    with caplog.at_level(logging.WARNING, logger="onnx_fp16_rewrite.analysis.flops"):
         flops = node_flops(model)
     assert flops == {"reshape0": 0.0, "relu1": 0.0}  # a view, and a symbolic dim
     assert "unknown shapes" in caplog.text and "relu1" in caplog.text

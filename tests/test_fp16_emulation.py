@@ -5,9 +5,9 @@ import onnx
 import pytest
 
 from conftest import WINDOW, parse_named
-from rewrite.fp16_emulation import build_emulation, check_fp16
-from rewrite.ort_runner import run_model
-from rewrite.precision_plan import PrecisionPlan
+from onnx_fp16_rewrite.emulation.fp16_emulation import build_emulation, check_fp16
+from onnx_fp16_rewrite.io.ort_runner import run_model
+from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 
 F16, F32 = np.float16, np.float32
 

@@ -4,11 +4,11 @@ import numpy as np
 import onnx
 import pytest
 
-from passes.fuse_normalization import FuseNormalization
-from rewrite.errors import BadInputError
-from rewrite.fp16_emulation import check_fp16
-from rewrite.ort_runner import run_model
-from rewrite.pass_manager import PassManager
+from onnx_fp16_rewrite.passes.fuse_normalization import FuseNormalization
+from onnx_fp16_rewrite.errors import BadInputError
+from onnx_fp16_rewrite.emulation.fp16_emulation import check_fp16
+from onnx_fp16_rewrite.io.ort_runner import run_model
+from onnx_fp16_rewrite.pipeline.pass_manager import PassManager
 from tests.conftest import parse_named
 
 RNG = np.random.default_rng(7)
@@ -179,8 +179,8 @@ def test_non_trailing_axes_are_not_fused():
 
 
 def test_exported_group_norm_needs_opset_21():
-    from models.nafnet import demo_inputs
-    from models.residual_norm import build_residual_groupnorm
+    from onnx_fp16_rewrite.models.nafnet import demo_inputs
+    from onnx_fp16_rewrite.models.residual_norm import build_residual_groupnorm
 
     model = build_residual_groupnorm(height=16, width=16)
     feeds = [demo_inputs(model)]

@@ -4,11 +4,11 @@ import numpy as np
 import onnx
 import pytest
 
-from models.guided_filter import build_guided_filter, guided_filter_reference, window_counts
-from models.nafnet import demo_inputs
-from rewrite.fp16_emulation import FP16_MAX
-from rewrite.range_profile import profile_absmax
-from rewrite.ort_runner import run_model
+from onnx_fp16_rewrite.models.guided_filter import build_guided_filter, guided_filter_reference, window_counts
+from onnx_fp16_rewrite.models.nafnet import demo_inputs
+from onnx_fp16_rewrite.emulation.fp16_emulation import FP16_MAX
+from onnx_fp16_rewrite.analysis.range_profile import profile_absmax
+from onnx_fp16_rewrite.io.ort_runner import run_model
 
 
 def test_window_counts_clip_at_the_border():

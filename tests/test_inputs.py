@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from conftest import parse_named
-from rewrite.errors import BadInputError
-from rewrite.inputs import generate_feeds, load_feeds, parse_shapes, save_polygraphy_json
+from onnx_fp16_rewrite.errors import BadInputError
+from onnx_fp16_rewrite.io.inputs import generate_feeds, load_feeds, parse_shapes, save_polygraphy_json
 
 MODEL = parse_named("""<ir_version: 8, opset_import: ["" : 17]>
 g (float[1,3,H,W] x, int64[2] idx) => (float[1,3,H,W] y) { y = Relu(x) }""")

@@ -1,4 +1,4 @@
-"""Tests for rewrite.mixed_precision: strongly typed FP16 models with FP32 islands."""
+"""Tests for onnx_fp16_rewrite.emit.mixed_precision: strongly typed FP16 models with FP32 islands."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from rewrite.mixed_precision import to_mixed_precision
-from rewrite.precision_plan import PrecisionPlan
+from onnx_fp16_rewrite.emit.mixed_precision import to_mixed_precision
+from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 
 FP32, FP16 = TensorProto.FLOAT, TensorProto.FLOAT16
 K = np.array([1.5, 2, 3, 4], np.float32)
@@ -332,7 +332,7 @@ def test_constants_casts_and_clamping(caplog):
         }
         """
     )
-    with caplog.at_level(logging.WARNING, logger="rewrite.mixed_precision"):
+    with caplog.at_level(logging.WARNING, logger="onnx_fp16_rewrite.emit.mixed_precision"):
         out, report = to_mixed_precision(model, PrecisionPlan({"add_3": "test"}))
     nodes = {n.name: n for n in out.graph.node}
     cast = nodes["cast_4"]

@@ -3,8 +3,8 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from rewrite.errors import BadInputError
-from rewrite.model_io import check_model, load_model, save_model
+from onnx_fp16_rewrite.errors import BadInputError
+from onnx_fp16_rewrite.io.model_io import check_model, load_model, save_model
 
 
 def _model_with_weight(n: int) -> onnx.ModelProto:

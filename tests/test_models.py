@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import helper
 
-from models import (
+from onnx_fp16_rewrite.models import (
     DEMO_MODELS,
     build_cumsum_chain,
     build_integral_box_filter,

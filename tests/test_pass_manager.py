@@ -4,11 +4,11 @@ import onnx_graphsurgeon as gs
 import pytest
 
 from conftest import parse_named
-from passes.protect_fp32 import ProtectFp32
-from rewrite.errors import UnknownPassError
-from rewrite.pass_base import Pass, PassResult, Site
-from rewrite.pass_manager import PassManager, name_nodes
-from rewrite.registry import get_pass_class, parse_pipeline
+from onnx_fp16_rewrite.passes.protect_fp32 import ProtectFp32
+from onnx_fp16_rewrite.errors import UnknownPassError
+from onnx_fp16_rewrite.pipeline.pass_base import Pass, PassResult, Site
+from onnx_fp16_rewrite.pipeline.pass_manager import PassManager, name_nodes
+from onnx_fp16_rewrite.pipeline.registry import get_pass_class, parse_pipeline
 
 FEEDS = [{"x": np.random.default_rng(1).uniform(20, 40, (1, 4096)).astype(np.float32)}]
 

@@ -4,12 +4,12 @@ import numpy as np
 import onnx
 import pytest
 
-from models.gpt2_attention import build_gpt2_attention, demo_inputs
-from passes.prescale_attention import PrescaleAttention
-from rewrite.errors import BadInputError
-from rewrite.fp16_emulation import check_fp16
-from rewrite.ort_runner import run_model
-from rewrite.pass_manager import PassManager
+from onnx_fp16_rewrite.models.gpt2_attention import build_gpt2_attention, demo_inputs
+from onnx_fp16_rewrite.passes.prescale_attention import PrescaleAttention
+from onnx_fp16_rewrite.errors import BadInputError
+from onnx_fp16_rewrite.emulation.fp16_emulation import check_fp16
+from onnx_fp16_rewrite.io.ort_runner import run_model
+from onnx_fp16_rewrite.pipeline.pass_manager import PassManager
 from tests.conftest import parse_named
 
 

@@ -1,12 +1,12 @@
 import numpy as np
 import pytest
 
-from passes.protect_fp32 import ProtectFp32
-from rewrite.errors import BadInputError
-from rewrite.fp16_emulation import check_fp16
-from rewrite.model_io import load_model, save_model
-from rewrite.pass_manager import PassManager
-from rewrite.precision_plan import PrecisionPlan
+from onnx_fp16_rewrite.passes.protect_fp32 import ProtectFp32
+from onnx_fp16_rewrite.errors import BadInputError
+from onnx_fp16_rewrite.emulation.fp16_emulation import check_fp16
+from onnx_fp16_rewrite.io.model_io import load_model, save_model
+from onnx_fp16_rewrite.pipeline.pass_manager import PassManager
+from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 
 FEEDS = [{"x": np.random.default_rng(1).uniform(20, 40, (1, 4096)).astype(np.float32)}]
 REGION = {"cumsum1", "slice7", "slice8", "sub9", "div11"}

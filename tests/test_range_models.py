@@ -8,17 +8,17 @@ import numpy as np
 import onnx
 import pytest
 
-from models import gpt2_attention, sd_vae_decoder, t5_encoder
-from passes import ProtectFp32
-from passes.fuse_normalization import FuseNormalization
-from passes.prescale_attention import PrescaleAttention
-from passes.rescale_residual import RescaleResidual
-from rewrite.flops import fp16_flop_fraction
-from rewrite.fp16_emulation import check_fp16
-from rewrite.model_io import check_model
-from rewrite.ort_runner import run_model
-from rewrite.pass_manager import PassManager
-from rewrite.precision_plan import PrecisionPlan
+from onnx_fp16_rewrite.models import gpt2_attention, sd_vae_decoder, t5_encoder
+from onnx_fp16_rewrite.passes import ProtectFp32
+from onnx_fp16_rewrite.passes.fuse_normalization import FuseNormalization
+from onnx_fp16_rewrite.passes.prescale_attention import PrescaleAttention
+from onnx_fp16_rewrite.passes.rescale_residual import RescaleResidual
+from onnx_fp16_rewrite.analysis.flops import fp16_flop_fraction
+from onnx_fp16_rewrite.emulation.fp16_emulation import check_fp16
+from onnx_fp16_rewrite.io.model_io import check_model
+from onnx_fp16_rewrite.io.ort_runner import run_model
+from onnx_fp16_rewrite.pipeline.pass_manager import PassManager
+from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 
 MODELS = {
     "t5": (t5_encoder.build_t5_encoder, t5_encoder.demo_inputs),

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from conftest import WINDOW, parse_named
-from models.failure_patterns import build_masked_sentinels
-from rewrite.range_profile import FP16_MAX, FP16_MIN_NORMAL, profile_absmax, profile_ranges
+from onnx_fp16_rewrite.models.failure_patterns import build_masked_sentinels
+from onnx_fp16_rewrite.analysis.range_profile import FP16_MAX, FP16_MIN_NORMAL, profile_absmax, profile_ranges
 
 MODEL = parse_named("""<ir_version: 8, opset_import: ["" : 17]>
 g (float[1,4096] x) => (float[1,4096] y) {
@@ -40,7 +40,7 @@ def test_samples_aggregate():
 def test_only_reductions_and_samples_leave_the_graph():
     """Memory stays that of one inference: besides the graph outputs, a run returns scalars
     and fixed-size samples, never a whole intermediate tensor."""
-    from rewrite import range_profile
+    from onnx_fp16_rewrite.analysis import range_profile
 
     x = np.random.default_rng(1).uniform(0, 1, (1, 4096)).astype(np.float32)
     seen = []

@@ -4,15 +4,15 @@ import numpy as np
 import pytest
 from onnx import numpy_helper
 
-from models import build_cumsum_chain, build_integral_box_filter, build_nafnet
-from models.nafnet import demo_inputs
-from passes import ProtectFp32
-from passes.rescale_accumulation import RescaleAccumulation
-from rewrite.errors import BadInputError
-from rewrite.fp16_emulation import check_fp16
-from rewrite.ort_runner import run_model
-from rewrite.pass_manager import PassManager
-from rewrite.precision_plan import PrecisionPlan
+from onnx_fp16_rewrite.models import build_cumsum_chain, build_integral_box_filter, build_nafnet
+from onnx_fp16_rewrite.models.nafnet import demo_inputs
+from onnx_fp16_rewrite.passes import ProtectFp32
+from onnx_fp16_rewrite.passes.rescale_accumulation import RescaleAccumulation
+from onnx_fp16_rewrite.errors import BadInputError
+from onnx_fp16_rewrite.emulation.fp16_emulation import check_fp16
+from onnx_fp16_rewrite.io.ort_runner import run_model
+from onnx_fp16_rewrite.pipeline.pass_manager import PassManager
+from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 from tests.adversarial import adversarial_feeds
 from tests.conftest import parse_named
 

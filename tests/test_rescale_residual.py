@@ -4,14 +4,14 @@ import numpy as np
 import onnx
 import pytest
 
-from models.nafnet import demo_inputs
-from models.residual_norm import build_residual_groupnorm
-from models.small import GraphBuilder
-from passes.rescale_residual import RescaleResidual
-from rewrite.errors import BadInputError
-from rewrite.fp16_emulation import check_fp16
-from rewrite.ort_runner import run_model
-from rewrite.pass_manager import PassManager
+from onnx_fp16_rewrite.models.nafnet import demo_inputs
+from onnx_fp16_rewrite.models.residual_norm import build_residual_groupnorm
+from onnx_fp16_rewrite.models.small import GraphBuilder
+from onnx_fp16_rewrite.passes.rescale_residual import RescaleResidual
+from onnx_fp16_rewrite.errors import BadInputError
+from onnx_fp16_rewrite.emulation.fp16_emulation import check_fp16
+from onnx_fp16_rewrite.io.ort_runner import run_model
+from onnx_fp16_rewrite.pipeline.pass_manager import PassManager
 
 
 def run_pass(model, pass_, data):

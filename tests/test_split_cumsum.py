@@ -7,13 +7,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from models import build_cumsum_chain, build_nafnet
-from models.nafnet import demo_inputs
-from passes.split_cumsum import SplitCumSum
-from rewrite.errors import BadInputError
-from rewrite.fp16_emulation import check_fp16
-from rewrite.pass_manager import PassManager
-from rewrite.precision_plan import PrecisionPlan
+from onnx_fp16_rewrite.models import build_cumsum_chain, build_nafnet
+from onnx_fp16_rewrite.models.nafnet import demo_inputs
+from onnx_fp16_rewrite.passes.split_cumsum import SplitCumSum
+from onnx_fp16_rewrite.errors import BadInputError
+from onnx_fp16_rewrite.emulation.fp16_emulation import check_fp16
+from onnx_fp16_rewrite.pipeline.pass_manager import PassManager
+from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 from tests.adversarial import adversarial_feeds
 
 
@@ -130,7 +130,7 @@ def test_bad_options():
 
 
 def test_fp32_pin_of_the_cumsum_moves_to_its_replacement():
-    from passes import ProtectFp32
+    from onnx_fp16_rewrite.passes import ProtectFp32
 
     model = build_cumsum_chain(length=4096, scale=64.0)
     fixed, report = PassManager([ProtectFp32(grow=False), SplitCumSum()], [demo_inputs(model)]).run(model)

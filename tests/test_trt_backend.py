@@ -12,13 +12,13 @@ import numpy as np
 import onnx
 import pytest
 
-from models import DEMO_MODELS
-from models.nafnet import build_nafnet, demo_inputs
-from rewrite.cli import build_parser, main
-from rewrite.errors import TensorRTUnavailableError
-from rewrite.model_io import save_model
-from rewrite.precision_plan import PrecisionPlan
-from rewrite.trt_backend import (
+from onnx_fp16_rewrite.models import DEMO_MODELS
+from onnx_fp16_rewrite.models.nafnet import build_nafnet, demo_inputs
+from onnx_fp16_rewrite.cli import build_parser, main
+from onnx_fp16_rewrite.errors import TensorRTUnavailableError
+from onnx_fp16_rewrite.io.model_io import save_model
+from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
+from onnx_fp16_rewrite.tensorrt.trt_backend import (
     NOT_INSTALLED,
     LayerInfo,
     choose_build,
@@ -30,7 +30,7 @@ from rewrite.trt_backend import (
     require_tensorrt,
     trtexec_mode,
 )
-from rewrite.trtexec import parse_layer_precision_spec, trtexec_command
+from onnx_fp16_rewrite.emit.trtexec import parse_layer_precision_spec, trtexec_command
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 needs_no_trt = pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed here: the missing-TensorRT path cannot run")
@@ -148,8 +148,8 @@ def test_count_layers_by_mode():
 def test_fixed_nafnet_plan_maps_to_its_sca_layers():
     """The real plan of `fix --match sca`, against a layer list named after the model's nodes
     (the 10.8+ parser's naming): every pinned node reaches its layer, nothing else is pinned."""
-    from passes import ProtectFp32
-    from rewrite.fix import fix_model
+    from onnx_fp16_rewrite.passes import ProtectFp32
+    from onnx_fp16_rewrite.fix import fix_model
 
     model = DEMO_MODELS["nafnet"]()
     fixed = fix_model(model, [ProtectFp32(match="sca")], [demo_inputs(model)]).model
@@ -267,7 +267,7 @@ def test_require_tensorrt_says_how_to_install():
 
 @needs_no_trt
 def test_check_backend_trt_without_tensorrt_console():
-    proc = subprocess.run([sys.executable, "-m", "rewrite.cli", "check", "--demo", "nafnet", "--backend", "trt"],
+    proc = subprocess.run([sys.executable, "-m", "onnx_fp16_rewrite.cli", "check", "--demo", "nafnet", "--backend", "trt"],
                           capture_output=True, text=True)
     assert proc.returncode == 5
     assert proc.stderr == f"onnx-rewrite: error: {NOT_INSTALLED}\n"
@@ -298,7 +298,7 @@ def test_polygraphy_messages_go_to_logging_not_stdout(caplog, capsys):
     pytest.importorskip("polygraphy")
     from polygraphy.logger import G_LOGGER
 
-    from rewrite.trt_backend import _polygraphy_logs_to_logging
+    from onnx_fp16_rewrite.tensorrt.trt_backend import _polygraphy_logs_to_logging
 
     before = G_LOGGER.use_python_logging_system, G_LOGGER.colors
     with caplog.at_level(logging.WARNING, logger="Polygraphy"), _polygraphy_logs_to_logging():
@@ -319,7 +319,7 @@ def test_trt_nafnet_weak_fp16_build_gives_nan():
     version = _trt_version()
     if version >= (11, 0):
         pytest.skip("TensorRT >= 11 has no weakly typed FP16 build of an FP32 model")
-    from rewrite.trt_backend import check_trt
+    from onnx_fp16_rewrite.tensorrt.trt_backend import check_trt
 
     model = DEMO_MODELS["nafnet"]()
     report = check_trt(model, [demo_inputs(model)])
@@ -330,9 +330,9 @@ def test_trt_nafnet_weak_fp16_build_gives_nan():
 @pytest.mark.parametrize("emit", ["fp32", "mixed"])
 def test_trt_nafnet_fixed_is_clean(emit):
     version = _trt_version()
-    from passes import ProtectFp32
-    from rewrite.fix import fix_model
-    from rewrite.trt_pitfalls import find_pitfalls
+    from onnx_fp16_rewrite.passes import ProtectFp32
+    from onnx_fp16_rewrite.fix import fix_model
+    from onnx_fp16_rewrite.tensorrt.trt_pitfalls import find_pitfalls
 
     model = DEMO_MODELS["nafnet"]()
     result = fix_model(model, [ProtectFp32(match="sca")], [demo_inputs(model)], emit=emit, verify="trt")

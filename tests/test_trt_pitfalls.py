@@ -5,9 +5,9 @@ import pytest
 from conftest import parse_named
 from onnx import TensorProto, helper
 
-from models import DEMO_MODELS
-from rewrite.precision_plan import PrecisionPlan
-from rewrite.trt_pitfalls import Pitfall, find_pitfalls
+from onnx_fp16_rewrite.models import DEMO_MODELS
+from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
+from onnx_fp16_rewrite.tensorrt.trt_pitfalls import Pitfall, find_pitfalls
 
 
 def _codes(pitfalls):
@@ -140,7 +140,7 @@ def test_check_prints_pitfalls_and_reports_them(tmp_path, capsys):
     """Shown by the emulation backend too: no TensorRT needed to learn about them."""
     import json
 
-    from rewrite.cli import main
+    from onnx_fp16_rewrite.cli import main
 
     assert main(["check", "--demo", "nafnet", "--report", str(tmp_path / "r.json")]) == 4
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: ")]

@@ -4,9 +4,9 @@ import shlex
 
 import pytest
 
-from rewrite.errors import BadInputError
-from rewrite.precision_plan import PrecisionPlan
-from rewrite.trtexec import (
+from onnx_fp16_rewrite.errors import BadInputError
+from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
+from onnx_fp16_rewrite.emit.trtexec import (
     LayerNameError,
     format_command,
     layer_name_problem,

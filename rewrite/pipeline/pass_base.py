@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, ClassVar
 if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
 
-    from rewrite.pass_context import PassContext
+    from onnx_fp16_rewrite.pipeline.pass_context import PassContext
 
 
 @dataclass

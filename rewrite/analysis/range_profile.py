@@ -21,8 +21,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from rewrite.ort_runner import Feed, infer_types, make_session
-from rewrite.schema_types import inline_constants
+from onnx_fp16_rewrite.io.ort_runner import Feed, infer_types, make_session
+from onnx_fp16_rewrite.emit.schema_types import inline_constants
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from rewrite.graph_edit import const_value, cumsum_attrs, single_consumer
+from onnx_fp16_rewrite.pipeline.graph_edit import const_value, cumsum_attrs, single_consumer
 
 __all__ = ["IntegralWindow", "WindowAxis", "match_integral_window"]
 

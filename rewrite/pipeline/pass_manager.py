@@ -10,13 +10,13 @@ from dataclasses import asdict, dataclass, field
 import onnx
 import onnx_graphsurgeon as gs
 
-from rewrite.errors import one_line
-from rewrite.model_io import check_model
-from rewrite.ort_runner import Feed
-from rewrite.pass_base import Pass, Site
-from rewrite.pass_context import PassContext
-from rewrite.precision_plan import PrecisionPlan
-from rewrite.validate import Tolerance, ValidationResult, Validator
+from onnx_fp16_rewrite.errors import one_line
+from onnx_fp16_rewrite.io.model_io import check_model
+from onnx_fp16_rewrite.io.ort_runner import Feed
+from onnx_fp16_rewrite.pipeline.pass_base import Pass, Site
+from onnx_fp16_rewrite.pipeline.pass_context import PassContext
+from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
+from onnx_fp16_rewrite.pipeline.validate import Tolerance, ValidationResult, Validator
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
-from rewrite.errors import BadInputError, one_line
+from onnx_fp16_rewrite.errors import BadInputError, one_line
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from rewrite.fp16_emulation import Fp16Report
-from rewrite.pass_manager import RunReport
+from onnx_fp16_rewrite.emulation.fp16_emulation import Fp16Report
+from onnx_fp16_rewrite.pipeline.pass_manager import RunReport
 
 
 def write_json(data: dict, path: str | os.PathLike) -> None:

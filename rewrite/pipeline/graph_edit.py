@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from rewrite.precision_plan import PrecisionPlan
+from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 
 __all__ = ["Emitter", "carry_pins", "cumsum_attrs", "const_value", "single_consumer"]
 

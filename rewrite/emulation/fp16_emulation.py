@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from rewrite.fp16_graph_edits import (
+from onnx_fp16_rewrite.emulation.fp16_graph_edits import (
     copy_node,
     error_nodes,
     read_by_subgraph,
@@ -35,9 +35,9 @@ from rewrite.fp16_graph_edits import (
     shadow_nodes,
     strict_cumsum_nodes,
 )
-from rewrite.ort_runner import Feed, infer_types, run_model
-from rewrite.precision_plan import PrecisionPlan
-from rewrite.schema_types import fixed_type_inputs, inline_constants
+from onnx_fp16_rewrite.io.ort_runner import Feed, infer_types, run_model
+from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
+from onnx_fp16_rewrite.emit.schema_types import fixed_type_inputs, inline_constants
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def build_emulation(
     mixed-precision graph too). ``strict_cumsum`` makes FP16 CumSums accumulate in FP16 (a Scan
     that rounds its running sum each step), as TensorRT <= 10.7 builds them (an ILoop whose
     running sum has the tensor's type). ``fp32_shadow`` adds an untouched FP32 copy of the graph
-    and, per tensor, its FP16 error against it (``rewrite.error_attribution`` reads them): where along the
+    and, per tensor, its FP16 error against it (``onnx_fp16_rewrite.emulation.error_attribution`` reads them): where along the
     graph the FP16 result departs from FP32, precision failures included.
     """
     m = onnx.ModelProto()

@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
-from rewrite.errors import BadInputError, one_line
+from onnx_fp16_rewrite.errors import BadInputError, one_line
 
 __all__ = ["Engine", "run_float64", "to_float64", "toposorted"]
 
@@ -242,7 +242,7 @@ def _cast_feeds(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict
 
 def _run_onnxruntime(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
     """Outputs from ORT CPU, or None when ORT refuses the model (no double kernel, type errors)."""
-    from rewrite.ort_runner import make_session
+    from onnx_fp16_rewrite.io.ort_runner import make_session
 
     try:
         session = make_session(model)

@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from rewrite.diagnosis import CANCELLATION_RATIO, FailureSite, diagnose
-from rewrite.fp16_emulation import FP16_MAX, check_fp16, compare_output
-from rewrite.ort_runner import Feed
-from rewrite.pass_base import Pass
-from rewrite.precision_plan import PrecisionPlan
-from rewrite.range_profile import RangeProfile, profile_ranges
-from rewrite.regions import GraphIndex, grow_region
+from onnx_fp16_rewrite.analysis.diagnosis import CANCELLATION_RATIO, FailureSite, diagnose
+from onnx_fp16_rewrite.emulation.fp16_emulation import FP16_MAX, check_fp16, compare_output
+from onnx_fp16_rewrite.io.ort_runner import Feed
+from onnx_fp16_rewrite.pipeline.pass_base import Pass
+from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
+from onnx_fp16_rewrite.analysis.range_profile import RangeProfile, profile_ranges
+from onnx_fp16_rewrite.analysis.regions import GraphIndex, grow_region
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def auto_fix(
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[onnx.ModelProto, AutoFixReport]:
     """Returns the model with its precision plan (and any kept rewrites) and the report."""
-    from rewrite.pass_manager import PassManager, name_nodes
+    from onnx_fp16_rewrite.pipeline.pass_manager import PassManager, name_nodes
 
     model = _copy(model)
     name_nodes(model)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import difflib
 
-from rewrite.errors import UnknownPassError
-from rewrite.pass_base import Pass
+from onnx_fp16_rewrite.errors import UnknownPassError
+from onnx_fp16_rewrite.pipeline.pass_base import Pass
 
 
 def pass_classes() -> dict[str, type[Pass]]:
-    from passes import ALL_PASSES
+    from onnx_fp16_rewrite.passes import ALL_PASSES
 
     return {cls.name: cls for cls in ALL_PASSES}
 

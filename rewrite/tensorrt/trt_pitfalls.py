@@ -15,7 +15,7 @@ Sources (issue threads and the onnx-tensorrt importer, summarised in the project
   ("Axis input for CumSum must be an initializer!", NVIDIA/TensorRT#3425 on 8.6); 10.8 added
   dynamic axes. An initializer or a ``Constant`` node (imported as weights) is fine.
 - ``cumsum-pinned-weak``: on <= 10.7 a CumSum is an ``ILoop`` whose layers are not named after the
-  node, so a weakly typed build cannot pin it by name (see ``rewrite.trtexec``).
+  node, so a weakly typed build cannot pin it by name (see ``onnx_fp16_rewrite.emit.trtexec``).
 - ``layer-name``: pinned node names that ``trtexec --layerPrecisions`` cannot carry.
 
 Only the top-level graph is inspected (CumSums inside If/Loop bodies are not seen).
@@ -29,9 +29,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from rewrite.ort_runner import infer_types
-from rewrite.precision_plan import PrecisionPlan
-from rewrite.trtexec import layer_name_problem, unexpressible_layer_names
+from onnx_fp16_rewrite.io.ort_runner import infer_types
+from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
+from onnx_fp16_rewrite.emit.trtexec import layer_name_problem, unexpressible_layer_names
 
 __all__ = ["Pitfall", "find_pitfalls"]
 

@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from rewrite.precision_plan import PrecisionPlan
+from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 
 __all__ = ["fp16_flop_fraction", "node_flops", "op_flops", "tensor_shapes"]
 
@@ -169,7 +169,7 @@ def node_flops(model: onnx.ModelProto) -> dict[str, float]:
     """Estimated FLOPs of every node of the main graph, keyed by node name (unnamed or duplicate
     names get the names ``PassManager`` would give them). Nodes with unknown shapes count 0 and are
     logged as a warning."""
-    from rewrite.pass_manager import name_nodes
+    from onnx_fp16_rewrite.pipeline.pass_manager import name_nodes
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -200,7 +200,7 @@ def fp16_flop_fraction(model: onnx.ModelProto, plan: PrecisionPlan | None = None
     are FLOAT16 (the plan is not consulted). Nodes without float outputs (shape arithmetic) count
     on neither side. Returns 0.0 for a model with no float FLOPs.
     """
-    from rewrite.pass_manager import name_nodes
+    from onnx_fp16_rewrite.pipeline.pass_manager import name_nodes
 
     m = onnx.ModelProto()
     m.CopyFrom(model)

@@ -20,8 +20,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from rewrite.errors import BadInputError, one_line
-from rewrite.ort_runner import Feed
+from onnx_fp16_rewrite.errors import BadInputError, one_line
+from onnx_fp16_rewrite.io.ort_runner import Feed
 
 logger = logging.getLogger(__name__)
 

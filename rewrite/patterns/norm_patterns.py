@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from rewrite.graph_edit import const_value
+from onnx_fp16_rewrite.pipeline.graph_edit import const_value
 
 if TYPE_CHECKING:
-    from rewrite.pass_context import PassContext
+    from onnx_fp16_rewrite.pipeline.pass_context import PassContext
 
 logger = logging.getLogger(__name__)
 

@@ -58,8 +58,8 @@ import shlex
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
-from rewrite.errors import BadInputError
-from rewrite.precision_plan import PrecisionPlan
+from onnx_fp16_rewrite.errors import BadInputError
+from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 
 __all__ = [
     "TRTEXEC_PRECISIONS",

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from rewrite.errors import BadInputError, one_line
-from rewrite.ort_runner import Feed, run_model
+from onnx_fp16_rewrite.errors import BadInputError, one_line
+from onnx_fp16_rewrite.io.ort_runner import Feed, run_model
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class Validator:
     def reference64(self) -> list[Feed]:
         """The original model evaluated in float64 (computed on first use)."""
         if self._reference64 is None:
-            from rewrite.float64_reference import run_float64
+            from onnx_fp16_rewrite.pipeline.float64_reference import run_float64
 
             self._reference64 = [run_float64(self.original, feed) for feed in self.feeds]
         return self._reference64

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from rewrite.fp16_emulation import build_emulation, emu_feed, site_stats
-from rewrite.ort_runner import Feed, run_model
-from rewrite.precision_plan import PrecisionPlan
+from onnx_fp16_rewrite.emulation.fp16_emulation import build_emulation, emu_feed, site_stats
+from onnx_fp16_rewrite.io.ort_runner import Feed, run_model
+from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 
 
 @dataclass

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 
 import onnx
 
-from rewrite.error_attribution import TensorError, tensor_errors
-from rewrite.fp16_emulation import FP16_MAX
-from rewrite.ort_runner import Feed
-from rewrite.precision_plan import PrecisionPlan
-from rewrite.range_profile import FP16_MIN_NORMAL, RangeProfile
-from rewrite.regions import GraphIndex
+from onnx_fp16_rewrite.emulation.error_attribution import TensorError, tensor_errors
+from onnx_fp16_rewrite.emulation.fp16_emulation import FP16_MAX
+from onnx_fp16_rewrite.io.ort_runner import Feed
+from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
+from onnx_fp16_rewrite.analysis.range_profile import FP16_MIN_NORMAL, RangeProfile
+from onnx_fp16_rewrite.analysis.regions import GraphIndex
 
 logger = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from rewrite.ort_runner import Feed
-from rewrite.precision_plan import PrecisionPlan
+from onnx_fp16_rewrite.io.ort_runner import Feed
+from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 
 
 @dataclass
@@ -24,7 +24,7 @@ class PassContext:
     def tensor_absmax(self) -> dict[str, float]:
         """FP32 absmax (over all feeds) of every float tensor a node of ``model`` produces."""
         if self._absmax is None:
-            from rewrite.range_profile import profile_absmax
+            from onnx_fp16_rewrite.analysis.range_profile import profile_absmax
 
             self._absmax = profile_absmax(self.model, self.feeds)
         return self._absmax

@@ -16,8 +16,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from rewrite.errors import BadInputError, PassFailedError
-from rewrite.precision_plan import PrecisionPlan
+from onnx_fp16_rewrite.errors import BadInputError, PassFailedError
+from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 
 __all__ = ["FP16_MAX", "MixedPrecisionReport", "to_mixed_precision"]
 

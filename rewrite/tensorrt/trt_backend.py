@@ -18,7 +18,7 @@ The API facts this rests on (TensorRT Python API reference, 10.x ``Builder`` / `
   ``NetworkFromOnnxPath(..., strongly_typed=True)``); tensor types follow the ONNX types and Casts,
   and TensorRT rejects layer precisions and output types. In 11.0 the flag is deprecated and ignored
   (networks are always strongly typed) and ``BuilderFlag.FP16`` no longer exists.
-- The parser names a layer after its ONNX node (see ``rewrite.trtexec``), so the precision plan is
+- The parser names a layer after its ONNX node (see ``onnx_fp16_rewrite.emit.trtexec``), so the precision plan is
   applied to the layers whose name is exactly a pinned node's name -- the same rule trtexec's
   ``--layerPrecisions`` follows, so this build is the one ``trtexec_command(mode="weak")`` describes
   (plus FP32 output types, which keep FP32 results FP32 between pinned layers).
@@ -39,10 +39,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from rewrite.errors import BadInputError, TensorRTBuildError, TensorRTUnavailableError, one_line
-from rewrite.fp16_emulation import Fp16Report, build_emulation, compare_output
-from rewrite.ort_runner import Feed, infer_types, run_model
-from rewrite.precision_plan import PrecisionPlan
+from onnx_fp16_rewrite.errors import BadInputError, TensorRTBuildError, TensorRTUnavailableError, one_line
+from onnx_fp16_rewrite.emulation.fp16_emulation import Fp16Report, build_emulation, compare_output
+from onnx_fp16_rewrite.io.ort_runner import Feed, infer_types, run_model
+from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 
 __all__ = [
     "NOT_INSTALLED",
@@ -274,7 +274,7 @@ def check_trt(
     shapes = profile_shapes(model, typed)
     with tempfile.TemporaryDirectory() as tmp:
         if model_path is None:
-            from rewrite.model_io import save_model
+            from onnx_fp16_rewrite.io.model_io import save_model
 
             model_path = str(save_model(model, Path(tmp) / "model.onnx"))
         runs, layers, mapping = _build_and_run(model_path, choice, plan, typed, shapes)

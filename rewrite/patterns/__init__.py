@@ -1,0 +1,1 @@
+"""Recognisers of meaning (integral images, normalizations) shared by the passes."""

@@ -1,0 +1,1 @@
+"""Reports as data first (JSON), text second."""

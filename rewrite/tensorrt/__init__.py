@@ -1,0 +1,1 @@
+"""The lazy TensorRT backend and the TensorRT pitfalls found by reading the graph."""
