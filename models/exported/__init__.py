@@ -1,0 +1,1 @@
+"""Models exported from the libraries users use (torch TorchScript and dynamo exporters; transformers, diffusers, timm), built from config objects with random weights."""
