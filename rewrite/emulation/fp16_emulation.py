@@ -34,6 +34,7 @@ from onnx_fp16_rewrite.emulation.fp16_graph_edits import (
     round_nodes,
     shadow_nodes,
     strict_cumsum_nodes,
+    weights_not_inputs,
 )
 from onnx_fp16_rewrite.io.ort_runner import Feed, infer_types, run_model
 from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
@@ -83,6 +84,8 @@ class Fp16Report:
     passed: bool
     seconds: float
     notes: list[str] = field(default_factory=list)
+    # TensorRT backend only: why a built engine could not be run here (then nothing was verified).
+    not_verified: str | None = None
 
 
 @dataclass
@@ -138,6 +141,7 @@ def build_emulation(
     """
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    weights_not_inputs(m)
     inline_constants(m.graph)
     types, ranks = infer_types(m)
     mode = "strong" if any(t == _FLOAT16 for t in types.values()) else "weak"
