@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_fp16_rewrite.io.ort_runner import Feed, infer_types, make_session
 from onnx_fp16_rewrite.emit.schema_types import inline_constants
+from onnx_fp16_rewrite.emulation.fp16_graph_edits import weights_not_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ def profile_ranges(
     called after each run (the CLI draws a counter with it)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    weights_not_inputs(m)
     inline_constants(m.graph)
     types, _ = infer_types(m)
     producers = {o: n for n in m.graph.node for o in n.output if o and types.get(o) == TensorProto.FLOAT}
@@ -144,16 +146,18 @@ def _add_statistics(m: onnx.ModelProto, tensors: list[str], rng: np.random.Gener
     g = m.graph
     wanted = set(tensors)
     flat = numpy_helper.from_array(np.array([-1], np.int64), "__prof_flat")
-    idx = numpy_helper.from_array(rng.integers(0, 2**62, SAMPLE, dtype=np.int64), "__prof_idx")
-    one = numpy_helper.from_array(np.array(1, np.int64), "__prof_one")
-    g.initializer.extend([flat, idx, one])
+    # Sample positions as fractions of the size: floor(u * size) needs only Cast/Mul/Floor,
+    # legal from opset 7 (Mod is opset >= 10, Max on int64 >= 12). u < 1 - 1e-9 keeps the
+    # double product below size for any size under 2**40.
+    frac = numpy_helper.from_array(rng.uniform(0.0, 1.0 - 1e-9, SAMPLE), "__prof_frac")
+    g.initializer.extend([flat, frac])
     stats = {}
     nodes = []
     for node in g.node:
         nodes.append(node)
         for t in node.output:
             if t in wanted:
-                stats[t] = _stat_nodes(t, nodes, flat.name, idx.name, one.name)
+                stats[t] = _stat_nodes(t, nodes, flat.name, frac.name)
     del g.node[:]
     g.node.extend(nodes)
     for names in stats.values():
@@ -161,7 +165,8 @@ def _add_statistics(m: onnx.ModelProto, tensors: list[str], rng: np.random.Gener
     return stats
 
 
-def _stat_nodes(t: str, nodes: list[onnx.NodeProto], flat: str, idx: str, one: str) -> tuple[str, ...]:
+def _stat_nodes(t: str, nodes: list[onnx.NodeProto], flat: str, frac: str) -> tuple[str, ...]:
+    """Reductions over all axes (no ``axes`` given: the same form at every opset)."""
     p = t + "__prof"
     names = (p + "_max", p + "_min", p + "_sum", p + "_sample")
     nodes.extend([
@@ -170,9 +175,11 @@ def _stat_nodes(t: str, nodes: list[onnx.NodeProto], flat: str, idx: str, one: s
         helper.make_node("ReduceSum", [t], [names[2]], name=names[2], keepdims=0),
         helper.make_node("Reshape", [t, flat], [p + "_flat"], name=p + "_flat"),
         helper.make_node("Size", [t], [p + "_size"], name=p + "_size"),
-        # max(size, 1) keeps Mod defined for an empty tensor (its Gather then fails loudly).
-        helper.make_node("Max", [p + "_size", one], [p + "_n"], name=p + "_n"),
-        helper.make_node("Mod", [idx, p + "_n"], [p + "_idx"], name=p + "_idx"),
+        helper.make_node("Cast", [p + "_size"], [p + "_nf"], name=p + "_nf", to=TensorProto.DOUBLE),
+        helper.make_node("Mul", [frac, p + "_nf"], [p + "_pos"], name=p + "_pos"),
+        helper.make_node("Floor", [p + "_pos"], [p + "_floor"], name=p + "_floor"),
+        # An empty tensor gives index 0, and its Gather fails loudly.
+        helper.make_node("Cast", [p + "_floor"], [p + "_idx"], name=p + "_idx", to=TensorProto.INT64),
         helper.make_node("Gather", [p + "_flat", p + "_idx"], [names[3]], name=names[3], axis=0),
     ])
     return names

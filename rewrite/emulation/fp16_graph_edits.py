@@ -10,6 +10,26 @@ _FLOAT = onnx.TensorProto.FLOAT
 _FLOAT16 = onnx.TensorProto.FLOAT16
 
 
+def weights_not_inputs(m: onnx.ModelProto) -> None:
+    """Drop the graph inputs that carry an initializer (IR < 4 requires them;
+    ``keep_initializers_as_inputs`` exports keep them): an engine builds them as weights, and
+    the analysis graphs replace or drop weights, which would leave such inputs unfed. IR is
+    raised to 4, the first that lets an initializer stand alone (analysis copies only)."""
+    g = m.graph
+    inits = {i.name for i in g.initializer}
+    if any(i.name in inits for i in g.input):
+        kept = [_copy_proto(i) for i in g.input if i.name not in inits]
+        del g.input[:]
+        g.input.extend(kept)
+    m.ir_version = max(m.ir_version, 4)
+
+
+def _copy_proto(p):
+    c = type(p)()
+    c.CopyFrom(p)
+    return c
+
+
 def round_nodes(src: str, dst: str) -> list[onnx.NodeProto]:
     half = dst + "__half"
     return [
