@@ -47,27 +47,38 @@ def model_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 
 def generate_feeds(
-    model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]] | None = None, *, seed: int = 0
+    model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]] | None = None, *, seed: int = 0,
+    val_range: Mapping[str, tuple[float, float]] | None = None,
 ) -> list[Feed]:
     """One feed of U(0,1) floats (Polygraphy's default range) and small positive integers;
-    dynamic dims must be given in ``shapes``."""
+    dynamic dims must be given in ``shapes``. ``val_range`` (Polygraphy's ``--val-range``):
+    ``{input: (min, max)}``, the key ``""`` for every other input; integers are drawn from [min, max]."""
     shapes = dict(shapes or {})
+    ranges = dict(val_range or {})
     rng = np.random.default_rng(seed)
     feed: Feed = {}
     inputs = model_inputs(model)
     _reject_unknown(shapes, inputs, "--shape")
+    _reject_unknown({k: v for k, v in ranges.items() if k}, inputs, "--val-range")
     for vi in inputs:
         dtype = _np_dtype(vi)
         shape = shapes.get(vi.name) or _static_shape(vi)
         if shape is None:
             raise BadInputError(
-                f"input {vi.name!r} has dynamic dims {_dims_text(vi)}: give --shape {vi.name}:1x3x512x512 (for example)"
+                f"input {vi.name!r} has dynamic dims {_dims_text(vi)}: give --shape {vi.name}:{_example_shape(vi)} (for example)"
             )
         _check_shape(vi, tuple(shape), "--shape")
+        lo_hi = ranges.get(vi.name, ranges.get(""))
         if np.issubdtype(dtype, np.floating):
-            feed[vi.name] = rng.random(shape, dtype=np.float32).astype(dtype)
+            sample = rng.random(shape, dtype=np.float32)  # the same draws as before val_range existed
+            feed[vi.name] = (sample if lo_hi is None else lo_hi[0] + (lo_hi[1] - lo_hi[0]) * sample.astype(np.float64)).astype(dtype)
         elif dtype == np.bool_:
             feed[vi.name] = rng.random(shape) < 0.5
+        elif lo_hi is not None:
+            lo, hi = int(np.ceil(lo_hi[0])), int(np.floor(lo_hi[1]))
+            if lo > hi:
+                raise BadInputError(f"--val-range for integer input {vi.name!r} holds no integer: {list(lo_hi)}")
+            feed[vi.name] = rng.integers(lo, hi + 1, size=shape).astype(dtype)
         else:
             feed[vi.name] = rng.integers(1, 25, size=shape).astype(dtype)
     return [feed]
@@ -121,6 +132,9 @@ def _load_polygraphy_json(path: Path) -> list[Feed]:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise BadInputError(f"cannot read inputs file {path}: {one_line(exc)}") from None
+    if isinstance(data, dict) and (data.get("polygraphy_class") == "RunResults" or "lst" in data):
+        raise BadInputError(f"{path} is a Polygraphy outputs file (polygraphy run --save-outputs), not inputs: "
+                            "give the file written by --save-inputs")
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list) or not data or not all(isinstance(d, dict) for d in data):
@@ -169,6 +183,13 @@ def _static_shape(vi: onnx.ValueInfoProto) -> tuple[int, ...] | None:
 def _dims_text(vi: onnx.ValueInfoProto) -> str:
     return "[" + ",".join(str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?")
                           for d in vi.type.tensor_type.shape.dim) + "]"
+
+
+def _example_shape(vi: onnx.ValueInfoProto) -> str:
+    """A shape of the input's rank for the hint: its static dims, 1 for a dynamic first dim, 64 elsewhere."""
+    dims = vi.type.tensor_type.shape.dim
+    return "x".join(str(d.dim_value) if d.HasField("dim_value") else ("1" if i == 0 else "64")
+                    for i, d in enumerate(dims)) or "1"
 
 
 def _check_shape(vi: onnx.ValueInfoProto, shape: tuple[int, ...], source: str) -> None:
