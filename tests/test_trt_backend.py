@@ -32,7 +32,7 @@ from onnx_fp16_rewrite.tensorrt.trt_backend import (
 )
 from onnx_fp16_rewrite.emit.trtexec import parse_layer_precision_spec, trtexec_command
 
-HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
+HAVE_TRT = any(importlib.util.find_spec(m) is not None for m in ("tensorrt", "tensorrt_rtx"))
 needs_no_trt = pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed here: the missing-TensorRT path cannot run")
 
 
@@ -301,10 +301,13 @@ def test_polygraphy_messages_go_to_logging_not_stdout(caplog, capsys):
     from onnx_fp16_rewrite.tensorrt.trt_backend import _polygraphy_logs_to_logging
 
     before = G_LOGGER.use_python_logging_system, G_LOGGER.colors
-    with caplog.at_level(logging.WARNING, logger="Polygraphy"), _polygraphy_logs_to_logging():
+    with caplog.at_level(logging.INFO, logger="onnx_fp16_rewrite.tensorrt.trt_build"), _polygraphy_logs_to_logging():
         G_LOGGER.warning("tactic mishap")
     assert "tactic mishap" in caplog.text and capsys.readouterr().out == ""
+    # Relayed at INFO (detail for -v), not propagated as Polygraphy's own warning to the root logger.
+    assert [r.levelno for r in caplog.records if "tactic mishap" in r.getMessage()] == [logging.INFO]
     assert (G_LOGGER.use_python_logging_system, G_LOGGER.colors) == before
+    assert logging.getLogger("Polygraphy").propagate
 
 
 # --- with TensorRT (skipped where it is not installed) -----------------------------------------
@@ -357,3 +360,49 @@ def test_trt_check_cli_on_the_demo(capsys):
     assert out.startswith("TensorRT ")
     if version < (11, 0):
         assert code == 4
+
+
+# --- TensorRT-RTX dispatch (pure; the real library is exercised in tests/test_trt_rtx.py) ---------
+
+@pytest.mark.parametrize(("fp16_model", "pinned", "mode", "strong_flag", "reason"), [
+    (True, 0, "strong", True, "builds strongly typed (STRONGLY_TYPED)"),
+    (False, 26, "fp32", True, "no weakly typed FP16 mode"),
+    (False, 0, "fp32", True, "fix --emit mixed"),
+])
+def test_choose_build_for_tensorrt_rtx(fp16_model, pinned, mode, strong_flag, reason):
+    choice = choose_build("1.7.1.116", model_has_fp16=fp16_model, pinned=pinned, library="tensorrt_rtx")
+    assert (choice.mode, choice.fp16_flag, choice.strongly_typed_flag, choice.layer_precisions) == (
+        mode, False, strong_flag, False)  # never the FP16 flag: Polygraphy refuses it under TensorRT-RTX
+    assert reason in choice.reason
+    if pinned:
+        assert f"{pinned} pinned node(s) cannot be applied" in choice.reason
+
+
+def test_tensorrt_rtx_0_x_is_refused():
+    with pytest.raises(TensorRTUnavailableError, match=r"TensorRT-RTX 0.9.0 is too old: .*>= 1.0"):
+        choose_build("0.9.0", model_has_fp16=True, library="tensorrt_rtx")
+
+
+@pytest.mark.parametrize(("value", "wanted"), [("1", True), ("0", False), ("", False), ("yes", True)])
+def test_rtx_is_requested_the_way_polygraphy_reads_it(monkeypatch, value, wanted):
+    from onnx_fp16_rewrite.tensorrt.trt_library import rtx_requested
+
+    monkeypatch.setenv("POLYGRAPHY_USE_TENSORRT_RTX", value)
+    assert rtx_requested() is wanted
+
+
+@pytest.mark.parametrize(("lines", "reason"), [
+    (["[E] IRuntime::deserializeCudaEngine: Error Code 1: Serialization (The engine cannot run on this GPU, which "
+      "has compute capability 9.0. Supported compute capabilities: 8.0 8.6 8.9 12.0 12.1 >12.0)",
+      "[E] Could not deserialize engine. See log for details."],
+     "compute capability 9.0"),
+    (["[E] Could not deserialize engine. See log for details.", "[E] CUDA initialization failure with error: 35"],
+     "CUDA initialization failure"),
+])
+def test_the_reason_an_engine_did_not_run_is_tensorrts_own_line(lines, reason):
+    from onnx_fp16_rewrite.tensorrt.trt_build import _ErrorLines
+
+    errors = _ErrorLines()
+    errors.lines = lines
+    got = errors.reason()
+    assert reason in got and not got.startswith("[E]") and "\n" not in got
