@@ -37,8 +37,11 @@ _EPS = 1e-6
 
 
 def build_t5_encoder(*, seq_len: int = 16, d_model: int = 64, heads: int = 4, d_ff: int = 128, layers: int = 2,
-                     vocab: int = 64, seed: int = 0, opset: int = 17) -> onnx.ModelProto:
-    """Input ``input_ids`` int64 [1,T], output ``last_hidden_state`` [1,T,d_model]."""
+                     vocab: int = 64, seed: int = 0, opset: int = 17,
+                     position_buckets: bool = False) -> onnx.ModelProto:
+    """Input ``input_ids`` int64 [1,T], output ``last_hidden_state`` [1,T,d_model]. With
+    ``position_buckets`` the relative position bias is computed in the graph as HF T5 exports it
+    (Shape -> Range -> bucket float math (Log, Div, Min) -> Cast int64 -> Gather), not folded."""
     if d_model % heads or max(OUTLIER_DIMS) >= d_model:
         raise ValueError(f"d_model ({d_model}) must be a multiple of heads ({heads}) and > {max(OUTLIER_DIMS)}")
     rng = np.random.default_rng(seed)
@@ -53,7 +56,10 @@ def build_t5_encoder(*, seq_len: int = 16, d_model: int = 64, heads: int = 4, d_
                                                   "input_ids"], axis=0)
     # T5's relative position bias, computed from buckets in layer 0 and constant-folded for a static length.
     position_bias = (rng.standard_normal((1, heads, seq_len, seq_len)) * 2.0).astype(np.float32)
-    bias_name = b.const("/encoder/block.0/layer.0/SelfAttention", position_bias)
+    if position_buckets:
+        bias_name = _bucket_bias(b, "/encoder/block.0/layer.0/SelfAttention", rng, heads)
+    else:
+        bias_name = b.const("/encoder/block.0/layer.0/SelfAttention", position_bias)
 
     for i in range(layers):
         blk = f"/encoder/block.{i}"
@@ -74,6 +80,34 @@ def build_t5_encoder(*, seq_len: int = 16, d_model: int = 64, heads: int = 4, d_
                     doc="T5 v1.1-style encoder with outlier dimensions and a wo output past 65504")
     model.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.INT64  # the builder types inputs float
     return model
+
+
+def _bucket_bias(b: GraphBuilder, scope: str, rng: np.random.Generator, heads: int,
+                 num_buckets: int = 32, max_distance: int = 128) -> str:
+    """HF ``T5Attention._relative_position_bucket`` (bidirectional) and its bias lookup, op by op:
+    distance 16 lands exactly on a bucket boundary (8 * log(16/8) / log(16) = 2), which FP16's
+    rounded Log moves to bucket 1."""
+    half, exact = num_buckets // 2, num_buckets // 4
+    length = b.op(scope, "Gather", [b.op(scope, "Shape", ["input_ids"]), b.ints(scope, 1)], axis=0)
+    pos = b.op(scope, "Range", [b.ints(scope, 0), length, b.ints(scope, 1)])
+    ctx = b.op(scope, "Unsqueeze", [pos, b.ints(scope, [1])])
+    mem = b.op(scope, "Unsqueeze", [pos, b.ints(scope, [0])])
+    rel = b.op(scope, "Sub", [mem, ctx])
+    side = b.op(scope, "Cast", [b.op(scope, "Greater", [rel, b.ints(scope, 0)])], to=onnx.TensorProto.INT64)
+    buckets = b.op(scope, "Mul", [side, b.ints(scope, half)])
+    dist = b.op(scope, "Abs", [rel])
+    is_small = b.op(scope, "Less", [dist, b.ints(scope, exact)])
+    f = b.op(scope, "Cast", [dist], to=onnx.TensorProto.FLOAT)
+    f = b.op(scope, "Log", [b.op(scope, "Div", [f, b.const(scope, np.float32(exact))])])
+    f = b.op(scope, "Div", [f, b.const(scope, np.float32(np.log(max_distance / exact)))])
+    f = b.op(scope, "Mul", [f, b.const(scope, np.float32(half - exact))])
+    large = b.op(scope, "Add", [b.ints(scope, exact), b.op(scope, "Cast", [f], to=onnx.TensorProto.INT64)])
+    large = b.op(scope, "Min", [large, b.ints(scope, half - 1)])
+    buckets = b.op(scope, "Add", [buckets, b.op(scope, "Where", [is_small, dist, large])])
+    table = (rng.standard_normal((num_buckets, heads)) * 2.0).astype(np.float32)
+    values = b.op(scope, "Gather", [b.const(scope, table, name="encoder.block.0.layer.0.SelfAttention."
+                                                              "relative_attention_bias.weight"), buckets], axis=0)
+    return b.op(scope, "Unsqueeze", [b.op(scope, "Transpose", [values], perm=[2, 0, 1]), b.ints(scope, [0])])
 
 
 def _rms_norm(b: GraphBuilder, scope: str, x: str, rng: np.random.Generator, weight: str, d: int,

@@ -17,6 +17,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnx_fp16_rewrite.errors import BadInputError, PassFailedError
+from onnx_fp16_rewrite.emit.index_arithmetic import index_arithmetic_nodes
 from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 
 __all__ = ["FP16_MAX", "MixedPrecisionReport", "to_mixed_precision"]
@@ -94,12 +95,14 @@ class _Converter:
         self.flex_const: dict[str, int] = {}  # float Constant-node output -> node index
         self.custom_outputs: set[str] = set()  # of schema-less nodes: inference can't type them
         self.custom_value_info: list[onnx.ValueInfoProto] = []
+        self.index_nodes: dict[int, str] = {}  # node index -> why it is index arithmetic
 
     # ---- decisions -------------------------------------------------------------------------
     def decide(self) -> None:
         for name in self.inputs:
             if self.types.get(name) == FP32:
                 self.home[name] = self.io_type
+        self.index_nodes = index_arithmetic_nodes(self.g, self.types)
         for sparse in self.g.sparse_initializer:  # rare: kept FP32, cast where FP16 reads it
             self.home[sparse.values.name] = FP32
         for i, node in enumerate(self.g.node):
@@ -128,6 +131,8 @@ class _Converter:
         conv_out = {s: _convertible(schema, s, False) for s in fout}
         if node.name and self.plan.is_fp32(node.name):
             reason = self.plan.fp32_nodes[node.name]
+        elif i in self.index_nodes:  # costs nothing: FP16 there moves indices, not data
+            reason = _FORCED + self.index_nodes[i]
         else:
             reason = self._forced_reason(node, schema, unknown, conv_in, conv_out)
         if reason is not None:

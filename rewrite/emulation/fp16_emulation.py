@@ -37,6 +37,7 @@ from onnx_fp16_rewrite.emulation.fp16_graph_edits import (
     weights_not_inputs,
 )
 from onnx_fp16_rewrite.io.ort_runner import Feed, infer_types, run_model
+from onnx_fp16_rewrite.emit.index_arithmetic import index_arithmetic_nodes
 from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 from onnx_fp16_rewrite.emit.schema_types import fixed_type_inputs, inline_constants
 
@@ -155,6 +156,8 @@ def build_emulation(
     else:
         fp16_tensors = set()
         pinned = set(plan.fp32_nodes) if plan else set()
+        # Index arithmetic (bucket math ending in an int Cast) stays FP32, as --emit mixed types it.
+        pinned |= {g.node[k].name for k in index_arithmetic_nodes(g, types) if g.node[k].name}
     is_float = {k for k, v in types.items() if v == _FLOAT}
     shadows = shadow_nodes([copy_node(n) for n in g.node]) if fp32_shadow else []
     opset = _default_opset(m)
