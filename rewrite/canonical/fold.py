@@ -1,0 +1,143 @@
+"""Constant folding with onnx-graphsurgeon, iterated with shape inference, in two strengths.
+
+- ``fold_dynamic``: folds what holds for every input shape the model accepts: constant
+  subgraphs, and ``Shape`` / ``Shape -> Gather`` of dims that shape inference proves static with
+  the graph inputs' dynamic dims left symbolic (a head dim of 64 under a dynamic sequence length).
+- ``specialise``: the graph inputs get the feed's concrete shape and every ``Shape`` / ``Size``
+  becomes the constant traced from a run, then the same folding: what is left has no shape
+  arithmetic at all (``ones_like`` count images, pads and slice bounds become literals).
+
+Folding evaluates subgraphs with ONNX Runtime in FP32, so a folded value has the bits the
+model computed at run time. Nondeterministic ops and Q/DQ pairs (TensorRT's INT8 pattern) are
+never folded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+__all__ = ["fold_dynamic", "sanitize_dims", "specialise", "graph_inputs"]
+
+logger = logging.getLogger(__name__)
+
+_PROTO_LIMIT = 2**31 - 1
+_NEVER_FOLD = {"RandomUniform", "RandomNormal", "RandomUniformLike", "RandomNormalLike", "Multinomial",
+               "Bernoulli", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+# Folding that would make one initializer larger than this is left to run time (Expand/Tile of
+# constants into huge tensors would bloat the model).
+SIZE_THRESHOLD = 64 * 2**20
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    inits = {i.name for i in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def sanitize_dims(model: onnx.ModelProto) -> int:
+    """Make every dim that is not a known size *unknown* (no value, no name), in place: ``-1``
+    anywhere, and ``0`` in graph inputs (older exporters write 0 for "unknown"). Shape inference
+    would otherwise take ``-1`` for a size (``Shape -> Gather`` folding to -1). Returns the count."""
+    count = 0
+    inputs = {i.name for i in graph_inputs(model)}
+    g = model.graph
+    for vi in (*g.input, *g.output, *g.value_info):
+        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+            continue
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_value") and (d.dim_value < 0 or (d.dim_value == 0 and vi.name in inputs)):
+                d.Clear()
+                count += 1
+    return count
+
+
+def fold_dynamic(model: onnx.ModelProto, *, max_rounds: int = 6) -> onnx.ModelProto:
+    """Fold what is constant for every accepted input shape (see the module docstring)."""
+    return _fold_rounds(model, max_rounds)
+
+
+def specialise(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]],
+               traced: Mapping[str, tuple[int, ...]], *, max_rounds: int = 6) -> onnx.ModelProto:
+    """Fix the graph inputs to ``input_shapes`` and fold every Shape/Size with ``traced`` shapes."""
+    m = _copy(model)
+    for vi in graph_inputs(m):
+        shape = input_shapes.get(vi.name)
+        if shape is None:
+            continue
+        tt = vi.type.tensor_type
+        tt.shape.Clear()
+        for s in shape:
+            tt.shape.dim.add().dim_value = int(s)
+    del m.graph.value_info[:]  # shapes inferred before may be symbolic; infer them again
+    graph = gs.import_onnx(m)
+    replaced = 0
+    for node in graph.nodes:
+        if node.op not in ("Shape", "Size") or not node.inputs or len(node.outputs) != 1:
+            continue
+        shape = traced.get(node.inputs[0].name)
+        out = node.outputs[0]
+        if shape is None or not isinstance(out, gs.Variable):
+            continue
+        if node.op == "Size":
+            value = np.array(int(np.prod(shape, dtype=np.int64)), dtype=np.int64)
+        else:
+            rank = len(shape)
+            start = int(node.attrs.get("start", 0))
+            end = node.attrs.get("end")
+            start = max(0, min(rank, start + rank if start < 0 else start))
+            end = rank if end is None else max(0, min(rank, int(end) + rank if int(end) < 0 else int(end)))
+            value = np.array(shape[start:end], dtype=np.int64)
+        node.outputs.clear()
+        out.to_constant(value)
+        replaced += 1
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    logger.info("specialise: %d Shape/Size nodes replaced by traced shapes", replaced)
+    return _fold_rounds(_export(graph, m), max_rounds)
+
+
+def _fold_rounds(model: onnx.ModelProto, max_rounds: int) -> onnx.ModelProto:
+    """Shape inference then graphsurgeon folding, until a round folds nothing more (a fold can
+    give inference the shape the next fold needs)."""
+    current = model
+    for _ in range(max_rounds):
+        before = len(current.graph.node)
+        graph = gs.import_onnx(_infer(current))
+        graph.fold_constants(fold_shapes=True, error_ok=True, size_threshold=SIZE_THRESHOLD,
+                             should_exclude_node=lambda n: n.op in _NEVER_FOLD)
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        current = _export(graph, model)
+        if len(current.graph.node) == before:
+            break
+    return current
+
+
+def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    if model.ByteSize() > _PROTO_LIMIT:
+        return model  # in-memory inference cannot take it; fold what graphsurgeon sees
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:  # inference is an aid to folding; without it we fold less
+        logger.info("shape inference failed before folding: %s", exc)
+        return model
+
+
+def _export(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    """graphsurgeon rebuilds the ModelProto: carry over what it does not know about."""
+    out = gs.export_onnx(graph, do_type_check=False)
+    out.ir_version = like.ir_version
+    out.producer_name, out.producer_version = like.producer_name, like.producer_version
+    out.doc_string = like.doc_string
+    out.model_version = like.model_version
+    del out.metadata_props[:]
+    out.metadata_props.extend(like.metadata_props)
+    return out
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    return m

@@ -1,0 +1,138 @@
+"""Give a model that was analysed and fixed in specialised form its dynamic dims back.
+
+Specialisation turned values computed from dynamic dims into initializers, under the names the
+dynamic graph computes them. If the fixed model still reads those initializers by those names,
+the dynamic graph's nodes that compute them are put back in their place and the graph inputs
+and outputs get their declared dims again. That is exact only if no rewrite baked a shape into
+something new (a Reshape target of its own, a constant derived from a folded one), so the result
+is proven, not assumed: it must run on a second, different input shape (dynamic dims halved or
+doubled, the feed's values tiled) and match the dynamic original there within the FP32
+tolerance. Otherwise the specialised model is kept and the caller says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnx_fp16_rewrite.errors import one_line
+from onnx_fp16_rewrite.io.ort_runner import Feed
+from onnx_fp16_rewrite.pipeline.validate import Tolerance, Validator
+
+__all__ = ["probe_feeds", "reattach", "verify_dynamic"]
+
+logger = logging.getLogger(__name__)
+
+
+def reattach(fixed: onnx.ModelProto, dynamic: onnx.ModelProto, folded: set[str]) -> tuple[onnx.ModelProto | None, str]:
+    """``fixed`` with the initializers named in ``folded`` computed again by ``dynamic``'s nodes and
+    ``dynamic``'s input/output declarations; (None, reason) when names clash."""
+    out = onnx.ModelProto()
+    out.CopyFrom(fixed)
+    g = out.graph
+    f_names = {n.name for n in g.node}
+    f_tensors = {o for n in g.node for o in n.output} | {i.name for i in g.input}
+    f_inits = {i.name: i for i in g.initializer}
+    available = f_tensors | (set(f_inits) - folded)
+    producer = {o: n for n in dynamic.graph.node for o in n.output if o}
+    dyn_inits = {i.name: i for i in dynamic.graph.initializer}
+    present = [i.name for i in g.initializer if i.name in folded]
+    wanted: set[int] = set()
+    stack = list(present)
+    while stack:  # back from the folded tensors to what the fixed model still has
+        node = producer.get(stack.pop())
+        if node is None or id(node) in wanted:
+            continue
+        wanted.add(id(node))
+        stack.extend(i for i in node.input if i and i not in dyn_inits and i not in available)
+    cone = [n for n in dynamic.graph.node if id(n) in wanted]
+    for node in cone:
+        if node.name in f_names:
+            return None, f"node name {node.name!r} of the dynamic shape arithmetic is taken in the fixed model"
+        for o in node.output:
+            if o in f_tensors or (o in f_inits and o not in folded):
+                return None, f"tensor name {o!r} of the dynamic shape arithmetic is taken in the fixed model"
+    made = {o for n in cone for o in n.output}
+    for node in cone:
+        for i in node.input:
+            if i and i not in made and i not in dyn_inits and i not in f_tensors and i not in f_inits:
+                return None, f"tensor {i!r} that the shape arithmetic reads is gone from the fixed model"
+    needed = {i for n in cone for i in n.input if i in dyn_inits}
+    for name in needed:
+        if name in f_inits and name not in folded:
+            if onnx.numpy_helper.to_array(f_inits[name]).tobytes() != onnx.numpy_helper.to_array(dyn_inits[name]).tobytes():
+                return None, f"initializer {name!r} differs between the fixed and the dynamic model"
+    keep = [i for i in g.initializer if i.name not in present]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    have = {i.name for i in g.initializer}
+    g.initializer.extend(dyn_inits[n] for n in sorted(needed) if n not in have)
+    g.node.extend(cone)
+    del g.value_info[:]  # the traced concrete shapes no longer hold
+    declared = {v.name: v for v in (*dynamic.graph.input, *dynamic.graph.output)}
+    for vi in (*g.input, *g.output):
+        if vi.name in declared:
+            vi.CopyFrom(declared[vi.name])
+    graph = gs.import_onnx(out)
+    graph.toposort()
+    sorted_model = gs.export_onnx(graph, do_type_check=False)
+    for field in ("ir_version", "producer_name", "producer_version", "doc_string", "model_version"):
+        setattr(sorted_model, field, getattr(out, field))
+    del sorted_model.metadata_props[:]
+    sorted_model.metadata_props.extend(out.metadata_props)
+    del sorted_model.graph.value_info[:]
+    return sorted_model, f"{len(cone)} shape node(s) restored for {len(present)} specialised constant(s)"
+
+
+def probe_feeds(model: onnx.ModelProto, feeds: Sequence[Feed]) -> list[list[Feed]]:
+    """Candidate feeds of another shape: every dynamic dim halved (when even), else doubled; dims
+    with the same size in the feed change together (a batch or a sequence shared by inputs).
+    Values are the feed's, tiled or cropped, so token ids and masks stay valid."""
+    feed = feeds[0]
+    sizes: set[int] = set()
+    dyn_axes: dict[str, list[int]] = {}
+    for vi in model.graph.input:
+        if vi.name not in feed:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        axes = [a for a, d in enumerate(dims) if not d.HasField("dim_value")]
+        dyn_axes[vi.name] = axes
+        sizes |= {int(np.shape(feed[vi.name])[a]) for a in axes if a < np.ndim(feed[vi.name])}
+    if not sizes:
+        return []
+    half = {s: (s // 2 if s % 2 == 0 and s >= 2 else 2 * s) for s in sizes}
+    double = {s: 2 * s for s in sizes}
+    return [[_resize(feed, dyn_axes, m)] for m in (half, double)]
+
+
+def _resize(feed: Feed, axes: dict[str, list[int]], new: dict[int, int]) -> Feed:
+    out = {}
+    for name, arr in feed.items():
+        a = np.asarray(arr)
+        for axis in axes.get(name, []):
+            if axis < a.ndim:
+                a = np.take(a, np.arange(new[a.shape[axis]]) % a.shape[axis], axis=axis)
+        out[name] = a
+    return out
+
+
+def verify_dynamic(candidate: onnx.ModelProto, dynamic: onnx.ModelProto, feeds: Sequence[Feed],
+                   tolerance: Tolerance) -> tuple[bool, str]:
+    """Does ``candidate`` match ``dynamic`` on a second input shape (the first probe the dynamic
+    model itself accepts)?"""
+    for probe in probe_feeds(dynamic, feeds):
+        try:
+            validator = Validator(dynamic, probe, default=tolerance)
+        except Exception as exc:  # the original refuses this shape: try the next probe
+            logger.info("probe shape refused by the dynamic model: %s", one_line(exc))
+            continue
+        result = validator.validate(candidate)
+        shapes = ", ".join(f"{k}:{'x'.join(map(str, np.shape(v)))}" for k, v in probe[0].items())
+        if result.ok:
+            return True, f"verified on a second shape ({shapes})"
+        return False, f"differs from the original on {shapes}: {result.summary()}"
+    return False, "no second input shape that the original model accepts was found to verify it"
