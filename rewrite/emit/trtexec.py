@@ -55,8 +55,10 @@ from __future__ import annotations
 
 import logging
 import shlex
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
+
+import onnx
 
 from onnx_fp16_rewrite.errors import BadInputError
 from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
@@ -64,10 +66,12 @@ from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 __all__ = [
     "TRTEXEC_PRECISIONS",
     "LayerNameError",
+    "dynamic_inputs",
     "format_command",
     "layer_name_problem",
     "layer_precision_spec",
     "parse_layer_precision_spec",
+    "shape_flags",
     "trtexec_command",
     "unexpressible_layer_names",
 ]
@@ -75,13 +79,15 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Mode = Literal["weak", "strong"]
+#: (min, opt, max) shape of one dynamic input.
+ShapeProfile = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
 #: Precision words trtexec's ``stringToValue<DataType>`` accepts (2025 source; 8.x had fewer).
 TRTEXEC_PRECISIONS = frozenset({"fp32", "fp16", "bf16", "int8", "fp8", "int32", "int64", "bool", "uint8", "int4"})
 
 # Flags this module writes itself; a second value in ``extra`` would leave trtexec with two
 # values for one option (it keeps an arbitrary one), so that is refused.
-_OWN_FLAGS = ("--onnx", "--saveEngine")
+_OWN_FLAGS = ("--onnx", "--saveEngine", "--shapes", "--minShapes", "--optShapes", "--maxShapes")
 _WEAK_FLAGS = ("--fp16", "--precisionConstraints", "--layerPrecisions")
 # Flags that contradict the other mode. Under strong typing trtexec drops --fp16 with a warning,
 # rejects --best, and TensorRT rejects per-layer precisions and output types.
@@ -185,9 +191,14 @@ def trtexec_command(
     *,
     mode: Mode,
     engine_path: str | None = None,
+    shapes: Mapping[str, ShapeProfile] | None = None,
     extra: Sequence[str] = (),
 ) -> list[str]:
     """The trtexec argv that builds ``model_path`` under ``plan``.
+
+    ``shapes``: ``{input: (min, opt, max)}`` for the dynamic inputs, the shapes that were validated
+    (without them trtexec sets every dynamic dim to 1). One shape per input gives ``--shapes``; a
+    range gives ``--minShapes/--optShapes/--maxShapes``.
 
     ``weak``: ``--fp16 --precisionConstraints=obey --layerPrecisions=<plan>:fp32`` (the last omitted
     for an empty plan). This is TensorRT 10.x weak typing, deprecated in 10.12 and removed in 11.0.
@@ -223,10 +234,39 @@ def trtexec_command(
         argv.append("--stronglyTyped")
         if len(plan):
             logger.debug("strong mode: %d pinned node(s) must already be FP32 in the graph (Casts)", len(plan))
+    argv += shape_flags(shapes or {})
     if engine_path is not None:
         argv.append(f"--saveEngine={engine_path}")
     argv += extra
     return argv
+
+
+def shape_flags(shapes: Mapping[str, ShapeProfile]) -> list[str]:
+    """``--shapes=x:1x3x64x64,...`` when every input has one shape, else min/opt/max flags.
+
+    trtexec reads these lists like ``--layerPrecisions`` (split on every ``','``, name before the
+    last ``':'``), so names with ``','`` or ``"'"`` are refused."""
+    if not shapes:
+        return []
+    bad = [f"{name!r}" for name in shapes if not name or "," in name or "'" in name or "\x00" in name]
+    if bad:
+        raise BadInputError(f"input name(s) {', '.join(bad)} cannot be written in trtexec --shapes "
+                            "(trtexec splits on ',' and reads ' as quotes): rename those inputs")
+    names = sorted(shapes)
+
+    def spec(which: int) -> str:
+        return ",".join(f"{name}:{'x'.join(str(d) for d in shapes[name][which])}" for name in names)
+
+    if all(shapes[n][0] == shapes[n][1] == shapes[n][2] for n in names):
+        return [f"--shapes={spec(1)}"]
+    return [f"--minShapes={spec(0)}", f"--optShapes={spec(1)}", f"--maxShapes={spec(2)}"]
+
+
+def dynamic_inputs(model: onnx.ModelProto) -> list[str]:
+    """Names of the model's real inputs with a dynamic (or unknown) dim, in graph order."""
+    inits = {i.name for i in model.graph.initializer}
+    return [vi.name for vi in model.graph.input if vi.name not in inits
+            and any(not d.HasField("dim_value") for d in vi.type.tensor_type.shape.dim)]
 
 
 def format_command(argv: Sequence[str]) -> str:
