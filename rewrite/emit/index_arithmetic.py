@@ -45,8 +45,8 @@ def index_arithmetic_nodes(graph: onnx.GraphProto, types: dict[str, int]) -> dic
     for i in range(len(nodes) - 1, -1, -1):
         n = nodes[i]
         outs = [t for t in n.output if t]
-        if n.domain not in _DOMAINS or _has_subgraph(n) or not any(is_float(t) for t in outs):
-            continue
+        if n.domain not in _DOMAINS or n.op_type == "Constant" or _has_subgraph(n) or not any(map(is_float, outs)):
+            continue  # constants are stored in whatever type their readers need
         if all(not is_float(t) or (t not in keep_data and consumers.get(t) and
                                    all(j in found or _is_sink(nodes[j], types) for j in consumers[t]))
                for t in outs):
