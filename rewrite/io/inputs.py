@@ -60,14 +60,16 @@ def generate_feeds(
     inputs = model_inputs(model)
     _reject_unknown(shapes, inputs, "--shape")
     _reject_unknown({k: v for k, v in ranges.items() if k}, inputs, "--val-range")
+    feed_dims: dict[str, int] = {}
     for vi in inputs:
         dtype = _np_dtype(vi)
         shape = shapes.get(vi.name) or _static_shape(vi)
         if shape is None:
             raise BadInputError(
-                f"input {vi.name!r} has dynamic dims {_dims_text(vi)}: give --shape {vi.name}:{_example_shape(vi)} (for example)"
+                f"input {vi.name!r} has dynamic dims {_dims_text(vi)}: give --shape {shape_hint(inputs)} (for example)"
             )
         _check_shape(vi, tuple(shape), "--shape")
+        feed_dims = _bind_params(vi, tuple(shape), feed_dims, "--shape")
         lo_hi = ranges.get(vi.name, ranges.get(""))
         if np.issubdtype(dtype, np.floating):
             sample = rng.random(shape, dtype=np.float32)  # the same draws as before val_range existed
@@ -109,6 +111,7 @@ def load_feeds(path: str | Path, model: onnx.ModelProto) -> list[Feed]:
 def check_feed(feed: Feed, model: onnx.ModelProto, source: str) -> None:
     inputs = model_inputs(model)
     _reject_unknown(feed, inputs, source)
+    bound: dict[str, int] = {}
     for vi in inputs:
         if vi.name not in feed:
             raise BadInputError(f"{source}: missing input {vi.name!r}")
@@ -117,6 +120,7 @@ def check_feed(feed: Feed, model: onnx.ModelProto, source: str) -> None:
         if arr.dtype != want:
             raise BadInputError(f"{source}: input {vi.name!r} has dtype {arr.dtype}, the model wants {np.dtype(want)}")
         _check_shape(vi, arr.shape, source)
+        bound = _bind_params(vi, arr.shape, bound, source)
 
 
 def _load_npz(path: Path) -> Feed:
@@ -173,29 +177,64 @@ def _np_dtype(vi: onnx.ValueInfoProto) -> np.dtype:
     return np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
 
 
+def _known(d) -> bool:
+    """A dim that is a size: ``-1`` (Paddle) and ``0`` (older exporters) in a graph input mean unknown."""
+    return d.HasField("dim_value") and d.dim_value > 0
+
+
 def _static_shape(vi: onnx.ValueInfoProto) -> tuple[int, ...] | None:
     dims = vi.type.tensor_type.shape.dim
-    if any(not d.HasField("dim_value") for d in dims):
+    if not vi.type.tensor_type.HasField("shape") or any(not _known(d) for d in dims):
         return None
     return tuple(d.dim_value for d in dims)
 
 
 def _dims_text(vi: onnx.ValueInfoProto) -> str:
-    return "[" + ",".join(str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?")
+    if not vi.type.tensor_type.HasField("shape"):
+        return "[any shape]"
+    return "[" + ",".join(str(d.dim_value) if _known(d) else (d.dim_param or "?")
                           for d in vi.type.tensor_type.shape.dim) + "]"
 
 
-def _example_shape(vi: onnx.ValueInfoProto) -> str:
-    """A shape of the input's rank for the hint: its static dims, 1 for a dynamic first dim, 64 elsewhere."""
-    dims = vi.type.tensor_type.shape.dim
-    return "x".join(str(d.dim_value) if d.HasField("dim_value") else ("1" if i == 0 else "64")
-                    for i, d in enumerate(dims)) or "1"
+def shape_hint(inputs: Sequence[onnx.ValueInfoProto]) -> str:
+    """A ``--shape`` value the model accepts, for every input with dynamic dims: static dims as
+    declared, 1 for a dynamic first dim, 64 elsewhere, one size per dim name (``batch``, ``seq``).
+    An input without a declared rank cannot be hinted: it is shown as NAME:<dims>."""
+    params: dict[str, int] = {}
+    parts = []
+    for vi in inputs:
+        if _static_shape(vi) is not None:
+            continue
+        if not vi.type.tensor_type.HasField("shape"):
+            parts.append(f"{vi.name}:<dims>")
+            continue
+        values = []
+        for axis, d in enumerate(vi.type.tensor_type.shape.dim):
+            value = d.dim_value if _known(d) else (1 if axis == 0 else 64)
+            if not _known(d) and d.dim_param:
+                value = params.setdefault(d.dim_param, value)
+            values.append(str(value))
+        parts.append(f"{vi.name}:{'x'.join(values)}")
+    return ",".join(parts)
 
 
 def _check_shape(vi: onnx.ValueInfoProto, shape: tuple[int, ...], source: str) -> None:
+    if not vi.type.tensor_type.HasField("shape"):
+        return  # no declared rank: any shape
     dims = vi.type.tensor_type.shape.dim
-    ok = len(dims) == len(shape) and all(
-        not d.HasField("dim_value") or d.dim_value == s for d, s in zip(dims, shape)
-    )
+    ok = len(dims) == len(shape) and all(not _known(d) or d.dim_value == s for d, s in zip(dims, shape))
     if not ok:
         raise BadInputError(f"{source}: input {vi.name!r} has shape {list(shape)}, the model wants {_dims_text(vi)}")
+
+
+def _bind_params(vi: onnx.ValueInfoProto, shape: tuple[int, ...], bound: dict[str, int], source: str) -> dict[str, int]:
+    """Dims that share a name (``batch``, ``seq``) must have one size across the inputs of a feed."""
+    if not vi.type.tensor_type.HasField("shape"):
+        return bound
+    for d, size in zip(vi.type.tensor_type.shape.dim, shape):
+        if _known(d) or not d.dim_param:
+            continue
+        if bound.setdefault(d.dim_param, int(size)) != int(size):
+            raise BadInputError(f"{source}: input {vi.name!r} has {d.dim_param}={int(size)} where another input "
+                                f"has {d.dim_param}={bound[d.dim_param]}")
+    return bound
