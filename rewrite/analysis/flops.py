@@ -12,15 +12,17 @@ plan keeps out of FP16, which is what the reports need. Counting rules (one mult
 - Ops that only relabel memory (Reshape, Squeeze, Unsqueeze, Flatten, Identity, Shape, Size,
   Constant): 0.
 - Everything else (elementwise, CumSum, Slice, Pad, Concat, Transpose, Cast ...): output elements.
-Shapes come from ONNX shape inference (with data propagation). A node with an unknown or symbolic
-shape counts 0 and is named in a log warning.
+Shapes are those of a run when ``feeds`` are given (every tensor's shape traced from one ORT run
+on the first feed: dynamic, ``-1`` and symbolic dims then count as what the model computed),
+else ONNX shape inference's (with data propagation). A node whose shape is still unknown counts
+0; ``fp16_flop_fraction`` names such nodes in one warning.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +44,31 @@ _REDUCE_OPS = {"ArgMax", "ArgMin", "GlobalAveragePool", "GlobalMaxPool", "Global
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 
 
-def tensor_shapes(model: onnx.ModelProto) -> tuple[dict[str, Shape], dict[str, int]]:
-    """Shape (None for unknown dims) and element type of every tensor shape inference can type."""
+def tensor_shapes(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]] | None = None
+                  ) -> tuple[dict[str, Shape], dict[str, int]]:
+    """Shape (None for unknown dims) and element type of every tensor shape inference can type;
+    with ``feeds``, shapes traced from a run on the first feed take precedence."""
+    shapes, types = _inferred_shapes(model)
+    if feeds:
+        shapes.update(_traced(model, feeds[0]))
+    return shapes, types
+
+
+def _traced(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> dict[str, Shape]:
+    from onnx_fp16_rewrite.canonical.trace import trace_shapes
+
+    # A mixed-precision model may take FP16 inputs: feed it what it declares.
+    declared = {i.name: helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
+                for i in model.graph.input if i.type.tensor_type.elem_type}
+    typed = {k: np.asarray(v).astype(declared.get(k, np.asarray(v).dtype)) for k, v in feed.items()}
+    try:
+        return dict(trace_shapes(model, typed))
+    except Exception as exc:  # a model ORT cannot run keeps the inferred shapes
+        logger.info("FLOPs: shapes not traced (%s); using shape inference", exc)
+        return {}
+
+
+def _inferred_shapes(model: onnx.ModelProto) -> tuple[dict[str, Shape], dict[str, int]]:
     if model.ByteSize() <= _PROTO_LIMIT:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     else:
@@ -165,35 +190,45 @@ def _einsum_flops(equation: str, ins: Sequence[Shape | None], out0: int | None) 
     return 2.0 * float(np.prod(list(sizes.values()), dtype=np.float64))
 
 
-def node_flops(model: onnx.ModelProto) -> dict[str, float]:
+def node_flops(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]] | None = None, *,
+               shapes: Mapping[str, Shape] | None = None, unknown: list[str] | None = None) -> dict[str, float]:
     """Estimated FLOPs of every node of the main graph, keyed by node name (unnamed or duplicate
-    names get the names ``PassManager`` would give them). Nodes with unknown shapes count 0 and are
-    logged as a warning."""
+    names get the names ``PassManager`` would give them), on the shapes of a run on ``feeds`` when
+    given (or on ``shapes``). Nodes with unknown shapes count 0; their names go to ``unknown``
+    when given, else to an info log line."""
     from onnx_fp16_rewrite.pipeline.pass_manager import name_nodes
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
     name_nodes(m)
-    shapes, _ = tensor_shapes(m)
+    if shapes is None:
+        shapes, _ = tensor_shapes(m, feeds)
     result: dict[str, float] = {}
-    unknown: list[str] = []
+    missing: list[str] = []
     for node in m.graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         ins = [shapes.get(i) if i else None for i in node.input]
         outs = [shapes.get(o) for o in node.output if o]
         flops = op_flops(node.op_type, attrs, ins, outs)
         if flops is None:
-            unknown.append(node.name)
+            missing.append(node.name)
             flops = 0.0
         result[node.name] = flops
-    if unknown:
-        logger.warning("FLOPs: %d node(s) with unknown shapes counted as 0: %s", len(unknown),
-                       ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else ""))
+    if unknown is not None:
+        unknown.extend(missing)
+    elif missing:
+        logger.info("FLOPs: %d node(s) with unknown shapes counted as 0: %s", len(missing), _names(missing))
     return result
 
 
-def fp16_flop_fraction(model: onnx.ModelProto, plan: PrecisionPlan | None = None) -> float:
-    """Share of the estimated FLOPs in nodes that run in FP16.
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
+
+
+def fp16_flop_fraction(model: onnx.ModelProto, plan: PrecisionPlan | None = None,
+                       feeds: Sequence[Mapping[str, np.ndarray]] | None = None) -> float:
+    """Share of the estimated FLOPs in nodes that run in FP16, on the shapes of a run on ``feeds``
+    when given (see the module docstring); one warning names nodes whose shapes stay unknown.
 
     A weakly typed model (no FLOAT16 tensor): a node is FP16 unless ``plan`` pins it (``plan`` None:
     the plan stored in the model). A mixed-precision model: a node is FP16 when its float outputs
@@ -205,8 +240,11 @@ def fp16_flop_fraction(model: onnx.ModelProto, plan: PrecisionPlan | None = None
     m = onnx.ModelProto()
     m.CopyFrom(model)
     name_nodes(m)
-    flops = node_flops(m)
-    _, types = tensor_shapes(m)
+    shapes, types = tensor_shapes(m, feeds)
+    unknown: list[str] = []
+    flops = node_flops(m, shapes=shapes, unknown=unknown)
+    if unknown:
+        logger.warning("FLOPs: %d node(s) with unknown shapes counted as 0: %s", len(unknown), _names(unknown))
     mixed = any(t == TensorProto.FLOAT16 for t in types.values())
     if plan is None:
         plan = PrecisionPlan.from_model(m)
