@@ -30,6 +30,8 @@ EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_ROLLED_BACK = 3
 EXIT_FP16_FAILS = 4
+# Failing tensors a report lists (their count is always given); the terminal shows the first few.
+MAX_FINDINGS = 1000
 
 
 @dataclass
@@ -116,7 +118,8 @@ def fix_model(
     assert manager.validator is not None
     reference = manager.validator.reference
     fp16_before = check_fp16(
-        model, feeds, reference, strict_cumsum=strict_cumsum, rel_l2_tolerance=rel_l2_tolerance
+        model, feeds, reference, strict_cumsum=strict_cumsum, rel_l2_tolerance=rel_l2_tolerance,
+        max_findings=MAX_FINDINGS,
     )
     auto_report = None
     if auto:
@@ -126,6 +129,7 @@ def fix_model(
                                       rewrites=auto_rewrites, progress=progress)
     plan = PrecisionPlan.from_model(fixed)
     mixed_report, mixed_errors = None, []
+    before_emit = fixed
     if emit == "mixed":
         from onnx_fp16_rewrite.emit.mixed_precision import to_mixed_precision
 
@@ -136,8 +140,10 @@ def fix_model(
         argv = trtexec_command(model_path, plan, mode="weak")
     warnings = _build_warnings(fixed, plan)
     fp16_after = check_fp16(
-        fixed, feeds, reference, plan=plan, strict_cumsum=strict_cumsum, rel_l2_tolerance=rel_l2_tolerance
+        fixed, feeds, reference, plan=plan, strict_cumsum=strict_cumsum, rel_l2_tolerance=rel_l2_tolerance,
+        max_findings=MAX_FINDINGS,
     )
+    _annotate(fixed, before_emit, run_report, auto_report, mixed_report)
     report = FixReport(
         emit=emit,
         keep_io_types=keep_io_types,
@@ -166,6 +172,21 @@ def _verify_trt(report: FixReport, fixed: onnx.ModelProto, feeds: Sequence[Feed]
     report.trt_after = check_trt(fixed, feeds, reference, plan=plan, rel_l2_tolerance=rel_l2_tolerance)
     pitfalls = find_pitfalls(fixed, plan, trt_version=parse_trt_version(trt_version))
     report.warnings = [p.message for p in pitfalls]
+
+
+def _annotate(fixed: onnx.ModelProto, before_emit: onnx.ModelProto, run_report: RunReport, auto_report,
+              mixed_report) -> None:
+    """Netron-readable doc_strings on every node a pass rewrote or the plan pins, and the tool's
+    version in the metadata (onnx_fp16_rewrite.report.annotate)."""
+    from onnx_fp16_rewrite.report.annotate import annotate_model, emission_notes
+
+    records = list(run_report.passes)
+    absmax = None
+    if auto_report is not None:
+        records += [r for r in auto_report.rewrites_tried if r.name in auto_report.passes_kept]
+        absmax = {r.tensor: r.absmax for r in auto_report.ranges}
+    emitted = emission_notes(before_emit, fixed, mixed_report) if mixed_report is not None else None
+    annotate_model(fixed, records, absmax=absmax, emitted=emitted)
 
 
 def _build_warnings(model: onnx.ModelProto, plan: PrecisionPlan) -> list[str]:

@@ -59,6 +59,8 @@ class AutoFixReport:
     validation_runs: int
     rounds: int
     passed: bool
+    # FP32 statistics of every float tensor of the model as given, from the profiling run (reports, annotations).
+    ranges: list = field(default_factory=list)
 
 
 def auto_fix(
@@ -79,6 +81,7 @@ def auto_fix(
     model = _copy(model)
     name_nodes(model)
     profile = profile_ranges(model, feeds, progress=progress)
+    measured = profile
     profile_runs = profile.runs
     reference = profile.outputs
     counter = _Counter(len(feeds))
@@ -134,7 +137,7 @@ def auto_fix(
     report = AutoFixReport(
         sites=sites, passes_kept=kept, rewrites_tried=tried, fp32_nodes=len(plan), released_by_shrink=released,
         profiling_runs=profile_runs, emulation_runs=counter.emulation, validation_runs=counter.validation,
-        rounds=rounds, passed=passed,
+        rounds=rounds, passed=passed, ranges=list(measured.ranges.values()),
     )
     logger.info("auto: %d sites, %d FP32 nodes, %d profiling + %d emulation runs",
                 len(sites), len(plan), report.profiling_runs, report.emulation_runs)

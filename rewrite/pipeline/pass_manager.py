@@ -17,6 +17,7 @@ from onnx_fp16_rewrite.pipeline.pass_base import Pass, Site
 from onnx_fp16_rewrite.pipeline.pass_context import PassContext
 from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 from onnx_fp16_rewrite.pipeline.validate import Tolerance, ValidationResult, Validator
+from onnx_fp16_rewrite.report.graph_diff import NodeChanges, node_changes
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,9 @@ class PassRecord:
     validation: ValidationResult | None = None
     error: str | None = None
     seconds: float = 0.0
+    # Nodes the kept pass added, removed, changed or pinned (onnx_fp16_rewrite.report.graph_diff);
+    # the fixer's annotations and the reports' diff sections read it.
+    changes: NodeChanges | None = None
 
 
 @dataclass
@@ -123,6 +127,7 @@ class PassManager:
             logger.warning("%s rolled back: %s", p.name, record.error)
             return record, snapshot
         record.status = "kept"
+        record.changes = node_changes(snapshot, candidate, types=False)
         logger.info("%s: kept (%d sites rewritten)", p.name, len(record.rewritten))
         return record, candidate
 

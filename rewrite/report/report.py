@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -11,28 +10,40 @@ from pathlib import Path
 from onnx_fp16_rewrite.emulation.fp16_emulation import Fp16Report
 from onnx_fp16_rewrite.pipeline.pass_manager import RunReport
 
+TERMINAL_FAILURES = 5  # failing tensors the terminal lists (the JSON report lists them all)
+
 
 def write_json(data: dict, path: str | os.PathLike) -> None:
-    """Write JSON atomically; non-finite floats become strings ("inf", "nan") to stay valid JSON."""
+    """Write JSON atomically, readable like any other output (0644 under umask 022); non-finite
+    floats become null, flagged in the object's ``nonfinite`` map (``json_report.finite``)."""
+    from onnx_fp16_rewrite.report.json_report import finite
+
+    write_text(json.dumps(finite(data), indent=2, allow_nan=False) + "\n", path)
+
+
+def write_text(text: str, path: str | os.PathLike) -> None:
+    """Atomic write: a temporary file beside the target, then a rename, so a reader never sees
+    half a file. mkstemp creates files 0600; the umask decides the mode instead, as for open()."""
     out = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".report-", dir=out.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(_finite(data), f, indent=2)
-    os.replace(tmp, out)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
-def _finite(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def render_fp16(report: Fp16Report, title: str) -> str:
-    verdict = "PASS" if report.passed else "FAIL"
+    verdict = "NOT VERIFIED" if getattr(report, "not_verified", None) else ("PASS" if report.passed else "FAIL")
     lines = [
         f"{title}: {verdict}  (mode {report.mode}, {report.fp16_nodes} FP16 / {report.fp32_nodes} FP32 nodes"
         f"{', strict FP16 CumSum' if report.strict_cumsum else ''}, {report.seconds:.2f} s)",
@@ -42,7 +53,7 @@ def render_fp16(report: Fp16Report, title: str) -> str:
         lines.append(f"  {o.name:<24} {o.nan:>8} {o.inf:>8} {o.max_abs_error:>12.4g} {o.rel_l2:>10.3g}")
     if report.first_failures:
         lines.append(f"  first of {report.failing_tensors} failing tensors (topological order):")
-        for f in report.first_failures:
+        for f in report.first_failures[:TERMINAL_FAILURES]:
             lines.append(f"    {f.kind:<10} {f.op:<10} {f.node}  ->  {f.tensor}  (absmax {f.absmax:.4g})")
     for note in report.notes:
         lines.append(f"  note: {note}")
