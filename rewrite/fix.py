@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from onnx_fp16_rewrite.analysis.flops import fp16_flop_fraction
+from onnx_fp16_rewrite.canonical import CanonReport, canonicalize, restore_dynamic
 from onnx_fp16_rewrite.emulation.fp16_emulation import Fp16Report, check_fp16
 from onnx_fp16_rewrite.io.ort_runner import Feed, run_model
 from onnx_fp16_rewrite.pipeline.pass_base import Pass
@@ -59,6 +60,7 @@ class FixReport:
     auto: object | None = None
     fp16_flop_fraction: float | None = None
     trt_after: Fp16Report | None = None  # --verify trt: the fixed model built and run by TensorRT
+    canonical: CanonReport | None = None  # what canonicalisation did (folds, no-op Casts, specialisation)
 
     @property
     def exit_code(self) -> int:
@@ -97,6 +99,7 @@ def fix_model(
     auto: bool = False,
     auto_rewrites: Sequence[Pass] = (),
     verify: Literal["emulation", "trt"] = "emulation",
+    canonical: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> FixResult:
     """Run ``passes`` (each validated in FP32 and rolled back on failure), then emit the model
@@ -113,6 +116,11 @@ def fix_model(
 
         trt_version = require_tensorrt()
 
+    # Canonical form first (onnx_fp16_rewrite.canonical): folded shape arithmetic, no no-op Casts;
+    # the passes, the analysis and the FP32 reference all work on it.
+    canon_report = None
+    if canonical:
+        model, canon_report = canonicalize(model, feeds, tolerance=tolerance)
     manager = PassManager(passes, feeds, tolerance=tolerance, per_output=per_output)
     fixed, run_report = manager.run(model)
     assert manager.validator is not None
@@ -127,6 +135,8 @@ def fix_model(
 
         fixed, auto_report = auto_fix(fixed, feeds, tolerance=rel_l2_tolerance, strict_cumsum=strict_cumsum,
                                       rewrites=auto_rewrites, progress=progress)
+    if canon_report is not None:  # the emitted model gets the input's dynamic dims back, or says why not
+        fixed = restore_dynamic(fixed, canon_report, tolerance=tolerance)
     plan = PrecisionPlan.from_model(fixed)
     mixed_report, mixed_errors = None, []
     before_emit = fixed
@@ -156,7 +166,8 @@ def fix_model(
         trtexec_argv=argv,
         warnings=warnings,
         auto=auto_report,
-        fp16_flop_fraction=fp16_flop_fraction(fixed, plan),
+        fp16_flop_fraction=fp16_flop_fraction(fixed, plan, feeds),
+        canonical=canon_report,
     )
     if trt_version is not None:
         _verify_trt(report, fixed, feeds, reference, plan, trt_version, rel_l2_tolerance)

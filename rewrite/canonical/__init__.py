@@ -120,7 +120,8 @@ def canonicalize(model: onnx.ModelProto, feeds: Sequence[Feed], *, specialise: S
     work = _copy(model)
     report.unknown_dims = sanitize_dims(work)
     report.renamed_nodes = name_nodes(work)
-    validator = Validator(model, feeds, default=tolerance) if feeds else None
+    # The reference is the original with only its dims relaxed (ORT refuses a feed for a declared 0 dim).
+    validator = Validator(work, feeds, default=tolerance) if feeds else None
     if work.ByteSize() > _PROTO_LIMIT:
         report.notes.append("model past 2 GiB: not folded")
         dynamic = work

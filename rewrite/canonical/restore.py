@@ -30,7 +30,9 @@ logger = logging.getLogger(__name__)
 
 def reattach(fixed: onnx.ModelProto, dynamic: onnx.ModelProto, folded: set[str]) -> tuple[onnx.ModelProto | None, str]:
     """``fixed`` with the initializers named in ``folded`` computed again by ``dynamic``'s nodes and
-    ``dynamic``'s input/output declarations; (None, reason) when names clash."""
+    ``dynamic``'s input/output declarations; (None, reason) when names clash. The restored nodes
+    that compute floats are pinned to FP32 in the plan: the analysis saw their values as FP32
+    constants (a count image summed over 512x512 pixels passes 65504), and they cost nothing."""
     out = onnx.ModelProto()
     out.CopyFrom(fixed)
     g = out.graph
@@ -72,6 +74,7 @@ def reattach(fixed: onnx.ModelProto, dynamic: onnx.ModelProto, folded: set[str])
     have = {i.name for i in g.initializer}
     g.initializer.extend(dyn_inits[n] for n in sorted(needed) if n not in have)
     g.node.extend(cone)
+    _pin_float_nodes(out, cone)
     del g.value_info[:]  # the traced concrete shapes no longer hold
     declared = {v.name: v for v in (*dynamic.graph.input, *dynamic.graph.output)}
     for vi in (*g.input, *g.output):
@@ -86,6 +89,22 @@ def reattach(fixed: onnx.ModelProto, dynamic: onnx.ModelProto, folded: set[str])
     sorted_model.metadata_props.extend(out.metadata_props)
     del sorted_model.graph.value_info[:]
     return sorted_model, f"{len(cone)} shape node(s) restored for {len(present)} specialised constant(s)"
+
+
+def _pin_float_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> None:
+    from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
+    from onnx_fp16_rewrite.io.ort_runner import infer_types
+
+    try:
+        types, _ = infer_types(model)
+    except Exception:  # untyped: pin every restored node that is not pure integer shape arithmetic
+        types = {}
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+    plan = PrecisionPlan.from_model(model)
+    for node in nodes:
+        if any(types.get(o, onnx.TensorProto.FLOAT) in floats for o in node.output if o):
+            plan.pin(node.name, "shape arithmetic restored after specialisation (computed from shapes only)")
+    plan.store_in(model)
 
 
 def probe_feeds(model: onnx.ModelProto, feeds: Sequence[Feed]) -> list[list[Feed]]:
