@@ -83,27 +83,6 @@ def parse_val_ranges(tokens: Sequence[str]) -> dict[str, tuple[float, float]]:
     return ranges
 
 
-def check_shared_dims(model: onnx.ModelProto, feeds: Sequence[Feed], source: str) -> None:
-    """Inputs that share a named dim (``batch``) must agree on it in every feed; otherwise ONNX
-    Runtime fails mid-run with its own log. One line naming both inputs instead."""
-    from onnx_fp16_rewrite.io.inputs import model_inputs
-
-    for feed in feeds:
-        seen: dict[str, tuple[str, int]] = {}
-        for vi in model_inputs(model):
-            if vi.name not in feed:
-                continue
-            shape = feed[vi.name].shape
-            for axis, dim in enumerate(vi.type.tensor_type.shape.dim):
-                if not dim.dim_param or axis >= len(shape):
-                    continue
-                first = seen.setdefault(dim.dim_param, (vi.name, int(shape[axis])))
-                if first[1] != shape[axis]:
-                    raise BadInputError(
-                        f"{source}: dim {dim.dim_param!r} is {first[1]} in input {first[0]!r} but {shape[axis]} in "
-                        f"input {vi.name!r} (the model names both the same, so they must be equal)")
-
-
 def feeds_from_args(args, model: onnx.ModelProto) -> list[Feed]:
     """The feeds the flags ask for: loaded (``--inputs`` / ``--load-inputs``, chained) or generated
     (``--shape``, ``--seed``, ``--val-range``)."""
@@ -117,18 +96,9 @@ def feeds_from_args(args, model: onnx.ModelProto) -> list[Feed]:
         if given:
             raise BadInputError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for generated inputs; "
                                 "not with --inputs")
-        feeds = [feed for path in args.inputs for feed in load_feeds(path, model)]
-        check_shared_dims(model, feeds, "--inputs")
-        return feeds
-    check_shared_dims(model, [{k: _Shape(v) for k, v in shapes.items()}], "--shape")
+        # Shapes, dtypes and named dims shared by several inputs are checked by load_feeds.
+        return [feed for path in args.inputs for feed in load_feeds(path, model)]
     return generate_feeds(model, shapes, seed=args.seed or 0, val_range=ranges)
-
-
-class _Shape:
-    """Stands in for an array where only the shape is checked."""
-
-    def __init__(self, shape: tuple[int, ...]) -> None:
-        self.shape = shape
 
 
 def save_inputs(feeds: Sequence[Feed], path: str | os.PathLike) -> None:

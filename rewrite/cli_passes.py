@@ -133,7 +133,11 @@ def assign_short_flags(given: dict[str, Any], selected: Sequence[str]) -> dict[s
         flag = "--" + option.replace("_", "-")
         owners = [name for name in dict.fromkeys(selected) if option in pass_options(get_pass_class(name))]
         if not owners:
-            raise BadInputError(f"{flag} is not an option of the passes that run ({', '.join(selected) or 'none'})")
+            from onnx_fp16_rewrite.pipeline.registry import pass_classes
+
+            takers = [name for name, cls in pass_classes().items() if option in pass_options(cls)]
+            raise BadInputError(f"{flag} is not an option of the passes that run ({', '.join(selected) or 'none'}); "
+                                f"it belongs to {' or '.join(takers)}: add --pass {takers[0]}")
         if len(owners) > 1:
             raise BadInputError(f"{flag} is an option of {', '.join(owners)}: name one, e.g. "
                                 f"--pass-option {owners[0]}.{option}={value if not isinstance(value, tuple) else ','.join(value)}")

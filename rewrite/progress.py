@@ -114,7 +114,7 @@ class _RichPhase:
         self._owner, self._task, self.summary = owner, task_id, None
 
     def advance(self, n: int = 1) -> None:
-        self._owner._bars.advance(self._task, n)
+        self._owner._advance(self._task, n)
 
     def done(self, summary: str) -> None:
         self.summary = summary
@@ -127,12 +127,19 @@ class RichProgress:
         import sys
 
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bars, SpinnerColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, Progress as Bars, SpinnerColumn, TextColumn, TimeElapsedColumn
 
         self.console = Console(file=stream or sys.stderr)
+        # "done/total" only for phases that know their total (a bar with "0/?" would say nothing).
         self._bars = Bars(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                          MofNCompleteColumn(), TimeElapsedColumn(), console=self.console, transient=True)
+                          TextColumn("{task.fields[count]}"), TimeElapsedColumn(), console=self.console, transient=True)
         self._open = 0
+
+    def _advance(self, task: int, n: int) -> None:
+        self._bars.advance(task, n)
+        t = self._bars.tasks[[x.id for x in self._bars.tasks].index(task)]
+        if t.total is not None:
+            self._bars.update(task, count=f"{int(t.completed)}/{int(t.total)}")
 
     @contextmanager
     def phase(self, name: str, total: int | None = None) -> Iterator[Phase]:
@@ -140,7 +147,7 @@ class RichProgress:
             self._bars.start()
         indent = "  " * self._open
         self._open += 1
-        task = self._bars.add_task(indent + name, total=total)
+        task = self._bars.add_task(indent + name, total=total, count=f"0/{total}" if total is not None else "")
         phase = _RichPhase(self, task)
         start = time.perf_counter()
         ok = False
