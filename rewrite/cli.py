@@ -100,8 +100,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
         report = check_trt(model, feeds, model_path=args.model, rel_l2_tolerance=args.rel_l2, library=trt_library)
         _say(args, render_fp16(report, trt_library.label))
     else:
+        from onnx_fp16_rewrite.canonical import canonicalize
+
+        model, canon = canonicalize(model, feeds)  # what fix analyses: folded shape arithmetic, no no-op Casts
         report = check_fp16(model, feeds, strict_cumsum=args.strict_cumsum, rel_l2_tolerance=args.rel_l2)
         _say(args, render_fp16(report, "FP16 emulation"))
+        if canon.changed() and not args.quiet:
+            print(canon.summary())
     pitfalls = _print_pitfalls(model, trt_library, quiet=args.quiet)
     if args.report:
         write_json({**asdict(report), "trt_pitfalls": [asdict(p) for p in pitfalls]}, args.report)
@@ -162,6 +167,11 @@ def _cmd_fix(args: argparse.Namespace) -> int:
         auto=auto, auto_rewrites=rewrites, progress=progress,
     )
     rep = result.report
+    if rep.canonical is not None:
+        if rep.canonical.changed() and not args.quiet:
+            print(rep.canonical.summary())
+        if rep.canonical.specialised_warning():
+            print(f"warning: {rep.canonical.specialised_warning()}", file=sys.stderr)
     if not args.quiet:
         print(render_fp16(rep.fp16_before, "before: FP16 emulation"))
         if rep.passes.passes:

@@ -85,6 +85,11 @@ class CanonReport:
     validation: str = ""
     skipped: bool = False
 
+    def changed(self) -> bool:
+        """Whether canonicalisation changed anything a user would want to hear about."""
+        return not self.skipped and bool(self.nodes_before != self.nodes_after or self.casts_removed
+                                         or self.renamed_nodes or self.unknown_dims or self.specialised)
+
     def summary(self) -> str:
         if self.skipped:
             return "canonical: already canonical"
