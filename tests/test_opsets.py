@@ -28,7 +28,7 @@ def test_check_and_fix_auto_at_opset(opset, tmp_path, capsys):
     ref = _run(path, x)
 
     assert main(["check", str(path), "--inputs", str(inputs), "--report", str(tmp_path / "c.json")]) == 4
-    first = json.loads((tmp_path / "c.json").read_text())["first_failures"][0]
+    first = json.loads((tmp_path / "c.json").read_text())["failing_tensors"][0]["tensors"][0]
     assert (first["op"], first["kind"]) == ("Mul", "overflow") and first["absmax"] > 65504
 
     for emit in ("fp32", "mixed"):

@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_fp16_rewrite.emulation.control_flow import ControlFlowEmulator, body_types
 from onnx_fp16_rewrite.emulation.fp16_graph_edits import (
     copy_node,
     error_nodes,
@@ -34,6 +35,7 @@ from onnx_fp16_rewrite.emulation.fp16_graph_edits import (
     round_nodes,
     shadow_nodes,
     strict_cumsum_nodes,
+    subgraphs,
     weights_not_inputs,
 )
 from onnx_fp16_rewrite.io.ort_runner import Feed, infer_types, run_model
@@ -44,6 +46,7 @@ from onnx_fp16_rewrite.emit.schema_types import fixed_type_inputs, inline_consta
 logger = logging.getLogger(__name__)
 
 FP16_MAX = 65504.0
+_BODY_STATS = ("max", "min", "sum", "err", "ref", "fmax", "fmin")  # _StatSite's order
 _FLOAT = TensorProto.FLOAT
 _FLOAT16 = TensorProto.FLOAT16
 
@@ -120,6 +123,7 @@ class EmulationModel:
     fp16_nodes: int
     fp32_nodes: int
     notes: list[str]
+    unhandled_bodies: list[str] = field(default_factory=list)  # control flow not emulated: no PASS
 
 
 def build_emulation(
@@ -145,11 +149,12 @@ def build_emulation(
     weights_not_inputs(m)
     inline_constants(m.graph)
     types, ranks = infer_types(m)
-    mode = "strong" if any(t == _FLOAT16 for t in types.values()) else "weak"
+    sub_types = body_types(m)  # If/Loop/Scan bodies: emulated like the main graph (control_flow)
+    mode = "strong" if any(t == _FLOAT16 for t in (*types.values(), *sub_types.values())) else "weak"
     notes: list[str] = []
     g = m.graph
     if mode == "strong":
-        fp16_tensors = {name for name, t in types.items() if t == _FLOAT16}
+        fp16_tensors = {name for name, t in (*types.items(), *sub_types.items()) if t == _FLOAT16}
         retype_fp16_as_fp32(m)
         types = {k: (_FLOAT if v == _FLOAT16 else v) for k, v in types.items()}
         pinned: set[str] = set()
@@ -169,6 +174,13 @@ def build_emulation(
     init_by_name = {i.name: i for i in g.initializer}
     fp16_inputs = {i.name for i in g.input if i.name in fp16_tensors} if round_fp16 else set()
     fp16_nodes = fp32_nodes = 0
+    cf = ControlFlowEmulator(
+        {**sub_types, **types}, strong=mode == "strong", fp16_tensors=fp16_tensors, pinned=pinned,
+        round_fp16=round_fp16, with_stats=with_stats, fp32_shadow=fp32_shadow, opset=opset,
+        weights=init_by_name, new_inits=new_inits,
+    ) if sub_types or any(subgraphs(n) for n in g.node) else None
+    produced = {o for n in g.node for o in n.output if o} if fp32_shadow else set()
+    unhandled: list[str] = []
 
     for i, node in enumerate(g.node):
         float_outs = [o for o in node.output if o and o in is_float]
@@ -203,6 +215,13 @@ def build_emulation(
                 new_nodes.extend(scan)
         else:
             new_nodes.append(node)
+        if cf is not None and subgraphs(node):
+            body = cf.emulate(node, produced)
+            new_nodes.extend(body.after)
+            fp16_nodes, fp32_nodes = fp16_nodes + body.fp16_nodes, fp32_nodes + body.fp32_nodes
+            unhandled += body.unhandled
+            sites += [_StatSite(b.tensor, b.node, b.op, b.fp16, *(b.outs.get(k) for k in _BODY_STATS))
+                      for b in body.sites]
         for out in float_outs:
             raw = renamed.get(out, out)
             if raw != out:
@@ -230,7 +249,9 @@ def build_emulation(
     del g.value_info[:]
     for site in sites:
         g.output.extend(helper.make_tensor_value_info(name, _FLOAT, []) for name in site.outputs())
-    return EmulationModel(m, mode, sites, fp16_inputs, fp16_nodes, fp32_nodes, notes)
+    for why in unhandled:
+        logger.warning("FP16 emulation incomplete: %s", why)
+    return EmulationModel(m, mode, sites, fp16_inputs, fp16_nodes, fp32_nodes, notes + unhandled, unhandled)
 
 
 def check_fp16(
@@ -271,7 +292,7 @@ def check_fp16(
         first_failures=findings[:max_findings],
         failing_tensors=len(findings),
         rel_l2_tolerance=rel_l2_tolerance,
-        passed=all(o.ok for o in outputs),
+        passed=all(o.ok for o in outputs) and not emu.unhandled_bodies,
         seconds=round(time.perf_counter() - start, 3),
         notes=emu.notes,
     )

@@ -6,6 +6,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnx_fp16_rewrite.io import weights
+
 _FLOAT = onnx.TensorProto.FLOAT
 _FLOAT16 = onnx.TensorProto.FLOAT16
 
@@ -81,8 +83,12 @@ def strict_cumsum_nodes(
 
 
 def retype_fp16_as_fp32(m: onnx.ModelProto) -> None:
-    """Make every FLOAT16 tensor of a mixed graph FLOAT (the values stay FP16-exact)."""
-    g = m.graph
+    """Make every FLOAT16 tensor of a mixed graph FLOAT (the values stay FP16-exact), inside
+    If/Loop/Scan bodies too."""
+    _retype_graph(m.graph)
+
+
+def _retype_graph(g: onnx.GraphProto) -> None:
     for vi in list(g.input) + list(g.output) + list(g.value_info):
         tt = vi.type.tensor_type
         if tt.elem_type == _FLOAT16:
@@ -96,6 +102,8 @@ def retype_fp16_as_fp32(m: onnx.ModelProto) -> None:
                 attr.i = _FLOAT
             elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == _FLOAT16:
                 attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float32), attr.t.name))
+        for sub in subgraphs(node):
+            _retype_graph(sub)
 
 
 SHADOW = "__fp32"
@@ -103,7 +111,8 @@ SHADOW = "__fp32"
 
 def shadow_nodes(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
     """An FP32 copy of ``nodes`` whose produced tensors are renamed ``<name>__fp32``; graph
-    inputs and weights are shared (the copy reads the original, unrounded weights)."""
+    inputs and weights are shared (the copy reads the original, unrounded weights). Bodies of
+    control-flow copies read the FP32 twins of outer tensors too."""
     produced = {o for n in nodes for o in n.output if o}
     shadow = []
     for node in nodes:
@@ -116,6 +125,8 @@ def shadow_nodes(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
         for i, name in enumerate(copy.output):
             if name:
                 copy.output[i] = name + SHADOW
+        for sub in subgraphs(copy):
+            rename_outer_refs(sub, {t: t + SHADOW for t in produced})
         shadow.append(copy)
     return shadow
 
@@ -148,3 +159,22 @@ def read_by_subgraph(g: onnx.GraphProto, name: str) -> bool:
                 if any(name in n.input for n in sub.node) or read_by_subgraph(sub, name):
                     return True
     return False
+
+
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs))]
+
+
+def rename_outer_refs(g: onnx.GraphProto, mapping: dict[str, str]) -> None:
+    """Rename the names a subgraph reads from enclosing scopes (ONNX forbids shadowing, so
+    names defined inside never collide with outer ones)."""
+    local = {v.name for v in g.input} | {t.name for t in g.initializer} | {o for n in g.node for o in n.output}
+    for n in g.node:
+        for k, t in enumerate(n.input):
+            if t not in local and t in mapping:
+                n.input[k] = mapping[t]
+        for sub in subgraphs(n):
+            rename_outer_refs(sub, {k: v for k, v in mapping.items() if k not in local})
+    for o in g.output:
+        if o.name not in local and o.name in mapping:
+            o.name = mapping[o.name]

@@ -7,10 +7,13 @@ import os
 import tempfile
 from pathlib import Path
 
+from collections.abc import Callable
+
+import numpy as np
 import onnx
-from google.protobuf.message import DecodeError
 
 from onnx_fp16_rewrite.errors import BadInputError, one_line
+from onnx_fp16_rewrite.io import weights
 
 logger = logging.getLogger(__name__)
 
@@ -20,11 +23,16 @@ _PROTO_LIMIT = 2**31 - 1
 _EXTERNAL_THRESHOLD = 1024
 
 
-def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+def load_model(
+    model: str | os.PathLike | onnx.ModelProto, *, large_tensor_bytes: int | None = None
+) -> onnx.ModelProto:
     """Load a model from a path (external data included) or pass a ModelProto through.
 
+    Weights of at least ``large_tensor_bytes`` (default ``weights.LARGE_TENSOR_BYTES``) are not
+    read: they stay references to the model's data file (or, in a single-file model, move to
+    the in-process store), so the proto stays small whatever the model's size.
     Raises BadInputError with a one-line message for a missing file, a file that is not ONNX,
-    a truncated protobuf or missing external data.
+    a truncated protobuf or missing / escaping / short external data.
     """
     if isinstance(model, onnx.ModelProto):
         return model
@@ -35,35 +43,105 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         raise BadInputError(f"model path is not a file: {path}")
     try:
         proto = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, RuntimeWarning, ValueError) as exc:
-        raise BadInputError(f"not a valid ONNX model: {path} ({one_line(exc)})") from None
-    except Exception as exc:  # protobuf raises a few unrelated types on garbage input
+    except Exception as exc:  # protobuf raises several unrelated types on garbage input
         raise BadInputError(f"not a valid ONNX model: {path} ({one_line(exc)})") from None
     if not proto.HasField("graph") or len(proto.graph.node) == 0 and len(proto.graph.output) == 0:
         raise BadInputError(f"not a valid ONNX model: {path} (no graph)")
     if not proto.opset_import:
         raise BadInputError(f"not a valid ONNX model: {path} (no opset_import)")
-    try:
-        onnx.load_external_data_for_model(proto, str(path.parent))
-    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
-        raise BadInputError(f"cannot load external data of {path}: {one_line(exc)}") from None
+    limit = weights.LARGE_TENSOR_BYTES if large_tensor_bytes is None else large_tensor_bytes
+    _resolve_external_data(proto, path, limit)
+    weights.detach_large(proto, large_bytes=limit)
     return proto
+
+
+def external_data_files(path: str | os.PathLike) -> list[Path]:
+    """The external-data files an ONNX model file reads (those that exist)."""
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not a model: load_model reports it
+        return []
+    base = Path(path).parent
+    files = {}
+    for t in weights.all_tensors(proto):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = {e.key: e.value for e in t.external_data}.get("location", "")
+            p = base / loc
+            if loc and p.is_file():
+                files[os.path.realpath(p)] = p
+    return list(files.values())
+
+
+# Small external tensors are read into the proto up to this total (passes read small weights).
+_INLINE_BUDGET = 1 << 30
+
+
+def _resolve_external_data(proto: onnx.ModelProto, path: Path, limit: int) -> None:
+    """Check every external-data entry (relative, inside the model's folder, a regular file,
+    long enough); read small tensors in, keep large ones as references."""
+    base = Path(os.path.realpath(path.parent))
+    inlined = 0
+    for t in weights.all_tensors(proto):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        where = f"cannot load external data of {path}: tensor {t.name!r}"
+        if not loc or os.path.isabs(loc) or ".." in Path(loc).parts or "\\" in loc:
+            raise BadInputError(f"{where}: location {loc!r} must be a relative path inside the model's folder")
+        real = Path(os.path.realpath(base / loc))
+        if not real.is_relative_to(base):
+            raise BadInputError(f"{where}: {loc!r} escapes the model's folder (symlink?)")
+        if not real.is_file():
+            raise BadInputError(f"{where}: {loc!r} is missing or not a regular file")
+        try:
+            offset = int(info.get("offset", 0))
+            size = real.stat().st_size
+            length = int(info["length"]) if "length" in info else size - offset
+        except ValueError:
+            raise BadInputError(f"{where}: bad offset/length {info}") from None
+        want = _expected_bytes(t)
+        if offset < 0 or length < 0 or offset + length > size:
+            raise BadInputError(f"{where}: {loc!r} is too short (needs bytes {offset}..{offset + length}, has {size})")
+        if want is not None and want != length:
+            raise BadInputError(f"{where}: {length} bytes for shape {list(t.dims)} needs {want}")
+        if length < limit and inlined + length <= _INLINE_BUDGET:
+            with open(real, "rb") as f:
+                f.seek(offset)
+                data = f.read(length)
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+            t.raw_data = data
+            inlined += length
+        else:
+            weights.file_ref(t, str(real), offset, length)
+
+
+def _expected_bytes(t: onnx.TensorProto) -> int | None:
+    try:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except Exception:
+        return None
+    if t.data_type in weights._PACKED:
+        return None
+    return int(np.prod(t.dims, dtype=np.int64)) * itemsize
 
 
 def check_model(model: onnx.ModelProto, what: str = "model", *, strict_shapes: bool = False) -> None:
     """Run the ONNX checker (and, with ``strict_shapes``, strict shape and type inference);
     a failure becomes a BadInputError naming ``what``."""
     try:
-        if model.ByteSize() > _PROTO_LIMIT:
-            # The checker and shape inference need a path for models past the protobuf limit.
+        if weights.has_refs(model) or _too_big(model):
+            # The checker opens external-data files: check a weight-less skeleton whose
+            # weights point at an empty placeholder file.
             with tempfile.TemporaryDirectory() as tmp:
+                (Path(tmp) / "placeholder").touch()
+                skel, _ = weights.skeleton(model, "placeholder")
                 p = Path(tmp) / "model.onnx"
-                _save_external(model, p)
+                p.write_bytes(skel.SerializeToString())
                 onnx.checker.check_model(str(p))
                 if strict_shapes:
-                    onnx.shape_inference.infer_shapes_path(
-                        str(p), str(Path(tmp) / "inferred.onnx"), check_type=True, strict_mode=True
-                    )
+                    onnx.shape_inference.infer_shapes(skel, check_type=True, strict_mode=True)
         else:
             onnx.checker.check_model(model)
             if strict_shapes:
@@ -79,52 +157,83 @@ def save_model(
     input_path: str | os.PathLike | None = None,
     external_data: bool | None = None,
 ) -> Path:
-    """Write ``model`` to ``path`` atomically (temporary file in the same folder, then rename).
+    """Write ``model`` to ``path`` atomically (temporary files in the same folder, then rename).
 
-    External data (``<name>.data`` beside the model) is used when the model is past the 2 GiB
-    protobuf limit, or when ``external_data`` is True. ``input_path`` is refused as a target.
+    External data (``<name>.data`` beside the model) is used when the model holds referenced
+    weights or is past the 2 GiB protobuf limit, or when ``external_data`` is True. Every file
+    ``input_path`` (a model) reads is refused as a target. Several outputs: ``paths.plan_outputs``.
     """
-    out = Path(path)
-    refuse_overwrite(out, input_path)
-    if not out.parent.exists():
-        raise BadInputError(f"output folder does not exist: {out.parent}")
-    use_external = external_data if external_data is not None else model.ByteSize() > _PROTO_LIMIT
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".onnx-rewrite-", dir=out.parent))
-    try:
-        tmp_model = tmp_dir / out.name
-        if use_external:
-            _save_external(model, tmp_model)
-            data_name = out.name + ".data"
-            os.replace(tmp_dir / data_name, out.parent / data_name)
-        else:
-            onnx.save_model(model, str(tmp_model))
-        os.replace(tmp_model, out)
-    finally:
-        for leftover in tmp_dir.iterdir():
-            leftover.unlink()
-        tmp_dir.rmdir()
-    logger.info("wrote %s%s", out, " (+ external data)" if use_external else "")
-    return out
+    from onnx_fp16_rewrite.io.paths import plan_outputs
+
+    plan = plan_outputs([input_path], {"--output": path})
+    with plan.transaction() as tx:
+        tx.write_model("--output", model, external_data=external_data)
+    return Path(path)
+
+
+def write_model_files(
+    model: onnx.ModelProto,
+    target: Path,
+    stage_model: Callable[[], Path],
+    stage_data: Callable[[], Path | None],
+    *,
+    external_data: bool | None = None,
+) -> None:
+    """Write ``model`` into staged temporaries (``paths._Transaction``): the model, and its
+    weights streamed into ``<target>.data`` (4 KiB-aligned, so ORT can map them) when external
+    data is used. No whole ModelProto with weights is ever serialised."""
+    refs = weights.has_refs(model)
+    use_external = external_data if external_data is not None else (refs or _too_big(model))
+    if not use_external:
+        _write_synced(stage_model(), model.SerializeToString())
+        return
+    data_tmp = stage_data()
+    if data_tmp is None:
+        raise BadInputError(f"{target}: external data needs the output {target.name}.data reserved")
+    skel = onnx.ModelProto()
+    skel.CopyFrom(model)  # cheap: large weights are references (load_model, weights.make_tensor)
+    data_name = target.name + ".data"
+    with open(data_tmp, "wb") as f:
+        for t in weights.all_tensors(skel):
+            ref = weights.is_ref(t)
+            if not ref and not (t.HasField("raw_data") and len(t.raw_data) >= _EXTERNAL_THRESHOLD):
+                continue
+            f.write(b"\0" * (-f.tell() % 4096))
+            offset = f.tell()
+            if ref:
+                for chunk in weights.iter_chunks(t):
+                    f.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
+            else:
+                f.write(t.raw_data)
+            length = f.tell() - offset
+            del t.external_data[:]
+            t.ClearField("raw_data")
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
+                e = t.external_data.add()
+                e.key, e.value = k, v
+        f.flush()
+        os.fsync(f.fileno())
+    _write_synced(stage_model(), skel.SerializeToString())
 
 
 def refuse_overwrite(out: str | os.PathLike, input_path: str | os.PathLike | None) -> None:
-    """Raise BadInputError when ``out`` is the input model (or its external data file)."""
-    if input_path is None:
-        return
-    out_p, in_p = Path(out).resolve(), Path(input_path).resolve()
-    if out_p == in_p or (out_p.exists() and in_p.exists() and os.path.samefile(out_p, in_p)):
-        raise BadInputError(f"output path is the input model, refusing to overwrite: {out}")
+    """Raise BadInputError when ``out`` is a file the input model reads (the model or its
+    external data). Several outputs at once: ``paths.plan_outputs``."""
+    from onnx_fp16_rewrite.io.paths import plan_outputs
+
+    plan_outputs([input_path], {"output": out}, model_outputs=())
 
 
-def _save_external(model: onnx.ModelProto, path: Path) -> None:
-    # Work on a copy: convert_model_to_external_data mutates the proto in place.
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    onnx.save_model(
-        copy,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=path.name + ".data",
-        size_threshold=_EXTERNAL_THRESHOLD,
-    )
+def _too_big(model: onnx.ModelProto) -> bool:
+    try:
+        return model.ByteSize() > _PROTO_LIMIT
+    except Exception:  # protobuf 7 raises past 2 GiB
+        return True
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())

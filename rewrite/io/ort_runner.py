@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-logger = logging.getLogger(__name__)
+from onnx_fp16_rewrite.io import weights
 
-_PROTO_LIMIT = 2**31 - 1
+logger = logging.getLogger(__name__)
 
 Feed = dict[str, np.ndarray]
 
@@ -27,7 +27,11 @@ def make_session(model: onnx.ModelProto):
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
+    # ORT writes its log straight to stderr: only with -v (our INFO logging) do its warnings
+    # show; otherwise even its error lines stay quiet (its errors reach us as exceptions).
+    severity = 2 if logger.isEnabledFor(logging.INFO) else 4
+    ort.set_default_logger_severity(severity)
+    opts.log_severity_level = severity
     # The arena keeps every block it ever grew to; with the emulation's many short-lived
     # tensors it grew by ~1 GiB per NAFNet run. Plain malloc returns memory between runs.
     opts.enable_cpu_mem_arena = False
@@ -36,13 +40,23 @@ def make_session(model: onnx.ModelProto):
     # early (286 MB, 0.35 s).
     opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     providers = ["CPUExecutionProvider"]
-    if model.ByteSize() <= _PROTO_LIMIT:
+    # Weights are given to ORT as our own buffers (add_initializer: no copy; file references
+    # are read-only memory maps), and the model as a weight-less skeleton whose weights point at
+    # an empty placeholder file: the protobuf limit never applies and nothing is written.
+    if not any(weights.is_ref(t) or weights.nbytes(t) >= weights.LARGE_TENSOR_BYTES for t in model.graph.initializer):
         return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
-    # Past the protobuf limit ORT must read the model (and its weights) from disk.
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.onnx"
-        onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data")
-        return ort.InferenceSession(str(path), opts, providers=providers)
+    with tempfile.TemporaryDirectory(prefix="onnx-rewrite-ort-") as tmp:
+        (Path(tmp) / "placeholder").touch()
+        skel, stripped = weights.skeleton(model, "placeholder")
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", tmp)
+        values = []
+        for name, tensor in stripped.items():
+            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(weights.tensor_array(tensor)))
+            opts.add_initializer(name, value)
+            values.append(value)
+        session = ort.InferenceSession(skel.SerializeToString(), opts, providers=providers)
+    session._onnx_rewrite_weights = values  # ORT reads these buffers for the session's lifetime
+    return session
 
 
 def run_model(
@@ -60,14 +74,9 @@ def run_model(
 
 def infer_types(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int]]:
     """Element type (onnx.TensorProto enum) and rank of every tensor shape inference can type."""
-    if model.ByteSize() <= _PROTO_LIMIT:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
-            onnx.save_model(model, str(src), save_as_external_data=True, location="in.onnx.data")
-            onnx.shape_inference.infer_shapes_path(str(src), str(dst))
-            inferred = onnx.load(str(dst), load_external_data=False)
+    # Shapes are inferred on a weight-less skeleton (the caller's model is never touched).
+    skel, _ = weights.skeleton(model)
+    inferred = onnx.shape_inference.infer_shapes(skel)
     types: dict[str, int] = {}
     ranks: dict[str, int] = {}
     graph = inferred.graph

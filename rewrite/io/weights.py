@@ -1,0 +1,356 @@
+"""Large weights referenced, not copied: ModelProtos stay small, whatever the model's size.
+
+A tensor at least ``LARGE_TENSOR_BYTES`` large never sits in a ModelProto's ``raw_data`` inside
+the tool. It is an external-data *reference*: either to the input model's own data file (read
+through a read-only memory map or chunked reads) or to an array held in this process (weights the
+tool derives, such as FP16-rounded copies). So copying, serialising, snapshotting and shape
+inference of a model cost its graph, not its weights, and protobuf's 2 GiB limit never applies.
+
+- ``tensor_array(t)``: the values of any tensor (reference or not), without a copy where possible.
+- ``make_tensor(arr, name)``: a TensorProto; a large array becomes an in-process reference.
+- ``derive(t, op, fn, name)``: ``fn`` applied to a weight, chunk by chunk, cached per (weight, op),
+  so repeated emulation builds share one rounded copy.
+- ``skeleton(model)``: a weight-less copy for ORT (weights given through ``add_initializer``:
+  ORT uses our buffers directly, no copy) and for shape inference.
+Writing a model with references is ``model_io.write_model_files`` (streams each weight).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+logger = logging.getLogger(__name__)
+
+# Tensors this large stay out of ModelProtos (a parameter of load_model / make_tensor; tests use less).
+LARGE_TENSOR_BYTES = 16 << 20
+# Chunk size for reading and deriving weights (bounded temporaries).
+CHUNK_BYTES = 64 << 20
+
+_PREFIX = "@onnx-fp16-rewrite/"
+_FILE = _PREFIX + "file:"
+_MEM = _PREFIX + "mem:"
+
+# Sub-byte types are packed in raw_data; they stay in the proto.
+_PACKED = {TensorProto.INT4, TensorProto.UINT4, TensorProto.FLOAT4E2M1, TensorProto.STRING,
+           getattr(TensorProto, "INT2", -1), getattr(TensorProto, "UINT2", -1)}
+
+_store: dict[int, np.ndarray] = {}
+_derived: dict[tuple, int] = {}
+_ids = itertools.count(1)
+
+
+def is_ref(t: TensorProto) -> bool:
+    """Whether ``t`` is one of our references (its data is not in the proto)."""
+    return t.data_location == TensorProto.EXTERNAL and _info(t).get("location", "").startswith(_PREFIX)
+
+
+def has_refs(model: onnx.ModelProto) -> bool:
+    return any(is_ref(t) for t in all_tensors(model))
+
+
+def all_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
+    """Every TensorProto of the model: initializers and tensor attributes, subgraphs included."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    return _get_all_tensors(model)
+
+
+def file_ref(t: TensorProto, path: str, offset: int, length: int) -> None:
+    """Turn external tensor ``t`` into a reference to ``length`` bytes of ``path`` at ``offset``."""
+    _set_location(t, _FILE + os.path.realpath(path), offset, length)
+
+
+def detach_large(model: onnx.ModelProto, *, large_bytes: int | None = None) -> None:
+    """Move the model's large in-proto tensors into this process's store (in place): from
+    here on copies and snapshots of ``model`` do not copy them."""
+    limit = LARGE_TENSOR_BYTES if large_bytes is None else large_bytes
+    for t in all_tensors(model):
+        if not is_ref(t) and t.HasField("raw_data") and len(t.raw_data) >= limit and t.data_type not in _PACKED:
+            arr = np.frombuffer(t.raw_data, dtype=_np_dtype(t)).reshape(tuple(t.dims))
+            _set_location(t, f"{_MEM}{_keep(arr)}", 0, arr.nbytes)
+
+
+def make_tensor(arr: np.ndarray, name: str, *, large_bytes: int | None = None) -> TensorProto:
+    """``numpy_helper.from_array``, except that a large array is kept here and referenced."""
+    limit = LARGE_TENSOR_BYTES if large_bytes is None else large_bytes
+    if arr.nbytes < limit:
+        return numpy_helper.from_array(arr, name)
+    return _mem_tensor(np.ascontiguousarray(arr), name)
+
+
+def tensor_array(t: TensorProto) -> np.ndarray:
+    """The tensor's values; a file reference is a read-only memory map (no copy)."""
+    if not is_ref(t):
+        return numpy_helper.to_array(t)
+    info = _info(t)
+    loc = info["location"]
+    dtype, shape = _np_dtype(t), tuple(t.dims)
+    if loc.startswith(_MEM):
+        arr = _store[int(loc[len(_MEM):])]
+        view = arr.view()
+        view.flags.writeable = False
+        return view
+    if int(info.get("length", 0)) == 0:
+        return np.zeros(shape, dtype)
+    return np.memmap(loc[len(_FILE):], dtype=dtype, mode="r", offset=int(info.get("offset", 0)), shape=shape)
+
+
+def iter_chunks(t: TensorProto, chunk_bytes: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
+    """The tensor's values as flat chunks; file references are read with plain reads, so the
+    pages read do not stay mapped into this process (peak memory stays one chunk)."""
+    dtype = _np_dtype(t)
+    n = int(np.prod(t.dims, dtype=np.int64))
+    step = max(1, chunk_bytes // max(dtype.itemsize, 1))
+    if is_ref(t) and _info(t)["location"].startswith(_FILE):
+        info = _info(t)
+        with open(info["location"][len(_FILE):], "rb") as f:
+            f.seek(int(info.get("offset", 0)))
+            for start in range(0, n, step):
+                count = min(step, n - start)
+                yield np.frombuffer(f.read(count * dtype.itemsize), dtype=dtype, count=count)
+        return
+    flat = tensor_array(t).reshape(-1)
+    for start in range(0, n, step):
+        yield flat[start:start + step]
+
+
+def derive(t: TensorProto, op: str, fn: Callable[[np.ndarray], np.ndarray], name: str,
+           *, large_bytes: int | None = None) -> TensorProto:
+    """A new tensor ``name`` holding ``fn(values of t)``; ``fn`` must be elementwise.
+
+    For a referenced weight, ``fn`` runs chunk by chunk into one new array, cached per
+    (weight, op): the emulation rebuilt ten times still holds one rounded copy."""
+    if not is_ref(t):
+        return make_tensor(np.asarray(fn(numpy_helper.to_array(t))), name, large_bytes=large_bytes)
+    key = (_source_key(t), op)
+    if key not in _derived:
+        out = None
+        pos = 0
+        for chunk in iter_chunks(t):
+            res = np.asarray(fn(chunk))
+            if out is None:
+                out = np.empty(int(np.prod(t.dims, dtype=np.int64)), res.dtype)
+            out[pos:pos + res.size] = res
+            pos += res.size
+        if out is None:  # an empty tensor
+            out = np.asarray(fn(np.zeros((0,), _np_dtype(t)))).reshape(-1)
+        _derived[key] = _keep(out.reshape(tuple(t.dims)))
+    return _ref_tensor(_derived[key], name)
+
+
+FP16_MAX = 65504.0
+
+
+def _round16(a: np.ndarray) -> np.ndarray:
+    return np.clip(a.astype(np.float32), -FP16_MAX, FP16_MAX).astype(np.float16).astype(np.float32)
+
+
+def _to16(a: np.ndarray) -> np.ndarray:
+    return np.clip(a.astype(np.float32), -FP16_MAX, FP16_MAX).astype(np.float16)
+
+
+def rounded_fp16(t: TensorProto, name: str) -> TensorProto:
+    """FP32 weight ``t`` as an FP16 engine holds it: clamped to the FP16 range, rounded to FP16,
+    widened back to FP32 (one shared copy per weight)."""
+    return derive(t, "round16", _round16, name)
+
+
+def as_fp16(t: TensorProto, name: str) -> TensorProto:
+    """Weight ``t`` stored as FP16 (clamped to the FP16 range)."""
+    return derive(t, "fp16", _to16, name)
+
+
+def clamp_to_fp16(arr: np.ndarray) -> tuple[np.ndarray, int, float]:
+    """``arr`` as FP16 with finite values past ±65504 clamped (±inf kept: masks use it), chunk by
+    chunk; returns (fp16 array, values clamped, largest clamped magnitude). A memory-mapped
+    input's pages are dropped as they are read, so peak memory is the FP16 copy."""
+    out = np.empty(arr.shape, np.float16)
+    src, dst = arr.reshape(-1), out.reshape(-1)
+    step = max(1, CHUNK_BYTES // 4)
+    clamped, worst = 0, 0.0
+    for start in range(0, src.size, step):
+        c = np.asarray(src[start:start + step], np.float32)
+        over = np.isfinite(c) & (np.abs(c) > FP16_MAX)
+        k = int(over.sum())
+        if k:
+            clamped += k
+            worst = max(worst, float(np.abs(c[over]).max()))
+            c = np.where(over, np.clip(c, -FP16_MAX, FP16_MAX), c)
+        dst[start:start + step] = c
+        _drop_pages(arr)
+    return out, clamped, worst
+
+
+def _drop_pages(arr: np.ndarray) -> None:
+    """Let the kernel reclaim the pages of a read-only file mapping we have read."""
+    import mmap
+
+    base = arr
+    while base is not None and not isinstance(base, np.memmap):
+        base = getattr(base, "base", None)
+    mm = getattr(base, "_mmap", None) if base is not None else None
+    if mm is not None and hasattr(mm, "madvise"):
+        try:
+            mm.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass
+
+
+def alias_derived(t: TensorProto, op: str, source: TensorProto, source_op: str) -> None:
+    """Declare that ``op`` applied to ``t`` equals ``source_op`` applied to ``source`` (so, e.g.,
+    the FP16 weight of a mixed model widened back to FP32 shares the emulation's rounded copy)."""
+    if is_ref(t) and is_ref(source) and (_source_key(source), source_op) in _derived:
+        _derived[(_source_key(t), op)] = _derived[(_source_key(source), source_op)]
+
+
+def skeleton(model: onnx.ModelProto, placeholder: str = "placeholder",
+             *, large_bytes: int | None = None) -> tuple[onnx.ModelProto, dict[str, TensorProto]]:
+    """A weight-less copy of ``model`` for ORT and shape inference: each referenced or large
+    top-level initializer points at ``placeholder`` (an empty file ORT checks exists) and is
+    returned by name (the caller's own TensorProto) for ``SessionOptions.add_initializer``.
+    Built field by field, so the caller's large weights are never copied. References in
+    subgraphs or attributes (rare) are inlined into the copy."""
+    limit = LARGE_TENSOR_BYTES if large_bytes is None else large_bytes
+    out = onnx.ModelProto()
+    _copy_fields(out, model, skip="graph")
+    _copy_fields(out.graph, model.graph, skip="initializer")
+    stripped: dict[str, TensorProto] = {}
+    for t in model.graph.initializer:
+        if is_ref(t) or (t.HasField("raw_data") and nbytes(t) >= limit):
+            s = out.graph.initializer.add()
+            s.name, s.data_type = t.name, t.data_type
+            s.dims.extend(t.dims)
+            _set_location(s, placeholder, 0, nbytes(t))
+            stripped[t.name] = t
+        else:
+            out.graph.initializer.add().CopyFrom(t)
+    top = {id(t) for t in out.graph.initializer}
+    for t in all_tensors(out):
+        if id(t) not in top and is_ref(t):
+            inline(t)
+    return out, stripped
+
+
+def import_graph(model: onnx.ModelProto):
+    """``gs.import_onnx`` whose referenced constants load through ``tensor_array`` (graphsurgeon's
+    own loader cannot read references); ``keep_refs`` before export puts them back."""
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(model)
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Constant) and _is_lazy(t._values) and is_ref(t._values.tensor):
+            t._values = _ref_values(t._values.tensor)
+    return graph
+
+
+def keep_refs(graph) -> None:
+    """Before ``gs.export_onnx``: a referenced constant whose values a pass only read (graphsurgeon
+    caches them as an array) is exported as its reference again, not inlined into the proto."""
+    import onnx_graphsurgeon as gs
+
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Constant) and isinstance(t._values, np.ndarray):
+            entry = _loaded.get(id(t._values))
+            if entry is not None and entry[0]() is t._values:
+                t._values = _ref_values(entry[1])
+
+
+_loaded: dict[int, tuple] = {}  # id(array a reference loaded to) -> (weakref to it, the tensor)
+
+
+def _is_lazy(values) -> bool:
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    return isinstance(values, LazyValues)
+
+
+def _ref_values(tensor: TensorProto):
+    import weakref
+
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    class _RefValues(LazyValues):
+        def load(self):
+            arr = tensor_array(self.tensor)
+            _loaded[id(arr)] = (weakref.ref(arr), self.tensor)
+            return arr
+
+    return _RefValues(tensor)
+
+
+def _copy_fields(dst, src, *, skip: str) -> None:
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        if fd.is_repeated:
+            getattr(dst, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def inline(t: TensorProto) -> None:
+    """Put a referenced tensor's data into the proto (only for small ones or rare places)."""
+    data = np.ascontiguousarray(tensor_array(t)).tobytes()
+    del t.external_data[:]
+    t.data_location = TensorProto.DEFAULT
+    t.raw_data = data
+
+
+def nbytes(t: TensorProto) -> int:
+    """Bytes of the tensor's data, wherever it is."""
+    if t.data_location == TensorProto.EXTERNAL:
+        return int(_info(t).get("length", 0))
+    if t.HasField("raw_data"):
+        return len(t.raw_data)
+    return t.ByteSize()
+
+
+def _mem_tensor(arr: np.ndarray, name: str) -> TensorProto:
+    return _ref_tensor(_keep(arr), name)
+
+
+def _keep(arr: np.ndarray) -> int:
+    key = next(_ids)
+    _store[key] = arr
+    return key
+
+
+def _ref_tensor(key: int, name: str) -> TensorProto:
+    arr = _store[key]
+    t = TensorProto()
+    t.name = name
+    t.data_type = helper.np_dtype_to_tensor_dtype(arr.dtype)
+    t.dims.extend(arr.shape)
+    _set_location(t, f"{_MEM}{key}", 0, arr.nbytes)
+    return t
+
+
+def _source_key(t: TensorProto) -> tuple:
+    info = _info(t)
+    return (info["location"], int(info.get("offset", 0)), int(info.get("length", 0)), t.data_type)
+
+
+def _set_location(t: TensorProto, location: str, offset: int, length: int) -> None:
+    del t.external_data[:]
+    t.ClearField("raw_data")
+    t.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = k, v
+
+
+def _info(t: TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in t.external_data}
+
+
+def _np_dtype(t: TensorProto) -> np.dtype:
+    return np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
