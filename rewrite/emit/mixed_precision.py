@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnx_fp16_rewrite.io import weights
 from onnx_fp16_rewrite.errors import BadInputError, PassFailedError
 from onnx_fp16_rewrite.emit.index_arithmetic import index_arithmetic_nodes
 from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
@@ -214,7 +215,7 @@ class _Converter:
                 alias[t] = self._place_constant(t, extra)
         for init in self.g.initializer:  # old style: an initializer that is also an input follows it
             if self.home.get(init.name) == FP16:
-                init.CopyFrom(numpy_helper.from_array(self._fp16(numpy_helper.to_array(init), init.name), init.name))
+                init.CopyFrom(weights.make_tensor(self._fp16(weights.tensor_array(init), init.name), init.name))
                 self.report.initializers_converted.append(init.name)
 
         new_nodes = list(casts.get("inputs", []))
@@ -263,7 +264,7 @@ class _Converter:
 
     def _constant_value(self, t: str) -> np.ndarray:
         if t in self.inits:
-            return numpy_helper.to_array(self.g.initializer[self.inits[t]])
+            return weights.tensor_array(self.g.initializer[self.inits[t]])  # large: a read-only map
         a = self.g.node[self.flex_const[t]].attribute[0]
         if a.name == "value":
             return numpy_helper.to_array(a.t)
@@ -272,7 +273,7 @@ class _Converter:
     def _store(self, t: str, name: str, arr: np.ndarray, extra: dict[int, onnx.NodeProto]) -> None:
         """Write ``arr`` as constant ``name``: in place when it is ``t``, else as a new copy."""
         if t in self.inits:
-            tensor = numpy_helper.from_array(arr, name)
+            tensor = weights.make_tensor(arr, name)  # large weights stay out of the proto
             if name == t:
                 self.g.initializer[self.inits[t]].CopyFrom(tensor)
             else:
@@ -306,15 +307,11 @@ class _Converter:
 
     def _fp16(self, arr: np.ndarray, name: str) -> np.ndarray:
         """Clamp finite values to ±65504, then convert. ±inf stays inf: masks use it on purpose."""
-        arr = np.asarray(arr, np.float32)
-        over = np.isfinite(arr) & (np.abs(arr) > FP16_MAX)
-        n = int(over.sum())
+        out, n, worst = weights.clamp_to_fp16(np.asarray(arr))  # chunked: no full-size temporaries
         if n:
-            logger.warning("clamping %d value(s) of '%s' to ±%g for FP16 (absmax %g)",
-                           n, name, FP16_MAX, float(np.abs(arr[over]).max()))
+            logger.warning("clamping %d value(s) of '%s' to ±%g for FP16 (absmax %g)", n, name, FP16_MAX, worst)
             self.report.initializers_clamped[name] = self.report.initializers_clamped.get(name, 0) + n
-            arr = np.where(over, np.clip(arr, -FP16_MAX, FP16_MAX), arr)
-        return arr.astype(np.float16)
+        return out
 
     def _unique(self, base: str) -> str:
         name, k = base, 1

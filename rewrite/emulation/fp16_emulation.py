@@ -38,6 +38,7 @@ from onnx_fp16_rewrite.emulation.fp16_graph_edits import (
     subgraphs,
     weights_not_inputs,
 )
+from onnx_fp16_rewrite.io import weights
 from onnx_fp16_rewrite.io.ort_runner import Feed, infer_types, run_model
 from onnx_fp16_rewrite.emit.index_arithmetic import index_arithmetic_nodes
 from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
@@ -379,9 +380,8 @@ def _rounded_edge(
     rounded = name + "__r16"
     if name in init_by_name:
         # An engine converts weights to FP16 by clamping to the FP16 range, not by overflowing.
-        arr = numpy_helper.to_array(init_by_name[name]).astype(np.float32)
-        arr = np.clip(arr, -FP16_MAX, FP16_MAX).astype(np.float16).astype(np.float32)
-        new_inits.append(numpy_helper.from_array(arr, rounded))
+        # (chunked, one shared copy per weight; large weights stay out of the proto: io.weights)
+        new_inits.append(weights.rounded_fp16(init_by_name[name], rounded))
     else:
         new_nodes.extend(round_nodes(name, rounded))
     cache[name] = rounded

@@ -95,7 +95,8 @@ def _retype_graph(g: onnx.GraphProto) -> None:
             tt.elem_type = _FLOAT
     for i, init in enumerate(g.initializer):
         if init.data_type == _FLOAT16:
-            g.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name))
+            # large weights: one shared FP32 copy, kept out of the proto (io.weights)
+            g.initializer[i].CopyFrom(weights.derive(init, "f32", lambda a: a.astype(np.float32), init.name))
     for node in g.node:
         for attr in node.attribute:
             if node.op_type == "Cast" and attr.name == "to" and attr.i == _FLOAT16:

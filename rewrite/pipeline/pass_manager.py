@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnx_fp16_rewrite.io import weights
 from onnx_fp16_rewrite.errors import one_line
 from onnx_fp16_rewrite.io.model_io import check_model
 from onnx_fp16_rewrite.io.ort_runner import Feed
@@ -105,7 +106,7 @@ class PassManager:
         snapshot.CopyFrom(model)
         ctx = PassContext(model=snapshot, feeds=self.feeds, plan=PrecisionPlan.from_model(model), _absmax=absmax)
         try:
-            graph = gs.import_onnx(model)
+            graph = weights.import_graph(model)  # large weights readable, kept as references
             result = p.run(graph, ctx)
             record.rewritten, record.skipped = result.rewritten, result.skipped
             if not result.modified:
@@ -154,6 +155,7 @@ def name_nodes(model: onnx.ModelProto) -> int:
 
 def _export(graph: gs.Graph, before: onnx.ModelProto, plan: PrecisionPlan, pass_name: str) -> onnx.ModelProto:
     graph.cleanup().toposort()
+    weights.keep_refs(graph)
     out = gs.export_onnx(graph)
     # graphsurgeon rebuilds the ModelProto: carry over what it does not know about.
     # Keep the input's IR version unless a pass raised the opset past what it can carry.

@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from onnx_fp16_rewrite.io import weights
 from onnx_fp16_rewrite.io.ort_runner import infer_types
 from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 from onnx_fp16_rewrite.emit.trtexec import layer_name_problem, unexpressible_layer_names
@@ -147,7 +148,7 @@ def _cumsum_pitfalls(graph: onnx.GraphProto, cumsums: list[onnx.NodeProto], rank
 
 def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     """Values of initializers and Constant-node outputs (the parser imports both as weights)."""
-    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    values = {init.name: weights.tensor_array(init) for init in graph.initializer}  # large: read-only maps
     for node in graph.node:
         if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
             continue
