@@ -59,6 +59,7 @@ class AutoFixReport:
     validation_runs: int
     rounds: int
     passed: bool
+    canonical: object | None = None  # CanonReport when auto_fix canonicalised the model itself
     # FP32 statistics of every float tensor of the model as given, from the profiling run (reports, annotations).
     ranges: list = field(default_factory=list)
 
@@ -78,7 +79,11 @@ def auto_fix(
     """Returns the model with its precision plan (and any kept rewrites) and the report."""
     from onnx_fp16_rewrite.pipeline.pass_manager import PassManager, name_nodes
 
+    from onnx_fp16_rewrite.canonical import canonicalize, restore_dynamic
+
     model = _copy(model)
+    # The canonical form (a no-op on a model fix_model already canonicalised): literals for the rewrites.
+    model, canon = canonicalize(model, feeds)
     name_nodes(model)
     profile = profile_ranges(model, feeds, progress=progress)
     measured = profile
@@ -141,6 +146,9 @@ def auto_fix(
     )
     logger.info("auto: %d sites, %d FP32 nodes, %d profiling + %d emulation runs",
                 len(sites), len(plan), report.profiling_runs, report.emulation_runs)
+    if not canon.skipped:
+        model = restore_dynamic(model, canon)
+        report.canonical = canon
     return model, report
 
 

@@ -100,9 +100,13 @@ def _pin_float_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> Non
     except Exception:  # untyped: pin every restored node that is not pure integer shape arithmetic
         types = {}
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+    from onnx_fp16_rewrite.canonical.dependence import shape_dependent
+
+    # Only values computed from shapes: a data Slice that merely feeds a Shape keeps its precision.
+    from_shapes = set(shape_dependent(model)[0])
     plan = PrecisionPlan.from_model(model)
     for node in nodes:
-        if any(types.get(o, onnx.TensorProto.FLOAT) in floats for o in node.output if o):
+        if node.name in from_shapes and any(types.get(o, onnx.TensorProto.FLOAT) in floats for o in node.output if o):
             plan.pin(node.name, "shape arithmetic restored after specialisation (computed from shapes only)")
     plan.store_in(model)
 
