@@ -8,12 +8,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 from onnx_fp16_rewrite.cli_args import build_parser, fix_positionals
 from onnx_fp16_rewrite.errors import BadInputError, RewriteError, one_line
-from onnx_fp16_rewrite.fix import EXIT_FP16_FAILS, EXIT_NOT_VERIFIED, EXIT_OK
+from onnx_fp16_rewrite.fix import EXIT_FP16_FAILS, EXIT_NOT_VERIFIED, EXIT_OK, MAX_FINDINGS
 from onnx_fp16_rewrite.progress import progress_for
 
 __all__ = ["build_parser", "main"]
@@ -24,6 +23,7 @@ TRT10_LABEL = "TensorRT 10 only"
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     fix_positionals(args)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the reports quote the exact command
     verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
     if verbose and quiet:
         print("onnx-rewrite: error: -v and -q contradict each other", file=sys.stderr)
@@ -35,10 +35,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "passes":
             return _cmd_passes()
         if args.command == "check":
-            return _cmd_check(args)
+            return _with_outputs(_cmd_check, args)
         if args.command == "trtexec":
             return _cmd_trtexec(args)
-        return _cmd_fix(args)
+        if args.command == "diff":
+            return _cmd_diff(args)
+        return _with_outputs(_cmd_fix, args)
     except RewriteError as exc:
         print(f"onnx-rewrite: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -75,8 +77,8 @@ def _load(args: argparse.Namespace):
         model = load_model(args.model)
         check_model(model, f"input model {args.model}")
     feeds = feeds_from_args(args, model)
-    if args.save_inputs:
-        save_inputs(feeds, args.save_inputs)
+    if args.save_inputs:  # staged: lands with the other outputs when the run succeeds (io.paths)
+        save_inputs(feeds, args.tx.stage("--save-inputs") if getattr(args, "tx", None) else args.save_inputs)
     return model, feeds
 
 
@@ -87,9 +89,10 @@ def _say(args: argparse.Namespace, text: str) -> None:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from onnx_fp16_rewrite.emulation.fp16_emulation import check_fp16
-    from onnx_fp16_rewrite.report.report import render_fp16, write_json
+    from onnx_fp16_rewrite.report.report import render_fp16
 
-    _check_out_paths(args, args.report, args.save_inputs)
+    _check_out_paths(args, args.report, args.html, args.save_inputs)
+    _require_plot(args)
     if args.backend == "trt" and args.strict_cumsum:
         raise BadInputError("--strict-cumsum applies to the emulation backend only")
     trt_library = _require_trt(args.backend == "trt")
@@ -103,16 +106,22 @@ def _cmd_check(args: argparse.Namespace) -> int:
         from onnx_fp16_rewrite.canonical import canonicalize
 
         model, canon = canonicalize(model, feeds)  # what fix analyses: folded shape arithmetic, no no-op Casts
-        report = check_fp16(model, feeds, strict_cumsum=args.strict_cumsum, rel_l2_tolerance=args.rel_l2)
+        report = check_fp16(model, feeds, strict_cumsum=args.strict_cumsum, rel_l2_tolerance=args.rel_l2,
+                            max_findings=MAX_FINDINGS)
         _say(args, render_fp16(report, "FP16 emulation"))
         if canon.changed() and not args.quiet:
             print(canon.summary())
     pitfalls = _print_pitfalls(model, trt_library, quiet=args.quiet)
-    if args.report:
-        write_json({**asdict(report), "trt_pitfalls": [asdict(p) for p in pitfalls]}, args.report)
-    if report.not_verified:
-        return EXIT_NOT_VERIFIED
-    return EXIT_OK if report.passed else EXIT_FP16_FAILS
+    code = EXIT_NOT_VERIFIED if report.not_verified else (EXIT_OK if report.passed else EXIT_FP16_FAILS)
+    if args.report or args.html:
+        from onnx_fp16_rewrite.report.outputs import check_reports
+
+        texts = check_reports(report, model, feeds, argv=args.argv, model_path=args.model, demo=args.demo,
+                              exit_code=code, backend="tensorrt" if trt_library else "emulation", pitfalls=pitfalls,
+                              want_json=bool(args.report), want_html=bool(args.html),
+                              strict_cumsum=args.strict_cumsum, tolerance=args.rel_l2)
+        _write_reports(args, texts)
+    return code
 
 
 def _fix_passes(args: argparse.Namespace):
@@ -146,13 +155,14 @@ def _cmd_fix(args: argparse.Namespace) -> int:
     from onnx_fp16_rewrite.fix import fix_model
     from onnx_fp16_rewrite.io.model_io import refuse_overwrite, save_model
     from onnx_fp16_rewrite.pipeline.validate import Tolerance
-    from onnx_fp16_rewrite.report.report import render_auto, render_fp16, render_passes, write_json
+    from onnx_fp16_rewrite.report.report import render_auto, render_fp16, render_passes
 
     out = Path(args.output)
     refuse_overwrite(out, args.model)
     if not out.parent.exists():
         raise BadInputError(f"output folder does not exist: {out.parent}")
-    _check_out_paths(args, args.report, args.save_inputs)
+    _check_out_paths(args, args.report, args.html, args.save_inputs)
+    _require_plot(args)
     if args.keep_io_types and args.emit != "mixed":
         raise BadInputError("--keep-io-types only applies to --emit mixed")
     _require_trt(args.verify == "trt")  # fail before any work
@@ -186,7 +196,7 @@ def _cmd_fix(args: argparse.Namespace) -> int:
     _say(args, render_fp16(rep.fp16_after, f"after ({args.emit}): FP16 emulation"))
     if rep.trt_after is not None:
         _say(args, render_fp16(rep.trt_after, f"after ({args.emit}): TensorRT"))
-    save_model(result.model, out, input_path=args.model)
+    args.tx.write_model("--output", result.model)  # renamed into place with the reports at the end
     print(f"wrote {out}")
     _print_build_line(rep)
     if not args.quiet:
@@ -194,9 +204,52 @@ def _cmd_fix(args: argparse.Namespace) -> int:
             print(f"warning: {warning}")
     for line in _whats_left(rep, args):
         print(line)
-    if args.report:
-        write_json(rep.to_dict(), args.report)
+    if args.report or args.html:
+        from onnx_fp16_rewrite.report.outputs import fix_reports
+
+        texts = fix_reports(result, model, feeds, argv=args.argv, model_path=args.model, demo=args.demo,
+                            output_path=str(out), want_json=bool(args.report), want_html=bool(args.html),
+                            strict_cumsum=args.strict_cumsum, tolerance=args.rel_l2)
+        _write_reports(args, texts)
     return rep.exit_code
+
+
+# --- reports: --report JSON, --html page, diff (onnx_fp16_rewrite.report) ---
+
+
+def _require_plot(args: argparse.Namespace) -> None:
+    if args.html:
+        from onnx_fp16_rewrite.report.plots import require_matplotlib
+
+        require_matplotlib()  # one line, exit 2, before any work
+
+
+def _write_reports(args: argparse.Namespace, texts) -> None:
+    from onnx_fp16_rewrite.report.report import write_text
+
+    for option, path, text in (("--report", args.report, texts.json), ("--html", args.html, texts.html)):
+        if path and text is not None:
+            args.tx.write_text(option, text)
+            if not args.quiet:
+                print(f"wrote {path}")
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from onnx_fp16_rewrite.io.model_io import load_model
+    from onnx_fp16_rewrite.report.graph_diff import diff_models, render_diff
+    from onnx_fp16_rewrite.report.json_report import diff_data, finite
+    from onnx_fp16_rewrite.report.report import write_text
+
+    if args.diff_json:
+        _check_out_paths(argparse.Namespace(model=args.original, output=None), args.diff_json)
+        _check_out_paths(argparse.Namespace(model=args.fixed, output=None), args.diff_json)
+    diff = diff_models(load_model(args.original), load_model(args.fixed))
+    print(render_diff(diff))
+    if args.diff_json:
+        import json
+
+        write_text(json.dumps(finite(diff_data(diff)), indent=2) + "\n", args.diff_json)
+    return EXIT_OK
 
 
 def _print_build_line(rep) -> None:
@@ -229,19 +282,30 @@ def _parse_tolerances(specs: list[str]):
 
 
 def _check_out_paths(args: argparse.Namespace, *paths: str | None) -> None:
-    """Files the run writes besides the model (--report, --save-inputs): never the input model,
-    never each other or -o, in a folder that exists."""
-    from onnx_fp16_rewrite.io.model_io import refuse_overwrite
+    """Every file the run writes (-o, --report, --html, --save-inputs), checked before any work:
+    never a file the run reads (the model, its external data, --inputs), never each other, not a
+    folder, in a writable folder (io.paths.plan_outputs). They are written together at the end."""
+    from onnx_fp16_rewrite.io.paths import plan_outputs
 
-    given = [p for p in paths if p is not None]
-    claimed = [Path(args.output).resolve()] if getattr(args, "output", None) else []
-    for path in given:
-        refuse_overwrite(path, args.model)
-        if not Path(path).parent.exists():
-            raise BadInputError(f"output folder does not exist: {Path(path).parent}")
-        if Path(path).resolve() in claimed:
-            raise BadInputError(f"two outputs of this run would be written to {path}")
-        claimed.append(Path(path).resolve())
+    outputs = {opt: getattr(args, dest, None) for opt, dest in (
+        ("--output", "output"), ("--report", "report"), ("--html", "html"), ("--save-inputs", "save_inputs"))}
+    outputs.update({str(p): p for p in paths if p is not None and p not in outputs.values()})
+    plan = plan_outputs(inputs=[args.model, getattr(args, "inputs", None)], outputs=outputs)
+    args.tx = plan.begin()
+
+
+def _with_outputs(cmd, args: argparse.Namespace) -> int:
+    """Run a command that writes files: its staged outputs land only if it returns (any exit
+    code), and are removed on an error or Ctrl-C."""
+    try:
+        code = cmd(args)
+    except BaseException:
+        if getattr(args, "tx", None) is not None:
+            args.tx.discard()
+        raise
+    if getattr(args, "tx", None) is not None:
+        args.tx.commit()
+    return code
 
 
 # --- TensorRT: check --backend trt, fix --verify trt, trtexec (onnx_fp16_rewrite.tensorrt.trt_backend, trt_pitfalls) ---

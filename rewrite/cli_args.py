@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     fix.add_argument("--verify", choices=["emulation", "trt"], default="emulation",
                      help="trt: also build and run the fixed model with TensorRT (GPU)")
 
+    diff = sub.add_parser("diff", help="nodes added, removed, retyped or pinned between a model and its fixed version")
+    _add_verbosity(diff, in_subcommand=True)
+    diff.add_argument("original", help="the model before the fix")
+    diff.add_argument("fixed", help="the model onnx-rewrite fix wrote")
+    diff.add_argument("--json", dest="diff_json", metavar="PATH", help="also write the diff as JSON here")
+
     cmd = sub.add_parser("trtexec", help="print the trtexec command that builds a (fixed) model")
     _add_verbosity(cmd, in_subcommand=True)
     cmd.add_argument("model", help="ONNX model (its precision plan is read from the model)")
@@ -132,7 +138,10 @@ def _add_check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict-cumsum", action="store_true",
                    help="FP16 CumSums accumulate in FP16 (TensorRT <= 10.7 loop form)")
     p.add_argument("--rel-l2", type=float, default=1e-2, help="FP16 check: max relative L2 error per output")
-    p.add_argument("--report", help="write the report as JSON here")
+    p.add_argument("--report", help="write the report as JSON here (schema: onnx_fp16_rewrite/report/report_schema.json)")
+    p.add_argument("--html", metavar="REPORT.html",
+                   help="write a self-contained HTML report with per-layer range/error plots (needs matplotlib: "
+                        "the [report] extra; costs 1-3 extra model runs per sample)")
 
 
 def fix_positionals(args: argparse.Namespace) -> None:

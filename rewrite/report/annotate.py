@@ -88,11 +88,14 @@ def store_tool_info(model: onnx.ModelProto) -> None:
 
 
 def emission_notes(before: onnx.ModelProto, after: onnx.ModelProto, mixed_report) -> dict[str, str]:
-    """What ``--emit mixed`` did, per node: casts it added, nodes it kept FP32 on its own."""
+    """What ``--emit mixed`` did, per node: casts it added, outputs it retyped to FLOAT16, nodes it
+    kept FP32 on its own."""
     from onnx_fp16_rewrite.report.graph_diff import node_changes
 
-    ch = node_changes(before, after, types=False)
+    ch = node_changes(before, after)
     notes = {name: "added by emit-mixed: cast at an FP16/FP32 boundary" for name in ch.added}
+    for name, lines in ch.retyped.items():
+        notes[name] = f"FP16 (emit-mixed): {'; '.join(lines)}"
     for name in getattr(mixed_report, "forced_fp32_nodes", []):
         reason = mixed_report.fp32_nodes.get(name, "kept FP32 by the converter")
         notes[name] = f"FP32 (emit-mixed): {_strip(reason, 'converter: ')}"

@@ -145,6 +145,10 @@ def _origin(doc: str, plan_reason: str | None) -> str:
             return line[len("added by "):].split(":", 1)[0].strip()
         if line.startswith("FP32 (pinned by "):
             return "pinned by " + line[len("FP32 (pinned by "):].split(")", 1)[0].strip()
+        if line.startswith("FP16 (emit-mixed)"):
+            return "emit-mixed (retyped to FP16)"
+        if line.startswith("FP32 (emit-mixed)"):
+            return "emit-mixed (kept FP32)"
     if plan_reason is not None:
         return "pinned (auto)" if plan_reason.startswith("auto:") else "pinned"
     return "unattributed"

@@ -46,7 +46,7 @@ def render_html(doc: dict, plot=None, notes: Sequence[str] = ()) -> str:
     details = doc["details"]
     if cmd == "fix" and details.get("auto"):
         parts.append(_section("Failure sites (fix --auto)", _sites(details["auto"])))
-    parts.append(_section("Failing tensors", _failing(doc["failing_tensors"])))
+    parts.append(_section("Failing tensors", _failing(doc["failing_tensors"]), anchor="failing-tensors"))
     if cmd == "fix":
         parts.append(_section("Passes tried", _passes(details)))
         if doc.get("diff"):
@@ -96,8 +96,11 @@ def _plot(plot, notes: Sequence[str]) -> str:
     if plot is None:
         return '<p class="note">No plot (no range data).</p>'
     data = base64.b64encode(plot.png).decode("ascii")
+    areas = "".join(f'<area shape="rect" coords="{",".join(map(str, box))}" title="{_e(label)}" alt="{_e(label)}" '
+                    f'data-tensor="{_e(tensor)}" href="#failing-tensors">' for tensor, label, box in plot.site_boxes)
     img = (f'<div class="plot"><img id="layer-plot" src="data:image/png;base64,{data}" width="{plot.width}" '
-           f'height="{plot.height}" alt="FP32 |x|max and FP16 error per tensor"></div>')
+           f'height="{plot.height}" usemap="#sites" alt="FP32 |x|max and FP16 error per tensor">'
+           f'<map name="sites">{areas}</map></div>')
     caption = ('<p class="note">Top: FP32 |x|max (black) and 99.9th percentile (gray) per float tensor, against '
                "FP16's largest value 65504 (dashed) and smallest normal 6.1e-5 (dotted). Bottom: FP16 relative "
                "L2 error per tensor (x: before, +: after the fix; at 1e3: non-finite). Red bands: failure sites; "
@@ -171,8 +174,9 @@ def _diff(diff: dict) -> str:
             + '<p class="note">The same on the command line: <code>onnx-rewrite diff ORIGINAL FIXED</code>.</p>')
 
 
-def _section(title: str, body: str) -> str:
-    return f"<section><h2>{_e(title)}</h2>{body}</section>"
+def _section(title: str, body: str, *, anchor: str | None = None) -> str:
+    ident = f' id="{anchor}"' if anchor else ""
+    return f"<section{ident}><h2>{_e(title)}</h2>{body}</section>"
 
 
 def _table(head: Sequence[str], rows: Sequence[Sequence], *, escape: bool = True) -> str:

@@ -31,8 +31,9 @@ class Plot:
     png: bytes
     width: int
     height: int
-    # Pixel column (from the left of the image) of each failure site's band centre, by tensor.
-    site_columns: dict[str, int] = field(default_factory=dict)
+    # Each failure site's band in image pixels (x0, y0, x1, y1 from the top left), for an image map
+    # whose areas name the tensor on hover (no script needed).
+    site_boxes: list[tuple[str, str, tuple[int, int, int, int]]] = field(default_factory=list)
 
 
 def require_matplotlib() -> None:
@@ -92,9 +93,23 @@ def draw_plot(data: PlotData, title: str) -> Plot:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
     width, height = (int(round(v)) for v in fig.get_size_inches() * DPI)
-    # Data x -> pixel column, with the layout the PNG was saved with (y pixels count from the bottom).
-    columns = {r.tensor: int(round(top.transData.transform((i, 1.0))[0])) for i, r in enumerate(rows) if r.site}
-    return Plot(buf.getvalue(), width, height, columns)
+    return Plot(buf.getvalue(), width, height, _site_boxes(rows, top, bottom, height))
+
+
+def _site_boxes(rows, top, bottom, height: int) -> list:
+    """Bands of the sites in image pixels, from the layout the PNG was saved with (display
+    coordinates count y from the bottom; an image map counts from the top)."""
+    y0 = int(round(height - top.get_window_extent().y1))
+    y1 = int(round(height - bottom.get_window_extent().y0))
+    boxes = []
+    for i, r in enumerate(rows):
+        if not r.site:
+            continue
+        left, right = (top.transData.transform((x, 1.0))[0] for x in (i - 0.5, i + 0.5))
+        mid, half = (left + right) / 2, max((right - left) / 2, 3.0)
+        boxes.append((r.tensor, f"{r.site} at {r.op} {r.node} -> {r.tensor}",
+                      (int(mid - half), y0, int(round(mid + half)), y1)))
+    return boxes
 
 
 def _errors(ax, xs, values, label, color, marker) -> None:
