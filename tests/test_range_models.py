@@ -118,7 +118,10 @@ def test_t5_refuses_rescale_after_dynamic_prescale():
     feeds = [t5_encoder.demo_inputs(model)]
     _, report = PassManager([FuseNormalization(), RescaleResidual()], feeds).run(model)
     assert report.passes[1].status == "unchanged"
-    assert any("/prescale" in s.detail and "not scale invariant" in s.detail for s in report.passes[1].skipped)
+    # Through Abs/ReduceMax/Clip it reaches the row's Log, which would absorb it, but the pre-scale's eps * inv**2
+    # would then sink into FP16 subnormals.
+    assert any("/prescale" in s.detail and ("not scale invariant" in s.detail or "subnormals" in s.detail)
+               for s in report.passes[1].skipped)
 
 
 def test_gpt2_decomposed_layer_norm_and_softmax_at_opset_14():

@@ -15,10 +15,20 @@ __all__ = ["Emitter", "carry_pins", "cumsum_attrs", "const_value", "single_consu
 logger = logging.getLogger(__name__)
 
 
-def const_value(t: gs.Tensor | None) -> np.ndarray | None:
-    """The value of a constant tensor: an initializer, or the output of a ``Constant`` node."""
+def const_value(t: gs.Tensor | None, *, fold: bool = True) -> np.ndarray | None:
+    """The value of a constant tensor: an initializer, the output of a ``Constant`` node, or (``fold``) the
+    result of a small constant subgraph -- shape arithmetic as exporters write it (Shape of a statically
+    shaped tensor, ConstantOfShape, Concat, Reshape, Slice, Transpose, Cast, arithmetic on constants),
+    evaluated with onnx.reference. Canonicalisation folds these once; this keeps matchers right before it."""
     if t is None:
         return None
+    literal = _literal(t)
+    if literal is not None or not fold or isinstance(t, gs.Constant) or not t.inputs:
+        return literal
+    return _fold(t)
+
+
+def _literal(t: gs.Tensor) -> np.ndarray | None:
     if isinstance(t, gs.Constant):
         return np.asarray(t.values)
     if len(t.inputs) == 1 and t.inputs[0].op == "Constant":
@@ -32,6 +42,100 @@ def const_value(t: gs.Tensor | None) -> np.ndarray | None:
             if key in t.inputs[0].attrs:
                 return np.asarray(list(t.inputs[0].attrs[key]), dtype=dtype)
     return None
+
+
+# Ops that never fold: their result is not a function of constant inputs, or they hold subgraphs.
+_UNFOLDABLE = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+               "Bernoulli", "Dropout", "If", "Loop", "Scan", "SequenceConstruct"}
+_FOLD_LIMIT = 48  # nodes: shape arithmetic is small; a bigger cone is not what matchers look for
+
+
+def _static_shape(x: gs.Tensor) -> list[int] | None:
+    shape = x.shape
+    if shape is None or not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
+        return None
+    return [int(d) for d in shape]
+
+
+def _fold(t: gs.Tensor) -> np.ndarray | None:
+    """Evaluate the constant cone that produces ``t``, or None when it reads anything computed at run time."""
+    order: list[gs.Node] = []                        # producers first
+    seen: set[int] = set()
+    leaves: dict[str, np.ndarray] = {}
+
+    def visit(x: gs.Tensor) -> bool:
+        if x.name in leaves:
+            return True
+        literal = _literal(x)
+        if literal is not None:
+            leaves[x.name] = literal
+            return True
+        if not x.inputs:
+            return False                             # a graph input
+        node = x.inputs[0]
+        if id(node) in seen:
+            return True
+        if node.op in _UNFOLDABLE or (node.domain or "") not in ("", "ai.onnx") or len(seen) >= _FOLD_LIMIT:
+            return False
+        if node.op in ("Shape", "Size"):
+            shape = _static_shape(node.inputs[0])
+            if shape is None:
+                return False
+            if node.op == "Size":
+                leaves[x.name] = np.asarray(int(np.prod(shape)), np.int64)
+            else:
+                start, end = node.attrs.get("start", 0), node.attrs.get("end", None)
+                leaves[x.name] = np.asarray(shape[start:end] if end is not None else shape[start:], np.int64)
+            return True
+        seen.add(id(node))
+        if not all(visit(i) for i in node.inputs if i.name):
+            return False
+        order.append(node)
+        return True
+
+    if not visit(t) or not order:
+        return leaves.get(t.name)
+    opset = _opset_of(order)
+    return None if opset is None else _evaluate(order, leaves, t, opset)
+
+
+# Attribute forms that later opsets replaced by inputs: the newest opset where each is still valid. A node's own
+# form says which semantics it has, so the cone is evaluated at an opset that accepts all of its forms.
+_ATTR_FORM_LAST = {("Squeeze", "axes"): 12, ("Unsqueeze", "axes"): 12, ("Split", "split"): 12,
+                   ("ReduceSum", "axes"): 12, ("Slice", "starts"): 9, ("Pad", "pads"): 10, ("Upsample", "scales"): 8}
+_INPUT_FORM_FIRST = {"Slice": (1, 10), "Pad": (1, 11), "Squeeze": (1, 13), "Unsqueeze": (1, 13),
+                     "ReduceSum": (1, 13), "ReduceMean": (1, 18), "ReduceMax": (1, 18), "ReduceMin": (1, 18),
+                     "ReduceProd": (1, 18), "Split": (1, 13)}
+
+
+def _opset_of(nodes: list[gs.Node]) -> int | None:
+    low, high = 1, 18
+    for n in nodes:
+        for (op, attr), last in _ATTR_FORM_LAST.items():
+            if n.op == op and attr in n.attrs:
+                high = min(high, last)
+        first = _INPUT_FORM_FIRST.get(n.op)
+        if first is not None and len(n.inputs) > first[0]:
+            low = max(low, first[1])
+    return high if low <= high else None
+
+
+def _evaluate(nodes: list[gs.Node], leaves: dict[str, np.ndarray], t: gs.Tensor, opset: int) -> np.ndarray | None:
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+    try:
+        protos = [OnnxExporter.export_node(n) for n in nodes]
+        inits = [onnx.numpy_helper.from_array(np.asarray(v), name) for name, v in leaves.items()]
+        graph = onnx.helper.make_graph(protos, "fold", [], [onnx.helper.make_value_info(t.name, onnx.TypeProto())],
+                                       inits)
+        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+        (value,) = ReferenceEvaluator(model).run(None, {})
+        return np.asarray(value)
+    except Exception as exc:  # not foldable after all (an op the evaluator lacks): the tensor is not constant
+        logger.debug("could not fold %s: %s", t.name, exc)
+        return None
 
 
 def cumsum_attrs(node: gs.Node) -> tuple[int | None, int, int]:

@@ -1,0 +1,190 @@
+"""Tiny torch modules exported with both torch exporters, written the way real models write these patterns
+(shape-computed scales, F.pad, cumsum, no-op casts, BatchNorm after Conv), for the meaning-level rewrites' tests.
+Until ``models.exported`` lands these stay small: each export takes about a second (TorchScript) or a few
+(dynamo). Exports are cached per process."""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+import warnings
+
+import numpy as np
+import onnx
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def export(module, args: tuple, *, dynamo: bool, opset: int | None = None, names=("x",)) -> onnx.ModelProto:
+    """TorchScript at opset 17, dynamo at 18 (its lowest without a version conversion)."""
+    torch = _torch()
+    opset = opset or (18 if dynamo else 17)
+    module.eval()
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            prog = torch.onnx.export(module, args, input_names=list(names), output_names=["y"], opset_version=opset,
+                                     dynamo=True, verbose=False)
+            prog.optimize()
+            return prog.model_proto
+        torch.onnx.export(module, args, buf, input_names=list(names), output_names=["y"], opset_version=opset,
+                          dynamo=False)
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _modules():
+    torch = _torch()
+    nn, F = torch.nn, torch.nn.functional
+
+    class LinearAttention(nn.Module):
+        """Causal linear attention (Katharopoulos et al. 2020): phi(q).cumsum(phi(k) x v) / phi(q).cumsum(phi(k))."""
+
+        def __init__(self, d=16):
+            super().__init__()
+            g = torch.Generator().manual_seed(0)
+            self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+            for m in (self.q, self.k, self.v, self.o):
+                m.weight.data = torch.randn(d, d, generator=g) / math.sqrt(d)
+            self.v.weight.data *= 60.0  # trained value projections of long sequences reach this range
+
+        def forward(self, x):
+            q, k, v = F.elu(self.q(x)) + 1, F.elu(self.k(x)) + 1, self.v(x)
+            kv = torch.cumsum(torch.einsum("bnd,bne->bnde", k, v), dim=1)
+            num = torch.einsum("bnd,bnde->bne", q, kv)
+            den = torch.einsum("bnd,bnd->bn", q, torch.cumsum(k, dim=1)).unsqueeze(-1)
+            return self.o(num / den)
+
+    class LogMel(nn.Module):
+        """A log-mel front end: STFT as a strided Conv (Hann-windowed DFT), power, mel MatMul, Log."""
+
+        def __init__(self, n_fft=128, hop=64, n_mels=16):
+            super().__init__()
+            n = torch.arange(n_fft, dtype=torch.float64)
+            f = torch.arange(n_fft // 2 + 1, dtype=torch.float64)
+            win = 0.5 - 0.5 * torch.cos(2 * math.pi * n / n_fft)
+            ang = 2 * math.pi * f[:, None] * n[None, :] / n_fft
+            basis = torch.cat([torch.cos(ang) * win, -torch.sin(ang) * win]).float()[:, None, :]
+            self.register_buffer("basis", basis)
+            g = torch.Generator().manual_seed(0)
+            mel = torch.rand(n_fft // 2 + 1, n_mels, generator=g)
+            self.register_buffer("mel", mel / mel.sum(0, keepdim=True))
+            self.hop, self.bins = hop, n_fft // 2 + 1
+
+        def forward(self, x):
+            spec = F.conv1d(x, self.basis, stride=self.hop)
+            re, im = spec[:, : self.bins], spec[:, self.bins:]
+            power = (re * re + im * im).transpose(1, 2)
+            return torch.log(torch.clamp(power @ self.mel, min=1e-10))
+
+    class ConvBN(nn.Module):
+        """Conv -> BatchNorm whose running variance is near zero on some channels (a trained detector's)."""
+
+        def __init__(self, c=8):
+            super().__init__()
+            g = torch.Generator().manual_seed(0)
+            self.conv1 = nn.Conv2d(3, c, 3, padding=1)
+            self.bn = nn.BatchNorm2d(c)
+            self.conv2 = nn.Conv2d(c, 4, 3, padding=1)
+            self.bn.running_mean.data = torch.randn(c, generator=g) * 0.5
+            self.bn.running_var.data = torch.full((c,), 0.05)
+            self.bn.running_var.data[:3] = torch.tensor([1e-9, 4e-10, 2e-9])
+            self.bn.weight.data = torch.rand(c, generator=g) + 0.5
+            self.bn.bias.data = torch.randn(c, generator=g) * 0.1
+
+        def forward(self, x):
+            return self.conv2(torch.relu(self.bn(self.conv1(x))))
+
+    class ComputedScaleAttention(nn.Module):
+        """Causal attention scaled by ``torch.full([], v.size(-1) ** 0.5)`` (a tensor computed from constants once
+        exported), masked with ``finfo(float32).min``. Massive activations (Sun et al. 2024) on the first and last
+        token make q_0 . k_last ~1e5 raw (1.2e4 after the divide), above the diagonal, where the mask removes it."""
+
+        def __init__(self, d=64):
+            super().__init__()
+            g = torch.Generator().manual_seed(0)
+            self.qkv = nn.Linear(d, 3 * d)
+            self.qkv.weight.data = torch.randn(3 * d, d, generator=g) * 0.1
+            self.qkv.weight.data[0, 7] = 3.2       # massive dim 7 -> q channel 0
+            self.qkv.weight.data[d, 9] = 3.2       # massive dim 9 -> k channel 0
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            n = x.shape[1]
+            causal = torch.tril(torch.ones(n, n, dtype=torch.bool))
+            attn = q @ k.transpose(-2, -1) / torch.full([], v.size(-1) ** 0.5)
+            attn = attn.masked_fill(~causal, torch.finfo(torch.float32).min)
+            return attn.softmax(-1) @ v
+
+    class MaskedAttention(nn.Module):
+        """Two attentions whose masks are filled with finfo(float32).min through Where (dynamo shares the fill)."""
+
+        def __init__(self, d=32):
+            super().__init__()
+            self.qkv = nn.Linear(d, 3 * d)
+            self.qkv.weight.data *= 4.0
+
+        def forward(self, x):
+            n = x.shape[1]
+            causal = torch.tril(torch.ones(n, n, dtype=torch.bool))
+            fill = torch.finfo(torch.float32).min
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            a = (q @ k.transpose(-2, -1)) / 8.0
+            a = torch.where(causal, a, torch.tensor(fill)).softmax(-1) @ v
+            b = (a @ a.transpose(-2, -1)) / 8.0
+            return torch.where(causal, b, torch.tensor(fill)).softmax(-1) @ a
+
+    class BoxFilter(nn.Module):
+        """A local mean written with F.pad + cumsum + slicing (NAFNet/guided-filter style), window r."""
+
+        def __init__(self, r=8):
+            super().__init__()
+            self.r = r
+
+        def forward(self, x):
+            r = self.r
+            c = F.pad(x, (1, 0, 1, 0)).cumsum(2).cumsum(3)
+            h, w = x.shape[2], x.shape[3]
+            s = c[:, :, r:, r:] - c[:, :, :h + 1 - r, r:] - c[:, :, r:, :w + 1 - r] + c[:, :, :h + 1 - r, :w + 1 - r]
+            return s / (r * r)
+
+    return dict(linear_attention=LinearAttention, log_mel=LogMel, conv_bn=ConvBN,
+                computed_scale_attention=ComputedScaleAttention, masked_attention=MaskedAttention,
+                box_filter=BoxFilter)
+
+
+INPUTS = {
+    "linear_attention": lambda rng: rng.standard_normal((1, 256, 16)).astype(np.float32),
+    "log_mel": lambda rng: (rng.uniform(-1, 1, (1, 1, 4096)) * 32767).astype(np.float32),
+    "conv_bn": lambda rng: rng.uniform(0, 1, (1, 3, 16, 16)).astype(np.float32),
+    "computed_scale_attention": lambda rng: _massive(rng.standard_normal((1, 16, 64)).astype(np.float32)),
+    "masked_attention": lambda rng: rng.standard_normal((1, 16, 32)).astype(np.float32),
+    "box_filter": lambda rng: rng.uniform(0, 255, (1, 1, 64, 64)).astype(np.float32),
+}
+
+
+def _massive(x: np.ndarray) -> np.ndarray:
+    x[0, 0, 7], x[0, -1, 9] = 100.0, 100.0       # BOS and delimiter tokens
+    return x
+
+
+@functools.lru_cache(maxsize=None)
+def _build(name: str, dynamo: bool) -> bytes:
+    torch = _torch()
+    torch.manual_seed(0)
+    module = _modules()[name]()
+    x = torch.from_numpy(INPUTS[name](np.random.default_rng(0)))
+    return export(module, (x,), dynamo=dynamo).SerializeToString()
+
+
+def build(name: str, *, dynamo: bool = False) -> onnx.ModelProto:
+    return onnx.load_from_string(_build(name, dynamo))
+
+
+def feeds(name: str, seeds=(0, 1)) -> list[dict[str, np.ndarray]]:
+    return [{"x": INPUTS[name](np.random.default_rng(s))} for s in seeds]
