@@ -48,6 +48,7 @@ from onnx_fp16_rewrite.canonical.restore import reattach, verify_dynamic
 from onnx_fp16_rewrite.canonical.shared import fresh_tensor_name, unshare_constant
 from onnx_fp16_rewrite.canonical.trace import feed_signature, trace_shapes
 from onnx_fp16_rewrite.errors import one_line
+from onnx_fp16_rewrite.io.model_io import check_model
 from onnx_fp16_rewrite.io.ort_runner import Feed, infer_types
 from onnx_fp16_rewrite.pipeline.validate import Tolerance, Validator
 
@@ -184,7 +185,7 @@ def restore_dynamic(model: onnx.ModelProto, report: CanonReport, *,
     candidate, detail = reattach(model, dynamic, folded)
     if candidate is not None:
         try:
-            onnx.checker.check_model(candidate)
+            check_model(candidate, "the restored model")
             ok, detail = verify_dynamic(candidate, dynamic, feeds, tolerance)
         except Exception as exc:  # a broken restoration is not used
             ok, detail = False, f"restored graph invalid: {one_line(exc)}"
@@ -207,7 +208,7 @@ def _checked(candidate: onnx.ModelProto, fallback: onnx.ModelProto, validator: V
              report: CanonReport, what: str) -> onnx.ModelProto:
     """``candidate`` when it computes what the original does (rtol/atol as a pass), else ``fallback``."""
     try:
-        onnx.checker.check_model(candidate)
+        check_model(candidate, f"the model after {what}")
     except Exception as exc:  # a fold that breaks the checker is not used
         report.notes.append(f"{what} not used: the checker rejects it ({one_line(exc)})")
         return fallback

@@ -21,6 +21,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnx_fp16_rewrite.io import weights
+
 __all__ = ["fold_dynamic", "sanitize_dims", "specialise", "graph_inputs"]
 
 logger = logging.getLogger(__name__)
@@ -73,7 +75,7 @@ def specialise(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...
         for s in shape:
             tt.shape.dim.add().dim_value = int(s)
     del m.graph.value_info[:]  # shapes inferred before may be symbolic; infer them again
-    graph = gs.import_onnx(m)
+    graph = weights.import_graph(m)  # large weights stay references (io.weights)
     replaced = 0
     for node in graph.nodes:
         if node.op not in ("Shape", "Size") or not node.inputs or len(node.outputs) != 1:
@@ -105,7 +107,7 @@ def _fold_rounds(model: onnx.ModelProto, max_rounds: int) -> onnx.ModelProto:
     current = model
     for _ in range(max_rounds):
         before = len(current.graph.node)
-        graph = gs.import_onnx(_infer(current))
+        graph = weights.import_graph(_infer(current))
         graph.fold_constants(fold_shapes=True, error_ok=True, size_threshold=SIZE_THRESHOLD,
                              should_exclude_node=lambda n: n.op in _NEVER_FOLD)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
@@ -127,6 +129,7 @@ def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _export(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     """graphsurgeon rebuilds the ModelProto: carry over what it does not know about."""
+    weights.keep_refs(graph)
     out = gs.export_onnx(graph, do_type_check=False)
     out.ir_version = like.ir_version
     out.producer_name, out.producer_version = like.producer_name, like.producer_version

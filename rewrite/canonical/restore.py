@@ -20,6 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnx_fp16_rewrite.errors import one_line
+from onnx_fp16_rewrite.io import weights
 from onnx_fp16_rewrite.io.ort_runner import Feed
 from onnx_fp16_rewrite.pipeline.validate import Tolerance, Validator
 
@@ -66,7 +67,7 @@ def reattach(fixed: onnx.ModelProto, dynamic: onnx.ModelProto, folded: set[str])
     needed = {i for n in cone for i in n.input if i in dyn_inits}
     for name in needed:
         if name in f_inits and name not in folded:
-            if onnx.numpy_helper.to_array(f_inits[name]).tobytes() != onnx.numpy_helper.to_array(dyn_inits[name]).tobytes():
+            if weights.tensor_array(f_inits[name]).tobytes() != weights.tensor_array(dyn_inits[name]).tobytes():
                 return None, f"initializer {name!r} differs between the fixed and the dynamic model"
     keep = [i for i in g.initializer if i.name not in present]
     del g.initializer[:]
@@ -80,8 +81,9 @@ def reattach(fixed: onnx.ModelProto, dynamic: onnx.ModelProto, folded: set[str])
     for vi in (*g.input, *g.output):
         if vi.name in declared:
             vi.CopyFrom(declared[vi.name])
-    graph = gs.import_onnx(out)
+    graph = weights.import_graph(out)
     graph.toposort()
+    weights.keep_refs(graph)
     sorted_model = gs.export_onnx(graph, do_type_check=False)
     for field in ("ir_version", "producer_name", "producer_version", "doc_string", "model_version"):
         setattr(sorted_model, field, getattr(out, field))

@@ -40,7 +40,9 @@ def unshare_constant(graph: gs.Graph, tensor: gs.Tensor, consumer: gs.Node) -> g
     if isinstance(tensor, gs.Constant) and not readers and not is_output:
         return tensor
     copy = gs.Constant(fresh_tensor_name(graph, f"{tensor.name}/{consumer.name}"), np.array(value, copy=True))
-    consumer.inputs[:] = [copy if t is tensor else t for t in consumer.inputs]
+    for i, t in enumerate(consumer.inputs):  # item assignment keeps graphsurgeon's links in sync
+        if t is tensor:
+            consumer.inputs[i] = copy
     return copy
 
 

@@ -1,0 +1,217 @@
+"""Canonicalisation on graphs real exporters emit: folding, no-op Casts, names, dynamic dims kept."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+
+from canonical_exports import export, padded_attention_module, rand, t5_layer_norm_module
+from conftest import parse_named
+from onnx_fp16_rewrite.canonical import canonicalize, restore_dynamic, unshare_constant
+from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
+from onnx_fp16_rewrite.io.ort_runner import run_model
+
+pytest.importorskip("torch")
+
+DYNAMIC = {"x": {0: "N", 2: "H", 3: "W"}, "v": {0: "B", 1: "T"}}
+
+
+@pytest.fixture(scope="module")
+def padded(tmp_path_factory):
+    """TorchScript export of F.pad + ones_like count image + full([], d ** 0.5) scale, dynamic axes."""
+    import torch
+
+    path = tmp_path_factory.mktemp("canon") / "padded.onnx"
+    return export(padded_attention_module(), (torch.rand(1, 3, 8, 12), torch.rand(2, 5, 16)), path,
+                  input_names=["x", "v"], output_names=["y", "h"], dynamic_axes=DYNAMIC)
+
+
+def _feeds(x=(1, 3, 8, 12), v=(2, 5, 16), seed=0):
+    return [{"x": rand(*x, seed=seed), "v": rand(*v, seed=seed + 1)}]
+
+
+def _close(model_a, model_b, feeds, rtol=1e-5, atol=1e-5):
+    a, b = run_model(model_a, feeds), run_model(model_b, feeds)
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            np.testing.assert_allclose(rb[k], ra[k], rtol=rtol, atol=atol)
+
+
+def _dims(model, name):
+    vi = next(i for i in model.graph.input if i.name == name)
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in vi.type.tensor_type.shape.dim]
+
+
+def test_torchscript_shape_arithmetic_folds_to_literals(padded):
+    ops = [n.op_type for n in padded.graph.node]
+    assert ops.count("ConstantOfShape") == 3 and ops.count("Shape") == 2 and len(ops) == 43
+    feeds = _feeds()
+    canon, report = canonicalize(padded, feeds)
+    # Pads chain (12 nodes), the sqrt(d) scale (10), the count image (3), 18 Constants, 1 no-op Cast.
+    assert [n.op_type for n in canon.graph.node] == ["Conv", "Transpose", "Pad", "MatMul", "Div", "Div"]
+    assert (report.nodes_before, report.nodes_after, report.folded) == (43, 6, 36)
+    assert report.casts_removed == ["/Cast_2"] and report.specialised
+    assert report.specialised_shapes == {"x": [1, 3, 8, 12], "v": [2, 5, 16]}
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in canon.graph.initializer}
+    pad = next(n for n in canon.graph.node if n.op_type == "Pad")
+    assert inits[pad.input[1]].tolist() == [0, 0, 2, 1, 0, 0, 2, 1]  # literal pads, ONNX order
+    div = next(n for n in canon.graph.node if n.name == "/Div_1")
+    assert float(inits[div.input[1]]) == pytest.approx(4.0)  # sqrt(16), a literal the matchers can read
+    # Names the plan refers to survive; graph outputs keep their names.
+    assert {n.name for n in canon.graph.node} <= {n.name for n in padded.graph.node}
+    assert [o.name for o in canon.graph.output] == ["y", "h"]
+    _close(padded, canon, feeds)
+
+
+def test_emitted_model_keeps_dynamic_dims(padded):
+    feeds = _feeds()
+    canon, report = canonicalize(padded, feeds)
+    assert _dims(canon, "x") == [1, 3, 8, 12]  # analysed specialised
+    plan = PrecisionPlan({"/conv/Conv": "test"})
+    plan.store_in(canon)
+    emitted = restore_dynamic(canon, report)
+    assert report.emitted_dynamic is True and report.specialised_warning() is None
+    assert _dims(emitted, "x") == ["N", 3, "H", "W"] and _dims(emitted, "v") == ["B", "T", 16]
+    assert PrecisionPlan.from_model(emitted).is_fp32("/conv/Conv")
+    # Restored count-image arithmetic is computed from shapes only: FP32, as the analysis saw it.
+    assert PrecisionPlan.from_model(emitted).is_fp32("/ConstantOfShape_1")
+    for shapes in [((1, 3, 8, 12), (2, 5, 16)), ((2, 3, 10, 6), (1, 7, 16)), ((1, 3, 48, 192), (3, 9, 16))]:
+        _close(padded, emitted, _feeds(*shapes, seed=3))
+
+
+def test_restoration_refused_when_a_rewrite_baked_a_shape_in(padded):
+    feeds = _feeds()
+    canon, report = canonicalize(padded, feeds)
+    # A "rewrite" that replaces the count-image sum with a literal derived from it: shape-specific.
+    graph = gs.import_onnx(canon)
+    div = next(n for n in graph.nodes if n.name == "/Div")
+    div.inputs[1] = gs.Constant("baked_count", np.array(96.0, np.float32))
+    graph.cleanup()
+    baked = gs.export_onnx(graph)
+    baked.metadata_props.extend(canon.metadata_props)
+    emitted = restore_dynamic(baked, report)
+    assert report.emitted_dynamic is False
+    assert "specialised to x:1x3x8x12" in report.specialised_warning()
+    assert _dims(emitted, "x") == [1, 3, 8, 12]  # honest: still specialised
+
+
+def test_specialise_never_folds_only_shape_independent_values(padded):
+    feeds = _feeds()
+    canon, report = canonicalize(padded, feeds, specialise="never")
+    assert not report.specialised and _dims(canon, "x") == ["N", 3, "H", "W"]
+    ops = [n.op_type for n in canon.graph.node]
+    # Pads and sqrt(16) hold for every shape (head dim 16 is static); the count image needs H, W.
+    assert "Pow" not in ops and "Concat" not in ops and ops.count("Shape") == 1
+    assert report.shape_nodes_dynamic == 3
+    _close(padded, canon, feeds)
+    _close(padded, canon, _feeds((2, 3, 5, 7), (1, 3, 16)))
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_t5_layernorm_noop_cast_removed(tmp_path, dynamo):
+    import torch
+
+    module = t5_layer_norm_module()
+    x = torch.rand(2, 5, 16)
+    if dynamo:
+        model = export(module, (x,), tmp_path / "t5ln.onnx", input_names=["x"], output_names=["y"], dynamo=True,
+                       dynamic_shapes={"x": {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")}})
+    else:
+        model = export(module, (x,), tmp_path / "t5ln.onnx", input_names=["x"], output_names=["y"],
+                       dynamic_axes={"x": {0: "batch", 1: "seq"}})
+    casts = [n for n in model.graph.node if n.op_type == "Cast"]
+    feeds = [{"x": rand(2, 5, 16)}]
+    canon, report = canonicalize(model, feeds)
+    assert not any(n.op_type == "Cast" for n in canon.graph.node)
+    assert sorted(report.casts_removed) == sorted(n.name for n in casts)
+    if not dynamo:
+        assert len(casts) == 1  # TorchScript keeps .to(torch.float32); dynamo drops it itself
+    assert not report.specialised and _dims(canon, "x") == ["batch", "seq", 16]
+    assert {n.name for n in canon.graph.node} <= {n.name for n in model.graph.node}
+    _close(model, canon, feeds)
+    _close(model, canon, [{"x": rand(3, 11, 16, seed=2)}])
+
+
+NOOP_OUTPUT_CAST = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[2,3] x) => (float[2,3] y, float[2,3] z, float[2,3] w) {
+  r = Relu(x)
+  y = Cast<to=1>(r)
+  z = Cast<to=1>(x)
+  s = Sigmoid(r)
+  w = Cast<to=1>(s)
+}"""
+
+
+def test_noop_cast_that_is_a_graph_output_keeps_the_output_name():
+    model = parse_named(NOOP_OUTPUT_CAST)
+    feeds = [{"x": rand(2, 3) - 0.5}]
+    canon, report = canonicalize(model, feeds)
+    assert sorted(report.casts_removed) == ["cast1", "cast4"]
+    assert report.casts_kept == ["cast2"]  # casts a graph input: renaming is not possible
+    assert [o.name for o in canon.graph.output] == ["y", "z", "w"]
+    relu = next(n for n in canon.graph.node if n.op_type == "Relu")
+    assert list(relu.output) == ["y"]  # the producer took the output's name
+    _close(model, canon, feeds)
+
+
+MINUS_ONE = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[-1,3,-1,-1] x) => (float[-1,3,-1,-1] y) {
+  s = Shape(x)
+  i0 = Constant<value=int64 {0}>()
+  n = Gather<axis=0>(s, i0)
+  nf = Cast<to=1>(n)
+  y = Mul(x, nf)
+}"""
+
+
+def test_minus_one_dims_are_dynamic_not_sizes():
+    model = parse_named(MINUS_ONE)
+    feeds = [{"x": rand(2, 3, 4, 5)}]
+    canon, report = canonicalize(model, feeds, specialise="never")
+    assert report.unknown_dims == 6  # three -1 dims in the input and three in the output
+    # Shape(x)[0] must not fold to -1: the batch size stays computed.
+    assert "Gather" in [n.op_type for n in canon.graph.node]
+    _close(model, canon, feeds)
+    spec, report = canonicalize(model, feeds)
+    assert report.specialised and [n.op_type for n in spec.graph.node] == ["Mul"]
+    emitted = restore_dynamic(spec, report)
+    assert report.emitted_dynamic
+    _close(model, emitted, [{"x": rand(5, 3, 2, 2)}])
+
+
+SHARED = """<ir_version: 8, opset_import: ["" : 17]>
+g (bool[4] m1, bool[4] m2, float[4] a, float[4] b) => (float[4] y1, float[4] y2) {
+  fill = Constant<value=float {-3.4e38}>()
+  y1 = Where(m1, a, fill)
+  y2 = Where(m2, b, fill)
+}"""
+
+
+def test_unshare_constant_gives_one_consumer_its_own_copy():
+    model = parse_named(SHARED)
+    graph = gs.import_onnx(model)
+    first, second = [n for n in graph.nodes if n.op == "Where"]
+    shared = first.inputs[2]
+    own = unshare_constant(graph, shared, first)
+    own.values = np.array(-1e4, np.float32)  # the rewrite changes only its own copy
+    assert own.name != shared.name and first.inputs[2] is own and second.inputs[2] is shared
+    assert unshare_constant(graph, own, first) is own  # already its own: no copy
+    out = gs.export_onnx(graph.cleanup())
+    onnx.checker.check_model(out)
+    names = [i.name for i in out.graph.initializer]
+    assert len(names) == len(set(names))
+    feed = {"m1": np.zeros(4, bool), "m2": np.zeros(4, bool), "a": rand(4), "b": rand(4)}
+    y1, y2 = run_model(out, [feed])[0].values()
+    assert (y1 == np.float32(-1e4)).all() and (y2 == np.float32(-3.4e38)).all()
+    with pytest.raises(ValueError, match="not a constant"):
+        unshare_constant(graph, graph.inputs[2], first)
+
+
+def test_already_canonical_models_are_not_canonicalised_twice(padded):
+    feeds = _feeds()
+    canon, _ = canonicalize(padded, feeds)
+    again, report = canonicalize(canon, feeds)
+    assert again is canon and report.skipped and not report.changed()
