@@ -3,7 +3,7 @@ import pytest
 
 from conftest import parse_named
 from onnx_fp16_rewrite.errors import BadInputError
-from onnx_fp16_rewrite.io.inputs import generate_feeds, load_feeds, parse_shapes, save_polygraphy_json
+from onnx_fp16_rewrite.io.inputs import check_feed, generate_feeds, load_feeds, parse_shapes, save_polygraphy_json
 
 MODEL = parse_named("""<ir_version: 8, opset_import: ["" : 17]>
 g (float[1,3,H,W] x, int64[2] idx) => (float[1,3,H,W] y) { y = Relu(x) }""")
@@ -62,3 +62,31 @@ def test_not_an_inputs_file(tmp_path):
     (tmp_path / "in.txt").write_text("x")
     with pytest.raises(BadInputError, match="must be .npz"):
         load_feeds(tmp_path / "in.txt", MODEL)
+
+
+DYNAMIC = parse_named("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[-1,3,0,W] x, int64[batch,seq] ids, int64[batch,seq] mask) => (float[-1,3,0,W] y) { y = Relu(x) }""")
+
+
+def test_minus_one_and_zero_dims_accept_any_size():
+    feed = {"x": np.ones((1, 3, 48, 192), np.float32), "ids": np.ones((2, 7), np.int64),
+            "mask": np.ones((2, 7), np.int64)}
+    check_feed(feed, DYNAMIC, "x.npz")
+    with pytest.raises(BadInputError, match=r"has shape \[1, 4, 48, 192\], the model wants \[\?,3,\?,W\]"):
+        check_feed({**feed, "x": np.ones((1, 4, 48, 192), np.float32)}, DYNAMIC, "x.npz")
+
+
+def test_named_dims_must_agree_across_inputs():
+    feed = {"x": np.ones((1, 3, 4, 4), np.float32), "ids": np.ones((2, 7), np.int64),
+            "mask": np.ones((2, 8), np.int64)}
+    with pytest.raises(BadInputError, match="'mask' has seq=8 where another input has seq=7"):
+        check_feed(feed, DYNAMIC, "x.npz")
+
+
+def test_shape_hint_covers_every_dynamic_input_and_is_accepted():
+    with pytest.raises(BadInputError) as info:
+        generate_feeds(DYNAMIC)
+    hint = str(info.value).split("give --shape ")[1].split(" ")[0]
+    assert hint == "x:1x3x64x64,ids:1x64,mask:1x64"  # one size per dim name
+    feed = generate_feeds(DYNAMIC, parse_shapes([hint]))[0]
+    assert feed["x"].shape == (1, 3, 64, 64) and feed["mask"].shape == (1, 64)
