@@ -156,12 +156,28 @@ def match_integral_window(first: gs.Node, graph: gs.Graph, shapes: dict, seen: s
         other = next((s for s in slices if s.op != "Slice"), None)
         return f"prefix sums {cur.name} read by {other.op} {other.name}, not only by Slices" if other \
             else f"prefix sums {cur.name} read by a single Slice: a prefix, not a window"
-    boxes = {}
-    for s in slices:
-        box = _slice_box(s, shape_s)
+    # Exporters slice one axis at a time (c[:, :, r:][:, :, :, r:]) and share the first Slice between corners:
+    # a Slice read only by Slices composes with them into one box per leaf.
+    boxes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    leaves: list[gs.Node] = []
+    inner: list[gs.Node] = []
+    work = [(s, (0,) * rank, tuple(shape_s)) for s in slices]
+    while work:
+        s, base, within = work.pop()
+        box = _slice_box(s, list(within))
         if box is None:
             return f"Slice {s.name}: starts/ends/axes not constant, or a step other than 1"
-        boxes[s.outputs[0].name] = box
+        start, length = tuple(b + o for b, o in zip(base, box[0])), box[1]
+        readers = list(s.outputs[0].outputs)
+        if readers and all(r.op == "Slice" and r.inputs[0] is s.outputs[0] for r in readers) and \
+                not any(s.outputs[0] is o for o in outs):
+            inner.append(s)
+            work += [(r, start, length) for r in readers]
+        else:
+            leaves.append(s)
+            boxes[s.outputs[0].name] = (start, length)
+    chain = list(chain) + inner
+    slices = leaves
     padded = any(lead) or any(trail)
     return _combination(x, xs, slices, boxes, summed, lead, chain, (pads_after, padded), outs)
 
