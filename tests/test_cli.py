@@ -24,7 +24,7 @@ def nafnet_path(tmp_path_factory):
 def test_check_names_a_sca_cumsum_as_first_overflow(nafnet_path, tmp_path, capsys):
     code = main(["check", str(nafnet_path), "--report", str(tmp_path / "r.json")])
     assert code == 4
-    report = json.loads((tmp_path / "r.json").read_text())
+    report = json.loads((tmp_path / "r.json").read_text())["details"]["check"]
     out = report["outputs"][0]
     assert out["nan"] + out["inf"] > 0
     first = report["first_failures"][0]
@@ -39,7 +39,7 @@ def test_fix_protect_sca(nafnet_path, tmp_path, capsys, emit):
     code = main(["fix", str(nafnet_path), "-o", str(out_path), "--pass", "protect-fp32", "--match", "sca",
                  "--emit", emit, "--report", str(rep_path)])
     assert code == 0, capsys.readouterr()
-    report = json.loads(rep_path.read_text())
+    report = json.loads(rep_path.read_text())["details"]
     assert report["fp16_before"]["outputs"][0]["nan"] > 0
     (record,) = report["passes"]["passes"]
     assert record["status"] == "kept"
@@ -68,7 +68,7 @@ def test_fix_protect_sca(nafnet_path, tmp_path, capsys, emit):
 def test_residual_groupnorm_flagged(tmp_path):
     code = main(["check", "--demo", "residual-groupnorm", "--report", str(tmp_path / "r.json")])
     assert code == 4
-    first = json.loads((tmp_path / "r.json").read_text())["first_failures"][0]
+    first = json.loads((tmp_path / "r.json").read_text())["details"]["check"]["first_failures"][0]
     assert (first["op"], first["kind"]) == ("Add", "overflow")
 
 
@@ -103,7 +103,13 @@ def _bad_input_cases(tmp_path, nafnet_path):
         "wrong dtype": (fix + [str(nafnet_path), "--inputs", str(wrong_dtype)], "dtype float64"),
         "dynamic dims": (fix + [str(dynamic)], "dynamic dims"),
         "output is input": (["fix", str(nafnet_path), "-o", str(nafnet_path)], "refusing to overwrite"),
-        "bad regex": (fix + [str(nafnet_path), "--match", "sca("], "bad --match regex"),
+        "bad regex": (fix + [str(nafnet_path), "--pass", "protect-fp32", "--match", "sca("], "bad --match regex"),
+        "flag of a pass that does not run": (fix + [str(nafnet_path), "--match", "sca"], "add --pass protect-fp32"),
+        "unknown pass option": (fix + [str(nafnet_path), "--pass-option", "rescale-accumulation.target_absmx=4096"],
+                                "did you mean 'target_absmax'"),
+        "ambiguous short flag": (fix + [str(nafnet_path), "--target-absmax", "4096"],
+                                 "--pass-option rescale-accumulation.target_absmax=4096"),
+        "-v with -q": (fix + [str(nafnet_path), "-v", "-q"], "contradict"),
     }
 
 
@@ -136,10 +142,12 @@ def test_usage_errors_are_one_line(capsys):
     assert len(err.strip().splitlines()) == 1 and "invalid float value" in err
 
 
-def test_fix_auto_prefers_exact_rescaling(nafnet_path, tmp_path, capsys):
-    code = main(["fix", str(nafnet_path), "-o", str(tmp_path / "auto.onnx"), "--auto", "--report", str(tmp_path / "a.json")])
+def test_plain_fix_prefers_exact_rescaling(nafnet_path, tmp_path, capsys):
+    """No --pass: the automatic fix (what --auto did before), strongly typed by default."""
+    code = main(["fix", str(nafnet_path), "-o", str(tmp_path / "auto.onnx"), "--report", str(tmp_path / "a.json")])
     assert code == 0
-    report = json.loads((tmp_path / "a.json").read_text())
+    report = json.loads((tmp_path / "a.json").read_text())["details"]
+    assert report["emit"] == "mixed" and "--stronglyTyped" in report["trtexec_argv"]
     auto = report["auto"]
     # The cheapest rewrite (bit-exact power-of-two rescaling) fixes the sca blocks: nothing is
     # pinned, all FLOPs stay FP16 and trtexec needs no --layerPrecisions.
