@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -22,6 +22,8 @@ from onnx_fp16_rewrite.pipeline.pass_manager import PassManager, RunReport
 from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 from onnx_fp16_rewrite.emit.trtexec import format_command, trtexec_command
 from onnx_fp16_rewrite.pipeline.validate import Tolerance
+from onnx_fp16_rewrite.progress import NULL_PROGRESS, Progress
+from onnx_fp16_rewrite.tensorrt.trt_backend import profile_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_ROLLED_BACK = 3
 EXIT_FP16_FAILS = 4
+EXIT_NOT_VERIFIED = 6  # TensorRT built the engine but could not run it here (e.g. TensorRT-RTX on an H200)
 # Failing tensors a report lists (their count is always given); the terminal shows the first few.
 MAX_FINDINGS = 1000
 
@@ -66,6 +69,8 @@ class FixReport:
     def exit_code(self) -> int:
         if not self.fp16_after.passed:
             return EXIT_FP16_FAILS
+        if self.trt_after is not None and self.trt_after.not_verified:
+            return EXIT_NOT_VERIFIED
         if self.trt_after is not None and not self.trt_after.passed:
             return EXIT_FP16_FAILS
         if self.passes.rolled_back:
@@ -97,44 +102,58 @@ def fix_model(
     rel_l2_tolerance: float = 1e-2,
     model_path: str = "model.onnx",
     auto: bool = False,
-    auto_rewrites: Sequence[Pass] = (),
+    auto_rewrites: Sequence[Pass] | None = None,
     verify: Literal["emulation", "trt"] = "emulation",
     canonical: bool = True,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress = NULL_PROGRESS,
 ) -> FixResult:
     """Run ``passes`` (each validated in FP32 and rolled back on failure), then emit the model
     for ``emit`` and check it with the FP16 emulation against the original's FP32 outputs.
 
     With ``auto``, the automatic fixer runs after ``passes``: it finds the failure sites, tries
-    ``auto_rewrites`` first and pins minimal FP32 regions for the rest.
+    ``auto_rewrites`` first (default: the registry's automatic rewrites, as CLI ``fix`` does; ``()``
+    for pinning only) and pins minimal FP32 regions for the rest.
+    ``progress`` reports each long phase (``onnx_fp16_rewrite.progress``; the CLI renders it on a terminal).
     ``model_path`` is only used to write the trtexec command line.
     ``verify="trt"`` also builds and runs the fixed model with TensorRT (``onnx_fp16_rewrite.tensorrt.trt_backend``);
     a missing TensorRT fails here, before any pass runs."""
-    trt_version = None
+    trt_library = None
     if verify == "trt":
         from onnx_fp16_rewrite.tensorrt.trt_backend import require_tensorrt
 
-        trt_version = require_tensorrt()
+        trt_library = require_tensorrt()
 
     # Canonical form first (onnx_fp16_rewrite.canonical): folded shape arithmetic, no no-op Casts;
     # the passes, the analysis and the FP32 reference all work on it.
     canon_report = None
     if canonical:
-        model, canon_report = canonicalize(model, feeds, tolerance=tolerance)
-    manager = PassManager(passes, feeds, tolerance=tolerance, per_output=per_output)
-    fixed, run_report = manager.run(model)
+        with progress.phase("canonicalisation", total=None) as phase:
+            model, canon_report = canonicalize(model, feeds, tolerance=tolerance)
+            phase.done(canon_report.summary())
+    with progress.phase("passes" if passes else "FP32 reference", total=None) as phase:
+        manager = PassManager(passes, feeds, tolerance=tolerance, per_output=per_output)
+        fixed, run_report = manager.run(model)
+        phase.done(", ".join(f"{p.name} {p.status}" for p in run_report.passes) or f"{len(feeds)} run(s)")
     assert manager.validator is not None
     reference = manager.validator.reference
-    fp16_before = check_fp16(
-        model, feeds, reference, strict_cumsum=strict_cumsum, rel_l2_tolerance=rel_l2_tolerance,
-        max_findings=MAX_FINDINGS,
-    )
+    with progress.phase("FP16 check of the original", total=None) as phase:
+        fp16_before = check_fp16(
+            model, feeds, reference, strict_cumsum=strict_cumsum, rel_l2_tolerance=rel_l2_tolerance,
+            max_findings=MAX_FINDINGS,
+        )
+        phase.done(_verdict(fp16_before))
     auto_report = None
     if auto:
         from onnx_fp16_rewrite.analysis.auto_fix import auto_fix
+        from onnx_fp16_rewrite.pipeline.registry import auto_rewrites as registry_rewrites
 
-        fixed, auto_report = auto_fix(fixed, feeds, tolerance=rel_l2_tolerance, strict_cumsum=strict_cumsum,
-                                      rewrites=auto_rewrites, progress=progress)
+        rewrites = registry_rewrites() if auto_rewrites is None else auto_rewrites
+        # One phase for the whole search until auto_fix reports its own (profiling, diagnosis, each rewrite).
+        with progress.phase("automatic fix", total=None) as phase:
+            fixed, auto_report = auto_fix(fixed, feeds, tolerance=rel_l2_tolerance, strict_cumsum=strict_cumsum,
+                                          rewrites=rewrites)
+            phase.done(f"{len(auto_report.sites)} site(s), kept {', '.join(auto_report.passes_kept) or 'no rewrite'}, "
+                       f"{auto_report.fp32_nodes} FP32 node(s)")
     if canon_report is not None:  # the emitted model gets the input's dynamic dims back, or says why not
         fixed = restore_dynamic(fixed, canon_report, tolerance=tolerance)
     plan = PrecisionPlan.from_model(fixed)
@@ -145,14 +164,16 @@ def fix_model(
 
         fixed, mixed_report = to_mixed_precision(fixed, plan, keep_io_types=keep_io_types)
         mixed_errors = _mixed_ort_error(fixed, feeds, reference)
-        argv = trtexec_command(model_path, plan, mode="strong")
-    else:
-        argv = trtexec_command(model_path, plan, mode="weak")
+    # The shapes that were validated, so trtexec does not build dynamic dims as 1.
+    shapes = profile_shapes(fixed, feeds)
+    argv = trtexec_command(model_path, plan, mode="strong" if emit == "mixed" else "weak", shapes=shapes)
     warnings = _build_warnings(fixed, plan)
-    fp16_after = check_fp16(
-        fixed, feeds, reference, plan=plan, strict_cumsum=strict_cumsum, rel_l2_tolerance=rel_l2_tolerance,
-        max_findings=MAX_FINDINGS,
-    )
+    with progress.phase(f"FP16 verification ({emit})", total=None) as phase:
+        fp16_after = check_fp16(
+            fixed, feeds, reference, plan=plan, strict_cumsum=strict_cumsum, rel_l2_tolerance=rel_l2_tolerance,
+            max_findings=MAX_FINDINGS,
+        )
+        phase.done(_verdict(fp16_after))
     _annotate(fixed, before_emit, run_report, auto_report, mixed_report)
     report = FixReport(
         emit=emit,
@@ -169,19 +190,30 @@ def fix_model(
         fp16_flop_fraction=fp16_flop_fraction(fixed, plan, feeds),
         canonical=canon_report,
     )
-    if trt_version is not None:
-        _verify_trt(report, fixed, feeds, reference, plan, trt_version, rel_l2_tolerance)
+    if trt_library is not None:
+        with progress.phase("TensorRT verification", total=None) as phase:
+            _verify_trt(report, fixed, feeds, reference, plan, trt_library, rel_l2_tolerance)
+            phase.done(_verdict(report.trt_after))
     return FixResult(fixed, report)
 
 
+def _verdict(report: Fp16Report) -> str:
+    nan = sum(o.nan for o in report.outputs)
+    inf = sum(o.inf for o in report.outputs)
+    worst = max((o.rel_l2 for o in report.outputs), default=0.0)
+    return f"{'PASS' if report.passed else 'FAIL'} ({nan} NaN, {inf} Inf, worst rel L2 {worst:.3g})"
+
+
 def _verify_trt(report: FixReport, fixed: onnx.ModelProto, feeds: Sequence[Feed], reference: Sequence[Feed],
-                plan: PrecisionPlan, trt_version: str, rel_l2_tolerance: float) -> None:
-    """--verify trt: the TensorRT verdict on the fixed model, and the pitfalls of this TensorRT version."""
-    from onnx_fp16_rewrite.tensorrt.trt_backend import check_trt, parse_trt_version
+                plan: PrecisionPlan, library, rel_l2_tolerance: float) -> None:
+    """--verify trt: the TensorRT verdict on the fixed model, and the pitfalls of this TensorRT version
+    (TensorRT-RTX: all of them, since its CumSum import is not tied to a TensorRT version)."""
+    from onnx_fp16_rewrite.tensorrt.trt_backend import check_trt
     from onnx_fp16_rewrite.tensorrt.trt_pitfalls import find_pitfalls
 
-    report.trt_after = check_trt(fixed, feeds, reference, plan=plan, rel_l2_tolerance=rel_l2_tolerance)
-    pitfalls = find_pitfalls(fixed, plan, trt_version=parse_trt_version(trt_version))
+    report.trt_after = check_trt(fixed, feeds, reference, plan=plan, rel_l2_tolerance=rel_l2_tolerance,
+                                 library=library)
+    pitfalls = find_pitfalls(fixed, plan, trt_version=None if library.is_rtx else library.parsed_version)
     report.warnings = [p.message for p in pitfalls]
 
 
