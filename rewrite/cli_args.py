@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from onnx_fp16_rewrite import __version__
+from onnx_fp16_rewrite.cli_validate import nonnegative_float, positive_float
 from onnx_fp16_rewrite.fix import EXIT_BAD_INPUT
 
 # Short pass flags kept from earlier releases: flag -> (option keyword, argparse type, help). Each
@@ -88,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="mixed (default): strongly typed FP16/FP32 model for trtexec --stronglyTyped (TensorRT 10 "
                           "and 11); fp32: FP32 model + --fp16 --layerPrecisions (TensorRT 10 only)")
     fix.add_argument("--keep-io-types", action="store_true", help="with --emit mixed: keep FP32 inputs/outputs")
-    fix.add_argument("--rtol", type=float, default=1e-5, help="FP32 validation rtol (default 1e-5)")
-    fix.add_argument("--atol", type=float, default=1e-5, help="FP32 validation atol (default 1e-5)")
+    fix.add_argument("--rtol", type=nonnegative_float, default=1e-5, help="FP32 validation rtol (default 1e-5)")
+    fix.add_argument("--atol", type=nonnegative_float, default=1e-5, help="FP32 validation atol (default 1e-5)")
     fix.add_argument("--tolerance", action="append", default=[], metavar="OUTPUT:RTOL,ATOL",
                      help="per-output FP32 validation tolerance")
     _add_check_args(fix)
@@ -137,7 +138,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict-cumsum", action="store_true",
                    help="FP16 CumSums accumulate in FP16 (TensorRT <= 10.7 loop form)")
-    p.add_argument("--rel-l2", type=float, default=1e-2, help="FP16 check: max relative L2 error per output")
+    p.add_argument("--rel-l2", type=positive_float, default=1e-2, help="FP16 check: max relative L2 error per output")
     p.add_argument("--report", help="write the report as JSON here (schema: onnx_fp16_rewrite/report/report_schema.json)")
     p.add_argument("--html", metavar="REPORT.html",
                    help="write a self-contained HTML report with per-layer range/error plots (needs matplotlib: "

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from onnx_fp16_rewrite.cli_validate import check_pass_options
 from onnx_fp16_rewrite.errors import BadInputError
 from onnx_fp16_rewrite.pipeline.pass_base import Pass
 
@@ -148,6 +149,8 @@ def assign_short_flags(given: dict[str, Any], selected: Sequence[str]) -> dict[s
 def make_passes(names: Sequence[str], options: dict[str, dict[str, Any]]) -> list[Pass]:
     from onnx_fp16_rewrite.pipeline.registry import get_pass_class
 
+    for name in names:
+        check_pass_options(name, options.get(name, {}))  # finite, in range (cli_validate)
     return [get_pass_class(name)(**options.get(name, {})) for name in names]
 
 

@@ -13,6 +13,8 @@ import io
 import json
 import logging
 import re
+import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -126,15 +128,19 @@ def check_feed(feed: Feed, model: onnx.ModelProto, source: str) -> None:
 def _load_npz(path: Path) -> Feed:
     try:
         with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
+            feed = {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
         raise BadInputError(f"cannot read inputs file {path}: {one_line(exc)}") from None
+    for k, v in feed.items():  # np.load hands back members that are not .npy as raw bytes
+        if not isinstance(v, np.ndarray):
+            raise BadInputError(f"cannot read inputs file {path}: member {k!r} is not a .npy array")
+    return feed
 
 
 def _load_polygraphy_json(path: Path) -> list[Feed]:
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
         raise BadInputError(f"cannot read inputs file {path}: {one_line(exc)}") from None
     if isinstance(data, dict) and (data.get("polygraphy_class") == "RunResults" or "lst" in data):
         raise BadInputError(f"{path} is a Polygraphy outputs file (polygraphy run --save-outputs), not inputs: "

@@ -150,6 +150,46 @@ def check_model(model: onnx.ModelProto, what: str = "model", *, strict_shapes: b
         raise BadInputError(f"{what} fails the ONNX checker: {one_line(exc)}") from None
 
 
+# Domains ORT CPU has kernels for (model-local functions are checked separately).
+_KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.training", "ai.onnx.preview.training"}
+
+
+def check_input_model(model: onnx.ModelProto, what: str = "model") -> None:
+    """What a user's model must be for the tool to analyse it, each failure one line naming the
+    node, input or opset (exit 2): the ONNX checker; at least one output; tensor inputs with no
+    zero dims; opsets and op domains that exist; and ONNX Runtime CPU able to load it."""
+    from onnx_fp16_rewrite.io.ort_runner import make_session, ort_reason
+
+    g = model.graph
+    if not g.output:
+        raise BadInputError(f"{what} has no graph outputs: nothing to compare")
+    newest = onnx.defs.onnx_opset_version()
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx") and op.version > newest:
+            raise BadInputError(f"{what} uses opset {op.version}; onnx {onnx.__version__} knows opsets up to {newest}")
+    inits = {t.name for t in g.initializer}
+    for vi in g.input:
+        if vi.name in inits:
+            continue
+        kind = vi.type.WhichOneof("value")
+        if kind != "tensor_type":
+            raise BadInputError(f"{what}: input {vi.name!r} is a {(kind or 'untyped').replace('_type', '')}, "
+                                "only tensor inputs can be fed")
+        dims = vi.type.tensor_type.shape.dim
+        if any(d.HasField("dim_value") and d.dim_value == 0 for d in dims):
+            raise BadInputError(f"{what}: input {vi.name!r} has a dimension of size 0: no values to run on")
+    local = {(f.domain, f.name) for f in model.functions}
+    for node in g.node:
+        if node.domain not in _KNOWN_DOMAINS and (node.domain, node.op_type) not in local:
+            raise BadInputError(f"{what}: node {node.name or node.op_type!r} is {node.domain}::{node.op_type}, "
+                                "an op of a domain ONNX Runtime does not know")
+    check_model(model, what)
+    try:
+        make_session(model)
+    except Exception as exc:  # ORT raises its own exception types
+        raise BadInputError(f"ONNX Runtime cannot load {what}: {ort_reason(exc)}") from None
+
+
 def save_model(
     model: onnx.ModelProto,
     path: str | os.PathLike,

@@ -17,16 +17,25 @@ logger = logging.getLogger(__name__)
 Feed = dict[str, np.ndarray]
 
 
-def make_session(model: onnx.ModelProto):
-    """An ORT CPU session with every graph optimization disabled.
+def make_session(model: onnx.ModelProto, *, optimize: bool = False):
+    """An ORT CPU session with every graph optimization disabled, or with ``optimize`` ORT's
+    basic level (constant folding, redundant-node removal; the speed helper's
+    tests/test_session_optimizations.py proves it keeps the emulator's FP16 rounding Casts and
+    its outputs bitwise); intra-op threads = the cores this process may use.
 
-    Optimizations stay off on purpose: ORT's fusions and cast eliminations would change the
-    numerics we are trying to observe (and fold away the FP16 rounding casts of the emulator).
+    Optimizations are off by default on purpose: ORT's fusions change FP32 numerics (a fused
+    Conv+Add rounds once), and a cast-chain elimination would fold away the FP16 rounding casts.
     """
+    import os
+
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if optimize
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    # Opt-in in ORT; pinned off so no ORT default change can fold Cast(FP16)->Cast(FP32) away.
+    opts.add_session_config_entry("session.enable_cast_chain_elimination", "0")
+    opts.intra_op_num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
     # ORT writes its log straight to stderr: only with -v (our INFO logging) do its warnings
     # show; otherwise even its error lines stay quiet (its errors reach us as exceptions).
     severity = 2 if logger.isEnabledFor(logging.INFO) else 4
@@ -57,6 +66,28 @@ def make_session(model: onnx.ModelProto):
         session = ort.InferenceSession(skel.SerializeToString(), opts, providers=providers)
     session._onnx_rewrite_weights = values  # ORT reads these buffers for the session's lifetime
     return session
+
+
+def ort_reason(exc: BaseException) -> str:
+    """ORT's message without its error-code prefix and C++ source location, on one line."""
+    import re
+
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", str(exc).strip())
+    if text.startswith("/"):  # "/src/file.cc:46 void ns::Func(args...) Message"
+        m = re.search(r"\) (?=[A-Z])", text)
+        text = text[m.end():] if m else text
+    return " ".join(text.split())[:300] or type(exc).__name__
+
+
+def preflight(model: onnx.ModelProto, feed: Feed, what: str) -> None:
+    """Run the user's model once on the first feed: what ONNX Runtime refuses here is the model's
+    or the inputs' doing (exit 2), not ours."""
+    from onnx_fp16_rewrite.errors import BadInputError
+
+    try:
+        make_session(model).run(None, feed)
+    except Exception as exc:  # ORT raises its own exception types
+        raise BadInputError(f"ONNX Runtime cannot run {what} on these inputs: {ort_reason(exc)}") from None
 
 
 def run_model(

@@ -49,13 +49,21 @@ def _same(a: tuple, b: tuple) -> bool:
     return a[0] == b[0] or (a[1] is not None and a[1] == b[1])
 
 
-def input_files(inputs: Iterable[PathLike | None]) -> list[Path]:
+def _flat(inputs) -> list[Path]:
+    """Paths given as items or (``--inputs a.npz b.npz``) lists of them; None skipped."""
+    out: list[Path] = []
+    for item in inputs:
+        if isinstance(item, (list, tuple)):
+            out += _flat(item)
+        elif item is not None and str(item) != "":
+            out.append(Path(item))
+    return out
+
+
+def input_files(inputs: Iterable) -> list[Path]:
     """Every file the run reads: each path given, plus the external-data files of ONNX models."""
     files: list[Path] = []
-    for item in inputs:
-        if item is None:
-            continue
-        p = Path(item)
+    for p in _flat(inputs):
         files.append(p)
         if p.is_file() and p.suffix.lower() == ".onnx":
             from onnx_fp16_rewrite.io.model_io import external_data_files
@@ -74,6 +82,10 @@ class OutputPlan:
     def path(self, option: str) -> Path | None:
         return self.outputs.get(option)
 
+    def begin(self) -> _Transaction:
+        """A transaction to ``commit()`` or ``discard()`` by hand (``transaction()`` does both)."""
+        return _Transaction(self)
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator[_Transaction]:
         tx = _Transaction(self)
@@ -86,13 +98,14 @@ class OutputPlan:
 
 
 def plan_outputs(
-    inputs: Iterable[PathLike | None], outputs: Mapping[str, PathLike | None], *, model_outputs: Iterable[str] = ("--output",)
+    inputs: Iterable, outputs: Mapping[str, PathLike | None], *, model_outputs: Iterable[str] = ("--output",)
 ) -> OutputPlan:
     """Check every output before any work (see the module docstring); ``None`` outputs are skipped.
 
     An output named in ``model_outputs`` also reserves ``<output>.data`` (external data)."""
     read = [(_identity(p), p) for p in input_files(inputs)]
-    read_dirs = [Path(os.path.realpath(p)) for p in (Path(i) for i in inputs if i is not None) if p.is_dir()]
+    inputs = _flat(inputs)
+    read_dirs = [Path(os.path.realpath(p)) for p in inputs if p.is_dir()]
     chosen = {opt: Path(p) for opt, p in outputs.items() if p is not None and str(p) != ""}
     reserved = {f"{opt} (external data)": chosen[opt].with_name(chosen[opt].name + ".data")
                 for opt in model_outputs if opt in chosen}
@@ -146,7 +159,8 @@ class _Transaction:
     def stage(self, option: str) -> Path:
         """A fresh temporary path beside ``option``'s target; write it, it lands at commit."""
         target = self.target(option)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+        # The target's suffix is kept: writers such as np.savez choose the format by it.
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".partial{target.suffix}", dir=target.parent)
         os.close(fd)
         self.staged.append((Path(tmp), target))
         return Path(tmp)
