@@ -74,6 +74,8 @@ def export_spec(spec: Spec, module, feed: Feed, exporter: str) -> onnx.ModelProt
         if exporter == "torchscript":
             buf = io.BytesIO()
             options = {"do_constant_folding": True, **spec.torchscript_options}
+            if options.get("training") == "preserve":  # spelled as a string so specs need no torch import
+                options["training"] = torch.onnx.TrainingMode.PRESERVE
             torch.onnx.export(module, args, buf, dynamo=False, opset_version=spec.opset,
                               input_names=list(spec.inputs), output_names=list(spec.outputs),
                               dynamic_axes={k: dict(v) for k, v in spec.dynamic.items()} or None, **options)
@@ -85,7 +87,8 @@ def export_spec(spec: Spec, module, feed: Feed, exporter: str) -> onnx.ModelProt
                 dynamic = {name: {axis: dims for axis in spec.dynamic[name]} if name in spec.dynamic else None
                            for name in spec.inputs}
             program = torch.onnx.export(module, args, dynamo=True, input_names=list(spec.inputs),
-                                        output_names=list(spec.outputs), dynamic_shapes=dynamic, verbose=False)
+                                        output_names=list(spec.outputs), dynamic_shapes=dynamic, verbose=False,
+                                        **spec.dynamo_options)
             model = program.model_proto
     if spec.post is not None:
         spec.post(model)

@@ -25,7 +25,7 @@ class Spec:
     ``control``: FP16 runs it fine (nothing should be pinned or rewritten). ``unsupported`` maps an exporter
     to the reason it cannot export this model. ``dynamic`` maps input name -> {axis: dim name} (TorchScript
     ``dynamic_axes``; dynamo gets ``torch.export.Dim``s of the same names). ``torchscript_options`` go to
-    ``torch.onnx.export(..., dynamo=False)``; ``post`` edits the exported ModelProto (e.g. Paddle's -1 dims).
+    ``torch.onnx.export(..., dynamo=False)`` (``training="preserve"`` for ``TrainingMode.PRESERVE``); ``dynamo_options`` to ``dynamo=True`` (``optimize=False`` keeps BatchNormalization); ``post`` edits the exported ModelProto (e.g. Paddle's -1 dims).
     """
 
     name: str
@@ -38,5 +38,6 @@ class Spec:
     unsupported: Mapping[str, str] = field(default_factory=dict)
     dynamic: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
     torchscript_options: Mapping[str, Any] = field(default_factory=dict)
+    dynamo_options: Mapping[str, Any] = field(default_factory=dict)
     opset: int = 17
     post: Callable[[Any], None] | None = None
