@@ -157,3 +157,42 @@ def test_format_command_quotes_only_what_needs_quoting():
         "trtexec --layerPrecisions=/a/b:c:fp32,/d:fp32")
     assert format_command(["trtexec", "--layerPrecisions=/blk 0/x:fp32"]) == (
         "trtexec '--layerPrecisions=/blk 0/x:fp32'")
+
+
+def test_shape_flags_one_shape_or_a_range():
+    from onnx_fp16_rewrite.emit.trtexec import shape_flags
+
+    same = {"x": ((1, 3, 64, 64),) * 3, "mask": ((1, 77),) * 3}
+    assert shape_flags(same) == ["--shapes=mask:1x77,x:1x3x64x64"]
+    ranged = {"x": ((1, 3, 32), (1, 3, 32), (2, 3, 64))}
+    assert shape_flags(ranged) == ["--minShapes=x:1x3x32", "--optShapes=x:1x3x32", "--maxShapes=x:2x3x64"]
+    # trtexec reads each entry's name as everything before the last ':' (like --layerPrecisions).
+    (flag,) = shape_flags({"in:0": ((2, 4),) * 3})
+    name, _, dims = flag.split("=", 1)[1].rpartition(":")
+    assert (name, dims) == ("in:0", "2x4")
+    for bad in ("a,b", "it's", ""):
+        with pytest.raises(BadInputError, match="cannot be written in trtexec --shapes"):
+            shape_flags({bad: ((1,),) * 3})
+    assert shape_flags({}) == []
+
+
+def test_command_carries_shapes_in_both_modes():
+    shapes = {"x": ((2, 3, 64),) * 3}
+    strong = trtexec_command("m.onnx", PrecisionPlan({}), mode="strong", shapes=shapes, engine_path="m.plan")
+    assert strong == ["trtexec", "--onnx=m.onnx", "--stronglyTyped", "--shapes=x:2x3x64", "--saveEngine=m.plan"]
+    weak = trtexec_command("m.onnx", NAFNET_PLAN, mode="weak", shapes=shapes)
+    assert weak[-1] == "--shapes=x:2x3x64" and weak[2:4] == ["--fp16", "--precisionConstraints=obey"]
+    with pytest.raises(BadInputError, match="written by trtexec_command itself"):
+        trtexec_command("m.onnx", PrecisionPlan({}), mode="strong", shapes=shapes, extra=["--shapes=x:1"])
+
+
+def test_dynamic_inputs():
+    import onnx.parser
+
+    from onnx_fp16_rewrite.emit.trtexec import dynamic_inputs
+
+    model = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 3] a, float[2, 3] b, float[2, M] c) => (float[N, 3] y) { y = Identity(a) }
+    """)
+    assert dynamic_inputs(model) == ["a", "c"]

@@ -87,7 +87,8 @@ TRTEXEC_PRECISIONS = frozenset({"fp32", "fp16", "bf16", "int8", "fp8", "int32", 
 
 # Flags this module writes itself; a second value in ``extra`` would leave trtexec with two
 # values for one option (it keeps an arbitrary one), so that is refused.
-_OWN_FLAGS = ("--onnx", "--saveEngine", "--shapes", "--minShapes", "--optShapes", "--maxShapes")
+_OWN_FLAGS = ("--onnx", "--saveEngine")
+_SHAPE_FLAGS = ("--shapes", "--minShapes", "--optShapes", "--maxShapes")  # written here when ``shapes`` is given
 _WEAK_FLAGS = ("--fp16", "--precisionConstraints", "--layerPrecisions")
 # Flags that contradict the other mode. Under strong typing trtexec drops --fp16 with a warning,
 # rejects --best, and TensorRT rejects per-layer precisions and output types.
@@ -218,7 +219,7 @@ def trtexec_command(
     extra = list(extra)
     for arg in extra:
         flag = _flag_name(arg)
-        if flag in _OWN_FLAGS or (mode == "weak" and flag in _WEAK_FLAGS):
+        if flag in _OWN_FLAGS or (mode == "weak" and flag in _WEAK_FLAGS) or (shapes and flag in _SHAPE_FLAGS):
             raise BadInputError(f"{flag} is written by trtexec_command itself; do not pass it in extra")
         if mode == "strong" and flag in _NOT_WITH_STRONG:
             raise BadInputError(f"{flag} is a weak-typing option; it contradicts --stronglyTyped")
