@@ -131,21 +131,10 @@ def check_model(model: onnx.ModelProto, what: str = "model", *, strict_shapes: b
     """Run the ONNX checker (and, with ``strict_shapes``, strict shape and type inference);
     a failure becomes a BadInputError naming ``what``."""
     try:
-        if weights.has_refs(model) or _too_big(model):
-            # The checker opens external-data files: check a weight-less skeleton whose
-            # weights point at an empty placeholder file.
-            with tempfile.TemporaryDirectory() as tmp:
-                (Path(tmp) / "placeholder").touch()
-                skel, _ = weights.skeleton(model, "placeholder")
-                p = Path(tmp) / "model.onnx"
-                p.write_bytes(skel.SerializeToString())
-                onnx.checker.check_model(str(p))
-                if strict_shapes:
-                    onnx.shape_inference.infer_shapes(skel, check_type=True, strict_mode=True)
-        else:
-            onnx.checker.check_model(model)
-            if strict_shapes:
-                onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+        run_checker(model)
+        if strict_shapes:
+            skel = weights.skeleton(model)[0] if weights.has_refs(model) else model
+            onnx.shape_inference.infer_shapes(skel, check_type=True, strict_mode=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise BadInputError(f"{what} fails the ONNX checker: {one_line(exc)}") from None
 
@@ -188,6 +177,21 @@ def check_input_model(model: onnx.ModelProto, what: str = "model") -> None:
         make_session(model)
     except Exception as exc:  # ORT raises its own exception types
         raise BadInputError(f"ONNX Runtime cannot load {what}: {ort_reason(exc)}") from None
+
+
+def run_checker(model: onnx.ModelProto, *, full_check: bool = False) -> None:
+    """``onnx.checker.check_model`` for any model: the checker opens external-data files, so a
+    model with referenced (or too many) weights is checked as a weight-less skeleton whose weights
+    point at an empty placeholder file. Raises onnx's own errors."""
+    if not (weights.has_refs(model) or _too_big(model)):
+        onnx.checker.check_model(model, full_check=full_check)
+        return
+    with tempfile.TemporaryDirectory(prefix="onnx-rewrite-check-") as tmp:
+        (Path(tmp) / "placeholder").touch()
+        skel, _ = weights.skeleton(model, "placeholder")
+        p = Path(tmp) / "model.onnx"
+        p.write_bytes(skel.SerializeToString())
+        onnx.checker.check_model(str(p), full_check=full_check)
 
 
 def save_model(

@@ -1,0 +1,116 @@
+"""Models past the protobuf limit, exercised with a small size threshold (issue 10): large weights
+stay references (never copied into a ModelProto, never serialised whole), the caller's model is
+never emptied, ORT runs them, and check / fix (both emits) write reloadable external-data outputs
+whose FP32 results equal the original's. benchmarks/large_model.py runs the same paths at 2.4 GB."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_fp16_rewrite.cli import main
+from onnx_fp16_rewrite.emulation.fp16_emulation import build_emulation
+from onnx_fp16_rewrite.io import weights
+from onnx_fp16_rewrite.io.model_io import load_model, save_model
+from onnx_fp16_rewrite.io.ort_runner import infer_types, run_model
+
+LIMIT = 4096  # bytes: stands in for the 16 MiB default so the 2 GiB code paths run in a second
+
+
+def table_model(rows: int = 3000, dim: int = 64) -> onnx.ModelProto:
+    """An embedding Gather table (the large weight), a MatMul and a normalisation whose sum of
+    squares overflows FP16 (so the automatic fix has something to pin)."""
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((rows, dim)).astype(np.float32)
+    w = (rng.standard_normal((dim, dim)) * 30).astype(np.float32)
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["emb"], name="gather"),
+        helper.make_node("MatMul", ["emb", "w"], ["h"], name="matmul"),
+        helper.make_node("Mul", ["h", "h"], ["sq"], name="square"),
+        helper.make_node("ReduceSum", ["sq", "axes"], ["ss"], name="sumsq", keepdims=1),
+        helper.make_node("Sqrt", ["ss"], ["norm"], name="sqrt"),
+        helper.make_node("Div", ["h", "norm"], ["y"], name="normalize"),
+    ]
+    g = helper.make_graph(nodes, "table", [helper.make_tensor_value_info("ids", TensorProto.INT64, [4, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16, dim])],
+                          [numpy_helper.from_array(table, "table"), numpy_helper.from_array(w, "w"),
+                           numpy_helper.from_array(np.array([-1], np.int64), "axes")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.fixture
+def small_limit(monkeypatch):
+    monkeypatch.setattr(weights, "LARGE_TENSOR_BYTES", LIMIT)
+
+
+@pytest.fixture
+def external_model(tmp_path):
+    path = tmp_path / "in" / "model.onnx"
+    path.parent.mkdir()
+    onnx.save_model(table_model(), str(path), save_as_external_data=True, location="w.bin", size_threshold=1024)
+    return path
+
+
+def _digest(folder) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_large_weights_stay_references(small_limit, external_model):
+    m = load_model(external_model)
+    refs = {t.name for t in m.graph.initializer if weights.is_ref(t)}
+    assert refs == {"table", "w"}
+    assert m.ByteSize() < 2000  # the proto is the graph, not the 800 kB of weights
+    before = m.SerializeToString()
+    infer_types(m)  # used to save the caller's model as external data into a temp folder, emptying it
+    emu = build_emulation(m)
+    assert m.SerializeToString() == before
+    rounded = [t for t in emu.model.graph.initializer if t.name.endswith("__r16")]
+    assert rounded and all(weights.is_ref(t) for t in rounded) and emu.model.ByteSize() < 20000
+    again = build_emulation(m)  # the rounded copy is made once and shared
+    assert {t.external_data[0].value for t in again.model.graph.initializer if t.name.endswith("__r16")} == \
+           {t.external_data[0].value for t in rounded}
+
+
+def test_ort_runs_references_like_the_file(small_limit, external_model):
+    feed = {"ids": np.random.default_rng(1).integers(0, 3000, (4, 16))}
+    want = ort.InferenceSession(str(external_model), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    got = run_model(load_model(external_model), [feed])[0]["y"]
+    assert np.array_equal(got, want)
+
+
+def test_save_streams_references(small_limit, external_model, tmp_path):
+    out = save_model(load_model(external_model), tmp_path / "copy.onnx", input_path=external_model)
+    data = tmp_path / "copy.onnx.data"
+    assert data.exists() and out.stat().st_size < 2000
+    reloaded = onnx.load(str(out))
+    original = onnx.load(str(external_model))
+    for a, b in zip(reloaded.graph.initializer, original.graph.initializer):
+        assert np.array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+
+
+@pytest.mark.parametrize("command", [["check"], ["fix", "--emit", "fp32"], ["fix", "--emit", "mixed"]], ids=" ".join)
+def test_cli_on_referenced_weights(small_limit, external_model, tmp_path, capfd, command):
+    before = _digest(external_model.parent)
+    out = tmp_path / "out" / "f.onnx"
+    out.parent.mkdir()
+    argv = [command[0], str(external_model), *command[1:], *(["-o", str(out)] if command[0] == "fix" else [])]
+    code = main(argv)
+    err = capfd.readouterr().err
+    assert code in (0, 4) and "Traceback" not in err, err
+    assert _digest(external_model.parent) == before
+    if command[0] == "check":
+        return
+    assert code == 0, err
+    assert sorted(p.name for p in out.parent.iterdir()) == ["f.onnx", "f.onnx.data"]
+    feed = {"ids": np.random.default_rng(2).integers(0, 3000, (4, 16))}
+    want = ort.InferenceSession(str(external_model), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feed)[0].astype(np.float32)
+    if command[-1] == "fp32":
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    else:  # FP16 weights and FP16 compute where the plan allows
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
