@@ -189,6 +189,9 @@ def test_polygraphy_flags_end_to_end(dyn, tmp_path, capsys):
     main(["check", str(dyn), "--load-inputs", str(saved), "--save-inputs", str(again)])
     (feed2,) = load_json(str(again))
     assert np.array_equal(feed2["x"], x)
+    chained = tmp_path / "chained.json"
+    main(["check", str(dyn), "--load-inputs", str(saved), str(again), "--save-inputs", str(chained)])
+    assert [f["x"].shape for f in load_json(str(chained))] == [(2, 3, 64), (2, 3, 64)]  # several paths: chained
     other = tmp_path / "other.json"
     main(["check", str(dyn), "--shapes", "x:2x3x64", "--seed", "8", "--val-range", "[-3,-1]", "--save-inputs", str(other)])
     assert not np.array_equal(load_json(str(other))[0]["x"], x)
@@ -246,3 +249,15 @@ def test_quiet_prints_verdicts_only(dyn, tmp_path, capsys):
     assert code == 0 and err == ""
     assert out.splitlines()[0].startswith("after (mixed): FP16 emulation: PASS")
     assert "before:" not in out and "auto:" not in out and "trtexec --onnx=" in out
+
+
+def test_passes_listing_keeps_its_columns():
+    lines = list_passes()
+    heads = [line for line in lines if not line.startswith(" ")]
+    from onnx_fp16_rewrite.pipeline.registry import pass_classes
+
+    names = list(pass_classes())
+    assert [h.split()[0] for h in heads] == names
+    column = max(map(len, names)) + 2
+    for head, name in zip(heads, names):
+        assert head[:column].rstrip() == name and head[column] != " ", head  # summaries start in one column

@@ -25,6 +25,7 @@ import onnx
 
 from onnx_fp16_rewrite.emulation.error_attribution import TensorError, tensor_errors
 from onnx_fp16_rewrite.emulation.fp16_emulation import FP16_MAX
+from onnx_fp16_rewrite.emulation.fp16_graph_edits import subgraphs
 from onnx_fp16_rewrite.io.ort_runner import Feed
 from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 from onnx_fp16_rewrite.analysis.range_profile import FP16_MIN_NORMAL, RangeProfile
@@ -84,7 +85,9 @@ def diagnose(
         if r is None or r.fp32_nonfinite or r.sentinels or e.rel_error <= tolerance / 10:
             continue
         node = index.nodes[e.node]
-        inputs = [t for t in node.input if t in by_tensor]
+        # A control-flow node's outputs carry its bodies' outputs: error born there is not born here.
+        reads = [*node.input, *(o.name for g in subgraphs(node) for o in g.output)]
+        inputs = [t for t in reads if t in by_tensor]
         in_error = max([by_tensor[t].rel_error for t in inputs] + [UNIT_ROUNDOFF])
         if not (math.isinf(e.rel_error) and math.isfinite(in_error)) and e.rel_error <= AMPLIFICATION * in_error:
             continue  # carried from upstream, not born here
