@@ -238,8 +238,6 @@ def _require_plot(args: argparse.Namespace) -> None:
 
 
 def _write_reports(args: argparse.Namespace, texts) -> None:
-    from onnx_fp16_rewrite.report.report import write_text
-
     for option, path, text in (("--report", args.report, texts.json), ("--html", args.html, texts.html)):
         if path and text is not None:
             args.tx.write_text(option, text)
@@ -251,17 +249,17 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     from onnx_fp16_rewrite.io.model_io import load_model
     from onnx_fp16_rewrite.report.graph_diff import diff_models, render_diff
     from onnx_fp16_rewrite.report.json_report import diff_data, finite
-    from onnx_fp16_rewrite.report.report import write_text
+    from onnx_fp16_rewrite.io.paths import plan_outputs
 
-    if args.diff_json:
-        _check_out_paths(argparse.Namespace(model=args.original, output=None), args.diff_json)
-        _check_out_paths(argparse.Namespace(model=args.fixed, output=None), args.diff_json)
+    # Checked before any work: the JSON may be neither of the two models (nor their data files).
+    plan = plan_outputs(inputs=[args.original, args.fixed], outputs={"--json": args.diff_json}, model_outputs=())
     diff = diff_models(load_model(args.original), load_model(args.fixed))
     print(render_diff(diff))
     if args.diff_json:
         import json
 
-        write_text(json.dumps(finite(diff_data(diff)), indent=2) + "\n", args.diff_json)
+        with plan.transaction() as tx:
+            tx.write_text("--json", json.dumps(finite(diff_data(diff)), indent=2) + "\n")
     return EXIT_OK
 
 
@@ -279,7 +277,6 @@ def _whats_left(rep, args: argparse.Namespace) -> list[str]:
 
     return whats_left(rep, ran_auto=rep.auto is not None, rel_l2=args.rel_l2, emit=args.emit)
 
-    from onnx_fp16_rewrite.cli_validate import check_tolerance
 
 def _parse_tolerances(specs: list[str]):
     from onnx_fp16_rewrite.pipeline.validate import Tolerance
