@@ -126,15 +126,22 @@ def canonicalize(model: onnx.ModelProto, feeds: Sequence[Feed], *, specialise: S
     work = _copy(model)
     report.unknown_dims = sanitize_dims(work)
     report.renamed_nodes = name_nodes(work)
-    # The reference is the original with only its dims relaxed (ORT refuses a feed for a declared 0 dim).
-    validator = Validator(work, feeds, default=tolerance) if feeds else None
+    # The reference is the original with only its dims relaxed (ORT refuses a feed for a declared 0 dim);
+    # it runs only when something changed.
+    validator = _LazyValidator(work, feeds, tolerance)
     if work.ByteSize() > _PROTO_LIMIT:
         report.notes.append("model past 2 GiB: not folded")
-        dynamic = work
+        candidate = work
     else:
-        dynamic = _checked(fold_dynamic(work), work, validator, report, "folding")
-    dynamic, removed, kept = remove_noop_casts(_copy(dynamic))
-    report.casts_removed, report.casts_kept = removed, kept
+        candidate = fold_dynamic(work)
+        if len(candidate.graph.node) == len(work.graph.node):
+            candidate = work  # nothing folded: keep the graph as it was, no graphsurgeon round trip
+    candidate, removed, kept = remove_noop_casts(_copy(candidate))
+    dynamic = work
+    if len(candidate.graph.node) != len(work.graph.node):
+        dynamic = _checked(candidate, work, validator, report, "folding and no-op Cast removal")
+    if dynamic is not work:
+        report.casts_removed, report.casts_kept = removed, kept
     try:
         types, _ = infer_types(dynamic)
     except Exception:  # types only refine the report
@@ -164,8 +171,8 @@ def canonicalize(model: onnx.ModelProto, feeds: Sequence[Feed], *, specialise: S
         except Exception as exc:  # specialisation is an aid; the dynamic canonical form stands
             report.notes.append(f"not specialised: {type(exc).__name__}: {one_line(exc)}")
     name_nodes(result)
-    if validator is not None and not report.validation:
-        report.validation = "unchanged"
+    if not report.validation:
+        report.validation = "unchanged" if len(result.graph.node) == len(work.graph.node) else "no feeds: not validated"
     report.nodes_after = len(result.graph.node)
     report.folded = report.nodes_before - report.nodes_after - len(report.casts_removed)
     _mark(result, report)
@@ -204,7 +211,20 @@ def _attach(report: CanonReport, dynamic: onnx.ModelProto, folded: set[str], fee
     object.__setattr__(report, "_state", (dynamic, folded, list(feeds)))
 
 
-def _checked(candidate: onnx.ModelProto, fallback: onnx.ModelProto, validator: Validator | None,
+class _LazyValidator:
+    """The original's reference outputs, computed on first use (None without feeds)."""
+
+    def __init__(self, model: onnx.ModelProto, feeds: Sequence[Feed], tolerance: Tolerance) -> None:
+        self.model, self.feeds, self.tolerance = model, list(feeds), tolerance
+        self._validator: Validator | None = None
+
+    def get(self) -> Validator | None:
+        if self._validator is None and self.feeds:
+            self._validator = Validator(self.model, self.feeds, default=self.tolerance)
+        return self._validator
+
+
+def _checked(candidate: onnx.ModelProto, fallback: onnx.ModelProto, lazy: _LazyValidator,
              report: CanonReport, what: str) -> onnx.ModelProto:
     """``candidate`` when it computes what the original does (rtol/atol as a pass), else ``fallback``."""
     try:
@@ -212,6 +232,7 @@ def _checked(candidate: onnx.ModelProto, fallback: onnx.ModelProto, validator: V
     except Exception as exc:  # a fold that breaks the checker is not used
         report.notes.append(f"{what} not used: the checker rejects it ({one_line(exc)})")
         return fallback
+    validator = lazy.get()
     if validator is None:
         return candidate
     result = validator.validate(candidate)

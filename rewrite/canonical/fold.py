@@ -98,7 +98,35 @@ def specialise(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...
         replaced += 1
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     logger.info("specialise: %d Shape/Size nodes replaced by traced shapes", replaced)
-    return _fold_rounds(_export(graph, m), max_rounds)
+    folded = _fold_rounds(_export(graph, m), max_rounds)
+    _traced_value_info(folded, traced)
+    return folded
+
+
+def _traced_value_info(model: onnx.ModelProto, traced: Mapping[str, tuple[int, ...]]) -> None:
+    """Where shape inference still leaves a dim unknown (ops it cannot see through), the shape
+    traced from the run is the shape of this specialised model: record it."""
+    from onnx import helper
+
+    from onnx_fp16_rewrite.io.ort_runner import infer_types
+
+    g = model.graph
+    known = {}
+    for vi in (*g.input, *g.output, *g.value_info):
+        tt = vi.type.tensor_type
+        known[vi.name] = tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim)
+    try:
+        types, _ = infer_types(model)
+    except Exception:  # without element types no value_info can be written
+        return
+    outputs = {o.name for o in g.output}
+    add = {out: helper.make_tensor_value_info(out, types[out], list(traced[out]))
+           for node in g.node for out in node.output
+           if out and not known.get(out) and out in traced and out in types and out not in outputs}
+    if add:
+        kept = [vi for vi in g.value_info if vi.name not in add]
+        del g.value_info[:]
+        g.value_info.extend(kept + list(add.values()))
 
 
 def _fold_rounds(model: onnx.ModelProto, max_rounds: int) -> onnx.ModelProto:
