@@ -63,9 +63,7 @@ def _cmd_passes() -> int:
 
 def _load(args: argparse.Namespace):
     from onnx_fp16_rewrite.cli_inputs import feeds_from_args, save_inputs
-    from onnx_fp16_rewrite.cli_validate import check_feeds
-    from onnx_fp16_rewrite.io.model_io import check_input_model, load_model
-    from onnx_fp16_rewrite.io.ort_runner import preflight
+    from onnx_fp16_rewrite.io.model_io import check_model, load_model
 
     if bool(args.model) == bool(args.demo):
         raise BadInputError("give either a MODEL path or --demo NAME")
@@ -77,16 +75,8 @@ def _load(args: argparse.Namespace):
         model = DEMO_MODELS[args.demo]()
     else:
         model = load_model(args.model)
-        check_input_model(model, f"input model {args.model}")  # checker, I/O, opsets, domains, ORT loads it
-    try:
-        feeds = feeds_from_args(args, model)
-    except MemoryError:
-        shapes = " ".join(args.shape) or "the model's own shapes"
-        raise BadInputError(f"--shape: inputs of these shapes ({shapes}) do not fit in memory") from None
-    source = " ".join(map(str, args.inputs)) if args.inputs else "generated inputs"
-    check_feeds(feeds, source)  # finite, non-empty (cli_validate)
-    if not args.demo:
-        preflight(model, feeds[0], f"input model {args.model}")  # ORT's refusals are the input's (exit 2)
+        check_model(model, f"input model {args.model}")
+    feeds = feeds_from_args(args, model)
     if args.save_inputs:  # staged: lands with the other outputs when the run succeeds (io.paths)
         save_inputs(feeds, args.tx.stage("--save-inputs") if getattr(args, "tx", None) else args.save_inputs)
     return model, feeds
@@ -179,9 +169,6 @@ def _cmd_fix(args: argparse.Namespace) -> int:
     passes, auto, rewrites = _fix_passes(args)
     per_output = _parse_tolerances(args.tolerance)
     model, feeds = _load(args)
-    from onnx_fp16_rewrite.cli_validate import check_node_names
-
-    check_node_names([*passes, *rewrites], model)  # --nodes names a node of the model ('did you mean')
     progress = progress_for(sys.stdout, sys.stderr, quiet=args.quiet)
     result = fix_model(
         model, passes, feeds, emit=args.emit, keep_io_types=args.keep_io_types,
@@ -286,7 +273,6 @@ def _parse_tolerances(specs: list[str]):
         name, _, tols = spec.rpartition(":")
         try:
             rtol, atol = (float(x) for x in tols.split(","))
-        check_tolerance(spec, rtol, atol)
         except ValueError:
             raise BadInputError(f"bad --tolerance {spec!r}: expected OUTPUT:RTOL,ATOL") from None
         result[name] = Tolerance(rtol, atol)
