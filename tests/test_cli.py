@@ -103,7 +103,7 @@ def _bad_input_cases(tmp_path, nafnet_path):
         "wrong dtype": (fix + [str(nafnet_path), "--inputs", str(wrong_dtype)], "dtype float64"),
         "dynamic dims": (fix + [str(dynamic)], "dynamic dims"),
         "output is input": (["fix", str(nafnet_path), "-o", str(nafnet_path)], "refusing to overwrite"),
-        "bad regex": (fix + [str(nafnet_path), "--pass", "protect-fp32", "--match", "sca("], "bad --match regex"),
+        "bad regex": (fix + [str(nafnet_path), "--pass", "protect-fp32", "--match", "sca("], "not a regular expression"),
         "flag of a pass that does not run": (fix + [str(nafnet_path), "--match", "sca"], "add --pass protect-fp32"),
         "unknown pass option": (fix + [str(nafnet_path), "--pass-option", "rescale-accumulation.target_absmx=4096"],
                                 "did you mean 'target_absmax'"),
