@@ -52,7 +52,7 @@ def check_reports(report, model: onnx.ModelProto, feeds: Sequence[Feed], *, argv
         trtexec = [f"# no trtexec line: {exc}"]
     doc = check_document(report, argv=argv, model_path=model_path, demo=demo, exit_code=exit_code,
                          backend=backend, trtexec=trtexec, pitfalls=pitfalls,
-                         fp16_flop_fraction=fp16_flop_fraction(model, plan))
+                         fp16_flop_fraction=fp16_flop_fraction(model, plan, feeds))
     texts = ReportTexts(doc, json=json_text(doc) if want_json else None)
     if want_html:
         from onnx_fp16_rewrite.report.plot_data import collect_plot_data
