@@ -6,6 +6,7 @@ approximate clamp and FP32 pinning last.
 The list is explicit: importing a pass module registers nothing.
 """
 
+from onnx_fp16_rewrite.passes.balance_conv_bn import BalanceConvBn
 from onnx_fp16_rewrite.passes.box_filter import BoxFilter
 from onnx_fp16_rewrite.passes.clamp_fp16 import ClampFp16
 from onnx_fp16_rewrite.passes.fuse_normalization import FuseNormalization
@@ -21,6 +22,7 @@ ALL_PASSES = [
     SplitCumSum,
     PrescaleAttention,
     RescaleResidual,
+    BalanceConvBn,
     FuseNormalization,
     ClampFp16,
     ProtectFp32,
@@ -28,6 +30,7 @@ ALL_PASSES = [
 
 __all__ = [
     "ALL_PASSES",
+    "BalanceConvBn",
     "BoxFilter",
     "ClampFp16",
     "FuseNormalization",

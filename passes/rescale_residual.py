@@ -28,6 +28,7 @@ from onnx_fp16_rewrite.patterns.scale_region import LINEAR, Refused, Region, fin
 from onnx_fp16_rewrite.errors import BadInputError
 from onnx_fp16_rewrite.emulation.fp16_emulation import FP16_MAX
 from onnx_fp16_rewrite.io.ort_runner import infer_types
+from onnx_fp16_rewrite.pipeline.graph_edit import NameSource
 from onnx_fp16_rewrite.pipeline.pass_base import Pass, PassResult, Site
 from onnx_fp16_rewrite.pipeline.pass_context import PassContext
 
@@ -96,23 +97,8 @@ def _powers(region: Region, k: int) -> str:
     return f"2^-{k}" if powers == [1] else f"2^-{k} x powers {powers}"
 
 
-class _Names:
-    """New tensor names that no tensor of the graph has (a shared constant gets one copy per distinct value)."""
-
-    def __init__(self, graph: gs.Graph) -> None:
-        self.taken = set(graph.tensors().keys())
-
-    def __call__(self, base: str) -> str:
-        name, i = base, 0
-        while name in self.taken:
-            i += 1
-            name = f"{base}_{i}"
-        self.taken.add(name)
-        return name
-
-
 def _apply(graph: gs.Graph, region: Region, k: int) -> str:
-    names = _Names(graph)
+    names = NameSource(graph)
     s = 2.0**-k
     for node, idx, pw in region.consts.values():
         old = node.inputs[idx]

@@ -10,7 +10,7 @@ import onnx_graphsurgeon as gs
 
 from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 
-__all__ = ["Emitter", "carry_pins", "cumsum_attrs", "const_value", "single_consumer"]
+__all__ = ["Emitter", "NameSource", "carry_pins", "cumsum_attrs", "const_value", "single_consumer"]
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +161,22 @@ def carry_pins(plan: PrecisionPlan, replaced: Sequence[str], new_nodes: Sequence
     for node in new_nodes if pinned else ():
         plan.pin(node.name, f"replaces {pinned[0]}, which was pinned to FP32")
     return pinned
+
+
+class NameSource:
+    """New tensor/node names that nothing in the graph has: ``base``, else ``base_1``, ``base_2``... A constant
+    shared by several readers and replaced per reader gets one distinct name per copy."""
+
+    def __init__(self, graph: gs.Graph) -> None:
+        self.taken = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
+
+    def __call__(self, base: str) -> str:
+        name, i = base, 0
+        while name in self.taken:
+            i += 1
+            name = f"{base}_{i}"
+        self.taken.add(name)
+        return name
 
 
 class Emitter:
