@@ -63,7 +63,9 @@ def _cmd_passes() -> int:
 
 def _load(args: argparse.Namespace):
     from onnx_fp16_rewrite.cli_inputs import feeds_from_args, save_inputs
-    from onnx_fp16_rewrite.io.model_io import check_model, load_model
+    from onnx_fp16_rewrite.cli_validate import check_feeds
+    from onnx_fp16_rewrite.io.model_io import check_input_model, load_model
+    from onnx_fp16_rewrite.io.ort_runner import preflight
 
     if bool(args.model) == bool(args.demo):
         raise BadInputError("give either a MODEL path or --demo NAME")
@@ -75,8 +77,16 @@ def _load(args: argparse.Namespace):
         model = DEMO_MODELS[args.demo]()
     else:
         model = load_model(args.model)
-        check_model(model, f"input model {args.model}")
-    feeds = feeds_from_args(args, model)
+        check_input_model(model, f"input model {args.model}")  # checker, I/O, opsets, domains, ORT loads it
+    try:
+        feeds = feeds_from_args(args, model)
+    except MemoryError:
+        shapes = " ".join(args.shape) or "the model's own shapes"
+        raise BadInputError(f"--shape: inputs of these shapes ({shapes}) do not fit in memory") from None
+    source = " ".join(map(str, args.inputs)) if args.inputs else "generated inputs"
+    check_feeds(feeds, source)  # finite, non-empty (cli_validate)
+    if not args.demo:
+        preflight(model, feeds[0], f"input model {args.model}")  # ORT's refusals are the input's (exit 2)
     if args.save_inputs:  # staged: lands with the other outputs when the run succeeds (io.paths)
         save_inputs(feeds, args.tx.stage("--save-inputs") if getattr(args, "tx", None) else args.save_inputs)
     return model, feeds
@@ -97,17 +107,24 @@ def _cmd_check(args: argparse.Namespace) -> int:
         raise BadInputError("--strict-cumsum applies to the emulation backend only")
     trt_library = _require_trt(args.backend == "trt")
     model, feeds = _load(args)
+    progress = progress_for(sys.stdout, sys.stderr, quiet=args.quiet)
     if trt_library:
         from onnx_fp16_rewrite.tensorrt.trt_backend import check_trt
 
-        report = check_trt(model, feeds, model_path=args.model, rel_l2_tolerance=args.rel_l2, library=trt_library)
+        with progress.phase(f"{trt_library.label}: build and run") as phase:
+            report = check_trt(model, feeds, model_path=args.model, rel_l2_tolerance=args.rel_l2, library=trt_library)
+            phase.done("PASS" if report.passed else "FAIL")
         _say(args, render_fp16(report, trt_library.label))
     else:
         from onnx_fp16_rewrite.canonical import canonicalize
 
-        model, canon = canonicalize(model, feeds)  # what fix analyses: folded shape arithmetic, no no-op Casts
-        report = check_fp16(model, feeds, strict_cumsum=args.strict_cumsum, rel_l2_tolerance=args.rel_l2,
-                            max_findings=MAX_FINDINGS)
+        with progress.phase("canonicalisation") as phase:
+            model, canon = canonicalize(model, feeds)  # what fix analyses: folded shape arithmetic, no no-op Casts
+            phase.done(canon.summary())
+        with progress.phase("FP16 emulation") as phase:
+            report = check_fp16(model, feeds, strict_cumsum=args.strict_cumsum, rel_l2_tolerance=args.rel_l2,
+                                max_findings=MAX_FINDINGS)
+            phase.done(f"{'PASS' if report.passed else 'FAIL'}, {report.failing_tensors} failing tensor(s)")
         _say(args, render_fp16(report, "FP16 emulation"))
         if canon.changed() and not args.quiet:
             print(canon.summary())
@@ -169,6 +186,9 @@ def _cmd_fix(args: argparse.Namespace) -> int:
     passes, auto, rewrites = _fix_passes(args)
     per_output = _parse_tolerances(args.tolerance)
     model, feeds = _load(args)
+    from onnx_fp16_rewrite.cli_validate import check_node_names
+
+    check_node_names([*passes, *rewrites], model)  # --nodes names a node of the model ('did you mean')
     progress = progress_for(sys.stdout, sys.stderr, quiet=args.quiet)
     result = fix_model(
         model, passes, feeds, emit=args.emit, keep_io_types=args.keep_io_types,
@@ -266,6 +286,7 @@ def _whats_left(rep, args: argparse.Namespace) -> list[str]:
 
 
 def _parse_tolerances(specs: list[str]):
+    from onnx_fp16_rewrite.cli_validate import check_tolerance
     from onnx_fp16_rewrite.pipeline.validate import Tolerance
 
     result = {}
@@ -275,6 +296,7 @@ def _parse_tolerances(specs: list[str]):
             rtol, atol = (float(x) for x in tols.split(","))
         except ValueError:
             raise BadInputError(f"bad --tolerance {spec!r}: expected OUTPUT:RTOL,ATOL") from None
+        check_tolerance(spec, rtol, atol)
         result[name] = Tolerance(rtol, atol)
     return result
 
