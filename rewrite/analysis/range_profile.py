@@ -23,7 +23,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_fp16_rewrite.io.ort_runner import Feed, infer_types, make_session
 from onnx_fp16_rewrite.emit.schema_types import inline_constants
-from onnx_fp16_rewrite.emulation.fp16_graph_edits import weights_not_inputs
+from onnx_fp16_rewrite.emulation.control_flow import BodySite, ControlFlowEmulator, body_types
+from onnx_fp16_rewrite.emulation.fp16_graph_edits import subgraphs, weights_not_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ FP16_MIN_NORMAL = 2.0**-14
 # |x| at or beyond this is a mask sentinel (finfo(float32).min fills, -1e38 style), not data.
 SENTINEL_ABS = 1e30
 SAMPLE = 16384  # values drawn per tensor and sample for the percentile and subnormal share
+_NO_SAMPLE = np.zeros(0, np.float32)
 
 
 @dataclass
@@ -97,8 +99,10 @@ def profile_ranges(
     producers = {o: n for n in m.graph.node for o in n.output if o and types.get(o) == TensorProto.FLOAT}
     out_names = [o.name for o in m.graph.output]
     stats = _add_statistics(m, list(producers), np.random.default_rng(seed))
+    body = _add_body_statistics(m)
     session = make_session(m)
     ranges = {t: TensorRange(t, producers[t].name, producers[t].op_type) for t in producers}
+    ranges.update({s.tensor: TensorRange(s.tensor, s.node, s.op) for s in body})
     samples: dict[str, list[np.ndarray]] = {t: [] for t in producers}
     outputs: list[Feed] = []
     for done, feed in enumerate(feeds, 1):
@@ -107,15 +111,19 @@ def profile_ranges(
         for t, (hi, lo, total, sample) in stats.items():
             _accumulate(ranges[t], float(values[hi]), float(values[lo]), float(values[total]), values[sample])
             samples[t].append(np.abs(values[sample]))
+        for s in body:
+            _accumulate(ranges[s.tensor], *(float(values[s.outs[k]]) for k in ("max", "min", "sum")), _NO_SAMPLE)
         if progress:
             progress(done, len(feeds))
     for t, r in ranges.items():
-        clean = _clean(np.concatenate(samples[t])) if samples[t] else np.zeros(0, np.float32)
+        clean = _clean(np.concatenate(samples[t])) if samples.get(t) else _NO_SAMPLE
         if clean.size:
             r.p999 = float(np.quantile(clean, 0.999))
             r.subnormal_fraction = float(np.count_nonzero((clean < FP16_MIN_NORMAL) & (clean > 0)) / clean.size)
             if r.fp32_nonfinite or r.sentinels:
                 r.absmax = max(r.absmax, float(clean.max()))
+    for s in body:  # no sample inside bodies: the percentile is bounded by the absmax
+        ranges[s.tensor].p999 = ranges[s.tensor].absmax
     return RangeProfile(ranges, runs=len(feeds), outputs=outputs)
 
 
@@ -133,6 +141,28 @@ def _accumulate(r: TensorRange, hi: float, lo: float, total: float, sample: np.n
                                                                          math.isfinite(max(abs(hi), abs(lo))))
     if not (r.fp32_nonfinite or r.sentinels):
         r.absmax = max(r.absmax, abs(hi), abs(lo))
+
+
+def _add_body_statistics(m: onnx.ModelProto) -> list[BodySite]:
+    """Max/min/sum of every float tensor inside If/Loop/Scan bodies, wired out of the bodies as
+    the FP16 emulation does (emulation.control_flow), as graph outputs."""
+    g = m.graph
+    if not any(subgraphs(n) for n in g.node):
+        return []
+    opset = next((i.version for i in m.opset_import if i.domain in ("", "ai.onnx")), 17)
+    cf = ControlFlowEmulator(body_types(m), strong=False, fp16_tensors=set(), pinned=set(), round_fp16=False,
+                             with_stats=True, fp32_shadow=False, opset=opset, weights={}, new_inits=[])
+    nodes, sites = [], []
+    for node in g.node:
+        nodes.append(node)
+        if subgraphs(node):
+            done = cf.emulate(node, set())
+            nodes += done.after
+            sites += done.sites
+    del g.node[:]
+    g.node.extend(nodes)
+    g.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for s in sites for n in s.outs.values())
+    return sites
 
 
 def _clean(a: np.ndarray) -> np.ndarray:

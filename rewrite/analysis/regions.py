@@ -19,16 +19,28 @@ class GraphIndex:
     """Producer and consumers of every tensor name of a graph's nodes."""
 
     def __init__(self, graph: onnx.GraphProto) -> None:
-        self.nodes = {n.name: n for n in graph.node}
+        # Nodes inside If/Loop/Scan bodies too, so a site in a body grows a region there.
+        nodes = _all_nodes(graph)
+        self.nodes = {n.name: n for n in nodes}
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        for node in graph.node:
+        for node in nodes:
             for out in node.output:
                 if out:
                     self.producer[out] = node
             for inp in set(node.input):
                 if inp:
                     self.consumers[inp].append(node)
+
+
+def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    out = []
+    for node in graph.node:
+        out.append(node)
+        for a in node.attribute:
+            for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+                out += _all_nodes(sub)
+    return out
 
 
 def grow_region(

@@ -64,9 +64,21 @@ def to_mixed_precision(
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    conv = _Converter(out, plan, keep_io_types)
+    opsets = {(i.domain or ""): i.version for i in out.opset_import}
+    types, nontensor, infos = _value_types(out)
+    conv = _Converter(out.graph, plan, keep_io_types, opset=opsets.get("", opsets.get("ai.onnx", 1)), types=types,
+                      nontensor=nontensor, value_info=infos, used=_all_names(out.graph),
+                      report=MixedPrecisionReport(keep_io_types=keep_io_types))
     conv.decide()
     conv.materialize()
+    names = _all_node_names(out.graph)
+    missing = conv.report.plan_nodes_missing = sorted(k for k in plan.fp32_nodes if k not in names)
+    if missing:
+        logger.warning("plan pins %d node(s) not in the model: %s", len(missing), missing[:5])
+    if out.ir_version < 4:  # IR 3: every initializer must also be a graph input
+        listed = {i.name for i in out.graph.input}
+        out.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                               for t in out.graph.initializer if t.name not in listed)
     out = _rebuild_types(out, conv.custom_value_info)
     plan.store_in(out)
     r = conv.report
@@ -77,17 +89,23 @@ def to_mixed_precision(
 
 
 class _Converter:
-    def __init__(self, model: onnx.ModelProto, plan: PrecisionPlan, keep_io: bool) -> None:
-        self.g, self.plan = model.graph, plan
-        self.report = MixedPrecisionReport(keep_io_types=keep_io)
+    """Converts one graph. An If/Loop/Scan body is converted by a converter of its own that keeps
+    the body's inputs and outputs FP32 (the control-flow node's interface stays FP32, so both
+    branches and the loop-carried values agree) and reads outer tensors as extra inputs."""
+
+    def __init__(self, graph: onnx.GraphProto, plan: PrecisionPlan, keep_io: bool, *, opset: int,
+                 types: dict[str, int], nontensor: set[str], value_info: dict, used: set[str],
+                 report: MixedPrecisionReport, outer: list[str] = (), pinned_reason: str | None = None) -> None:
+        self.g, self.plan = graph, plan
+        self.report = report
         self.io_type = FP32 if keep_io else FP16
-        opsets = {(i.domain or ""): i.version for i in model.opset_import}
-        self.opset = opsets.get("", opsets.get("ai.onnx", 1))
-        self.types, self.nontensor, self.value_info = _value_types(model)
-        self.inputs = [i.name for i in self.g.input]
+        self.opset = opset
+        self.types, self.nontensor, self.value_info = types, nontensor, value_info
+        self.inputs = [i.name for i in self.g.input] + [t for t in outer if t not in {i.name for i in self.g.input}]
         self.outputs = {o.name for o in self.g.output}
         self.inits = {t.name: k for k, t in enumerate(self.g.initializer) if t.name not in self.inputs}
-        self.used = _all_names(self.g)  # one namespace for new tensors and nodes alike
+        self.used = used  # one namespace for new tensors and nodes alike, bodies included
+        self.pinned_reason = pinned_reason  # set inside a pinned control-flow node: all FP32
         self.schemas: dict[str, onnx.defs.OpSchema | None] = {}
         self.prec: dict[int, int] = {}  # node index -> FP16/FP32 (nodes with float tensors)
         self.home: dict[str, int] = {}  # float tensor -> the type its producer writes
@@ -112,10 +130,6 @@ class _Converter:
                 self.flex_const[node.output[0]] = i  # stored like an initializer, see below
             else:
                 self._decide_node(i, node)
-        names = {n.name for n in self.g.node}
-        missing = self.report.plan_nodes_missing = sorted(k for k in self.plan.fp32_nodes if k not in names)
-        if missing:
-            logger.warning("plan pins %d node(s) not in the model: %s", len(missing), missing[:5])
 
     def _decide_node(self, i: int, node: onnx.NodeProto) -> None:
         if _subgraphs(node):  # subgraphs are not converted: what they read from here stays FLOAT
@@ -131,7 +145,9 @@ class _Converter:
         schema = self._schema(node)
         conv_in = {s: _convertible(schema, s, True) for s in fin}
         conv_out = {s: _convertible(schema, s, False) for s in fout}
-        if node.name and self.plan.is_fp32(node.name):
+        if self.pinned_reason:
+            reason = self.pinned_reason
+        elif node.name and self.plan.is_fp32(node.name):
             reason = self.plan.fp32_nodes[node.name]
         elif i in self.index_nodes:  # costs nothing: FP16 there moves indices, not data
             reason = _FORCED + self.index_nodes[i]
@@ -162,7 +178,7 @@ class _Converter:
 
     def _forced_reason(self, node, schema, unknown, conv_in, conv_out) -> str | None:
         if _subgraphs(node):
-            return _FORCED + f"{node.op_type} has a subgraph (not converted)"
+            return _FORCED + f"{node.op_type}: its inputs and outputs stay FP32, its bodies are converted"
         if node.domain not in _DEFAULT_DOMAINS:
             return _FORCED + f"custom domain '{node.domain}' (no schema)"
         if schema is None:
@@ -240,9 +256,25 @@ class _Converter:
         copies = [_copy(n) for n in new_nodes]  # detach before the repeated field is cleared
         del self.g.node[:]
         self.g.node.extend(copies)
+        for t, names in alias.items():  # bodies read these names from here
+            for dtype, name in names.items():
+                self.types.setdefault(name, dtype)
+        for node in self.g.node:
+            for sub in _subgraphs(node):
+                self._convert_body(node, sub)
         for vi in (*self.g.input, *self.g.output):
             if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type == FP32:
                 vi.type.tensor_type.elem_type = self.io_type
+
+    def _convert_body(self, node: onnx.NodeProto, sub: onnx.GraphProto) -> None:
+        pinned = self.pinned_reason
+        if pinned is None and node.name and self.plan.is_fp32(node.name):
+            pinned = f"inside {node.name} (FP32 by the plan): {self.plan.fp32_nodes[node.name]}"
+        child = _Converter(sub, self.plan, True, opset=self.opset, types=self.types, nontensor=self.nontensor,
+                           value_info=self.value_info, used=self.used, report=self.report,
+                           outer=_outer_refs([sub]), pinned_reason=pinned)
+        child.decide()
+        child.materialize()
 
     def _place_constant(self, t: str, extra: dict[int, onnx.NodeProto]) -> dict[int, str]:
         """Store a constant once per type its readers need. The original name keeps the graph
@@ -324,13 +356,15 @@ class _Converter:
 
 # ---- helpers ---------------------------------------------------------------------------------
 def _value_types(model: onnx.ModelProto) -> tuple[dict[str, int], set[str], dict]:
-    """Element type of every tensor inference can type, names of non-tensor values, value infos."""
+    """Element type of every tensor inference can type (in bodies too), names of non-tensor
+    values, value infos."""
     try:
         g = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False).graph
     except Exception as exc:  # inference raises several unrelated types on broken models
         raise BadInputError(f"shape inference failed on the input model: {exc}") from None
-    infos = {vi.name: vi for vi in (*g.input, *g.output, *g.value_info)}
-    types = {t.name: t.data_type for t in g.initializer}
+    graphs = _all_graphs(g)
+    infos = {vi.name: vi for sub in reversed(graphs) for vi in (*sub.input, *sub.output, *sub.value_info)}
+    types = {t.name: t.data_type for sub in graphs for t in sub.initializer}
     nontensor: set[str] = set()
     for name, vi in infos.items():
         if vi.type.HasField("tensor_type"):
@@ -382,6 +416,19 @@ def _cast(src: str, dst: str, to: int, name: str) -> onnx.NodeProto:
     return helper.make_node("Cast", [src], [dst], name=name, to=to)
 
 
+def _all_graphs(g: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """``g`` and every subgraph in it, outermost first."""
+    out = [g]
+    for n in g.node:
+        for sub in _subgraphs(n):
+            out += _all_graphs(sub)
+    return out
+
+
+def _all_node_names(g: onnx.GraphProto) -> set[str]:
+    return {n.name for sub in _all_graphs(g) for n in sub.node}
+
+
 def _all_names(g: onnx.GraphProto) -> set[str]:
     names = {v.name for v in (*g.input, *g.output, *g.value_info)} | {t.name for t in g.initializer}
     for n in g.node:
@@ -417,7 +464,8 @@ def _rename_refs(g: onnx.GraphProto, mapping: dict[str, str]) -> None:
 def _rebuild_types(model: onnx.ModelProto, keep: list[onnx.ValueInfoProto]) -> onnx.ModelProto:
     """Replace value_info by a strict re-inference (keeping what only the input model knew about
     schema-less nodes' outputs) and run the full checker."""
-    del model.graph.value_info[:]
+    for g in _all_graphs(model.graph):  # bodies' value_info is stale after conversion too
+        del g.value_info[:]
     outputs = {o.name for o in model.graph.output}
     model.graph.value_info.extend(vi for vi in keep if vi.name not in outputs)
     try:

@@ -51,11 +51,21 @@ class PrecisionPlan:
 
     def store_in(self, model: onnx.ModelProto) -> None:
         """Write the plan into ``model.metadata_props`` (replacing an older one), dropping names
-        of nodes that no longer exist."""
-        names = {n.name for n in model.graph.node}
+        of nodes that no longer exist (nodes inside If/Loop/Scan bodies count)."""
+        names = _node_names(model.graph)
         live = {k: v for k, v in self.fp32_nodes.items() if k in names}
         kept = [p for p in model.metadata_props if p.key != PLAN_KEY]
         del model.metadata_props[:]
         model.metadata_props.extend(kept)
         if live:
             model.metadata_props.add(key=PLAN_KEY, value=PrecisionPlan(live).to_json())
+
+
+def _node_names(graph: onnx.GraphProto) -> set[str]:
+    names = set()
+    for node in graph.node:
+        names.add(node.name)
+        for a in node.attribute:
+            for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+                names |= _node_names(sub)
+    return names

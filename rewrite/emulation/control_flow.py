@@ -17,7 +17,7 @@ shadow: the error measured in a Loop body is the error born in one iteration.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Container
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +25,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnx_fp16_rewrite.emit.schema_types import fixed_type_inputs
+from onnx_fp16_rewrite.io import weights
 from onnx_fp16_rewrite.emulation.fp16_graph_edits import SHADOW, rename_outer_refs, round_nodes, subgraphs
 
 _FLOAT, _FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
@@ -32,7 +33,6 @@ _HANDLED = ("If", "Loop", "Scan")
 # statistic -> how per-iteration values combine after a Loop/Scan
 _COMBINE = {"max": "ReduceMax", "min": "ReduceMin", "sum": "ReduceSum", "err": "ReduceSum", "ref": "ReduceSum",
             "fmax": "ReduceMax", "fmin": "ReduceMin"}
-FP16_MAX = 65504.0
 
 
 @dataclass
@@ -84,10 +84,12 @@ class ControlFlowEmulator:
 
     def __init__(self, types: dict[str, int], *, strong: bool, fp16_tensors: set[str], pinned: set[str],
                  round_fp16: bool, with_stats: bool, fp32_shadow: bool, opset: int,
-                 weights: dict[str, onnx.TensorProto], new_inits: list[onnx.TensorProto]) -> None:
+                 weights: dict[str, onnx.TensorProto], new_inits: list[onnx.TensorProto],
+                 shadow_ranges: Container[str] | None = None) -> None:
         self.types, self.strong, self.fp16_tensors, self.pinned = types, strong, fp16_tensors, pinned
         self.round_fp16, self.with_stats, self.shadow, self.opset = round_fp16, with_stats, fp32_shadow, opset
         self.weights, self.new_inits = weights, new_inits
+        self.shadow_ranges = shadow_ranges  # with a shadow: tensors whose FP32 max/min to measure (None: all)
         self._rounded_weights: dict[str, str] = {}
         self._count = 0
 
@@ -100,7 +102,7 @@ class ControlFlowEmulator:
             return result
         fp32 = pinned_outer or (not self.strong and node.name in self.pinned)
         per_body = [self._body(g, shadowed, fp32, result) for g in subgraphs(node)]
-        if not self.with_stats:
+        if not (self.with_stats or self.shadow):
             return result
         if node.op_type == "If":
             self._wire_if(node, per_body, result)
@@ -150,7 +152,7 @@ class ControlFlowEmulator:
                     nodes += round_nodes(raw[out], out)
             if self.shadow:
                 nodes.append(_shadow_copy(original, twin))
-            for out in float_outs if self.with_stats else ():
+            for out in float_outs if self.with_stats or self.shadow else ():
                 sites.append(self._stats(out, raw.get(out, out), original, node_fp16, nodes))
         del g.node[:]
         g.node.extend(nodes)
@@ -160,10 +162,8 @@ class ControlFlowEmulator:
                      nodes: list[onnx.NodeProto]) -> str:
         if name in self.weights and name not in local_inits:  # an outer weight: clamped, as engines do
             if name not in self._rounded_weights:
-                arr = numpy_helper.to_array(self.weights[name]).astype(np.float32)
-                arr = np.clip(arr, -FP16_MAX, FP16_MAX).astype(np.float16).astype(np.float32)
                 self._rounded_weights[name] = self._name(name + "__r16cf")
-                self.new_inits.append(numpy_helper.from_array(arr, self._rounded_weights[name]))
+                self.new_inits.append(weights.rounded_fp16(self.weights[name], self._rounded_weights[name]))
             return self._rounded_weights[name]
         if name not in edges:
             edges[name] = self._name(name + "__r16")
@@ -173,16 +173,18 @@ class ControlFlowEmulator:
     def _stats(self, out: str, raw: str, original: onnx.NodeProto, fp16: bool,
                nodes: list[onnx.NodeProto]) -> BodySite:
         outs = {}
-        for kind, op, src in (("max", "ReduceMax", raw), ("min", "ReduceMin", raw), ("sum", "ReduceSum", raw)):
-            outs[kind] = self._name(f"{out}__stat_{kind}")
-            nodes.append(helper.make_node(op, [src], [outs[kind]], name=outs[kind], keepdims=0))
+        wanted = []
+        if self.with_stats:
+            wanted += [("max", "ReduceMax", raw), ("min", "ReduceMin", raw), ("sum", "ReduceSum", raw)]
         if self.shadow:
             diff = self._name(out + "__e_diff")
             nodes.append(helper.make_node("Sub", [out, out + SHADOW], [diff], name=diff))
-            for kind, op, src in (("err", "ReduceSumSquare", diff), ("ref", "ReduceSumSquare", out + SHADOW),
-                                  ("fmax", "ReduceMax", out + SHADOW), ("fmin", "ReduceMin", out + SHADOW)):
-                outs[kind] = self._name(f"{out}__{kind}")
-                nodes.append(helper.make_node(op, [src], [outs[kind]], name=outs[kind], keepdims=0))
+            wanted += [("err", "ReduceSumSquare", diff), ("ref", "ReduceSumSquare", out + SHADOW)]
+            if self.shadow_ranges is None or out in self.shadow_ranges:
+                wanted += [("fmax", "ReduceMax", out + SHADOW), ("fmin", "ReduceMin", out + SHADOW)]
+        for kind, op, src in wanted:
+            outs[kind] = self._name(f"{out}__{kind}")
+            nodes.append(helper.make_node(op, [src], [outs[kind]], name=outs[kind], keepdims=0))
         return BodySite(out, original.name, original.op_type, fp16, outs)
 
     # ---- statistics out of the node ------------------------------------------------------------
