@@ -35,6 +35,7 @@ from onnx_fp16_rewrite.patterns.norm_patterns import (
 )
 from onnx_fp16_rewrite.errors import BadInputError
 from onnx_fp16_rewrite.emulation.fp16_emulation import FP16_MAX
+from onnx_fp16_rewrite.pipeline.graph_edit import NameSource
 from onnx_fp16_rewrite.pipeline.pass_base import Pass, PassResult, Site
 from onnx_fp16_rewrite.pipeline.pass_context import PassContext
 
@@ -72,6 +73,7 @@ class PrescaleAttention(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         result = PassResult(modified=False)
+        self._names = NameSource(graph)  # every new node/tensor name unique, also across sites sharing a scope
         outputs = {t.name for t in graph.outputs}
         for node in list(graph.nodes):
             if node.op == "MatMul" and self._wanted(node):
@@ -109,16 +111,16 @@ class PrescaleAttention(Pass):
         scope = scale.name.rsplit("/", 1)[0] if "/" in scale.name else scale.name
         if self.split_qk:
             root = np.float32(math.sqrt(factor))
-            root_const = gs.Constant(f"{mm.outputs[0].name}/prescale.root", np.asarray(root))
+            root_const = gs.Constant(self._names(f"{mm.outputs[0].name}/prescale.root"), np.asarray(root))
             for i, t in enumerate((a, b)):
-                moved = gs.Variable(f"{t.name}/prescaled", dtype=np.float32)
-                graph.nodes.append(gs.Node("Mul", f"{scope}/prescale/Mul_{i}", inputs=[t, root_const],
+                moved = gs.Variable(self._names(f"{t.name}/prescaled"), dtype=np.float32)
+                graph.nodes.append(gs.Node("Mul", self._names(f"{scope}/prescale/Mul_{i}"), inputs=[t, root_const],
                                            outputs=[moved]))
                 mm.inputs[i] = moved
             how, exact = f"q and kT each by {float(root):.6g}", _power_of_two(float(root))
         else:
-            moved = gs.Variable(f"{a.name}/prescaled", dtype=np.float32)
-            graph.nodes.append(gs.Node(scale.op, f"{scope}/prescale/{scale.op}", inputs=[a, constant],
+            moved = gs.Variable(self._names(f"{a.name}/prescaled"), dtype=np.float32)
+            graph.nodes.append(gs.Node(scale.op, self._names(f"{scope}/prescale/{scale.op}"), inputs=[a, constant],
                                        outputs=[moved]))
             mm.inputs[0] = moved
             how, exact = f"q by {scale.op} {c:.6g}", _power_of_two(factor)
@@ -149,18 +151,18 @@ class PrescaleAttention(Pass):
         if self.softmax == "fuse":
             probs = div.outputs[0]
             remove_nodes(graph, [exp, total, div])
-            graph.nodes.append(gs.Node("Softmax", f"{scope}/Softmax", {"axis": -1}, [x], [probs]))
+            graph.nodes.append(gs.Node("Softmax", self._names(f"{scope}/Softmax"), {"axis": -1}, [x], [probs]))
             result.rewritten.append(Site(exp.name, "Exp", "decomposed softmax (no max subtraction) -> Softmax "
                                                           "(axis -1): rounding-level"))
             return
-        peak = gs.Variable(f"{x.name}/rowmax", dtype=np.float32)
-        shifted = gs.Variable(f"{x.name}/shifted", dtype=np.float32)
+        peak = gs.Variable(self._names(f"{x.name}/rowmax"), dtype=np.float32)
+        shifted = gs.Variable(self._names(f"{x.name}/shifted"), dtype=np.float32)
         if graph.opset >= 18:
-            reduce = gs.Node("ReduceMax", f"{scope}/ReduceMax", {"keepdims": 1},
-                             [x, gs.Constant(f"{scope}/rowmax.axes", np.array([-1], np.int64))], [peak])
+            reduce = gs.Node("ReduceMax", self._names(f"{scope}/ReduceMax"), {"keepdims": 1},
+                             [x, gs.Constant(self._names(f"{scope}/rowmax.axes"), np.array([-1], np.int64))], [peak])
         else:
-            reduce = gs.Node("ReduceMax", f"{scope}/ReduceMax", {"axes": [-1], "keepdims": 1}, [x], [peak])
-        graph.nodes += [reduce, gs.Node("Sub", f"{scope}/Sub_rowmax", inputs=[x, peak], outputs=[shifted])]
+            reduce = gs.Node("ReduceMax", self._names(f"{scope}/ReduceMax"), {"axes": [-1], "keepdims": 1}, [x], [peak])
+        graph.nodes += [reduce, gs.Node("Sub", self._names(f"{scope}/Sub_rowmax"), inputs=[x, peak], outputs=[shifted])]
         exp.inputs[0] = shifted
         result.rewritten.append(Site(exp.name, "Exp", "subtracted the row maximum before Exp: rounding-level"))
 
@@ -189,7 +191,8 @@ class PrescaleAttention(Pass):
             return
         new = np.where(fill, np.asarray(-fill_value, values.dtype), values).astype(values.dtype)
         old = node.inputs[idx]
-        node.inputs[idx] = gs.Constant(f"{old.name}_fp16fill", new)
+        # A fill shared with other readers is replaced for this reader only, under its own name.
+        node.inputs[idx] = gs.Constant(self._names(f"{old.name}_fp16fill"), new)
         result.rewritten.append(Site(node.name, node.op, f"mask fill {float(values[fill].min()):.4g} -> "
                                                          f"{-fill_value:g} ({int(fill.sum())} entries; logits absmax "
                                                          f"{bound:.4g}): exact (masked exp stays 0)"))
