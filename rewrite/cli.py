@@ -219,6 +219,8 @@ def _cmd_fix(args: argparse.Namespace) -> int:
     args.tx.write_model("--output", result.model)  # renamed into place with the reports at the end
     print(f"wrote {out}")
     _print_build_line(rep)
+    if not args.quiet and args.emit == "mixed" and not args.keep_io_types:
+        print("note: the model's inputs and outputs are FLOAT16 now (--keep-io-types keeps them FP32)")
     if not args.quiet:
         for warning in rep.warnings:
             print(f"warning: {warning}")
