@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     fix.add_argument("--pass-option", action="append", default=[], metavar="PASS.OPTION=VALUE",
                      help="set one option of one pass, e.g. rescale-accumulation.target_absmax=4096 "
                           "(`onnx-rewrite passes` lists them); applies to --pass passes and to the automatic fix's rewrites")
+    short = fix.add_argument_group("short pass flags (each an alias of --pass-option for the one pass that takes it)")
     for flag, (dest, conv, helptext) in SHORT_PASS_FLAGS.items():
-        fix.add_argument(flag, dest=f"short_{dest}", type=conv, help=helptext)
+        short.add_argument(flag, dest=f"short_{dest}", metavar=dest.upper(), type=conv, help=helptext)
     fix.add_argument("--emit", choices=["mixed", "fp32"], default="mixed",
                      help="mixed (default): strongly typed FP16/FP32 model for trtexec --stronglyTyped (TensorRT 10 "
                           "and 11); fp32: FP32 model + --fp16 --layerPrecisions (TensorRT 10 only)")
