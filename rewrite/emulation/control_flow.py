@@ -93,15 +93,19 @@ class ControlFlowEmulator:
         self._rounded_weights: dict[str, str] = {}
         self._count = 0
 
-    def emulate(self, node: onnx.NodeProto, shadowed: set[str], pinned_outer: bool = False) -> BodyEmulation:
+    def emulate(self, node: onnx.NodeProto, shadowed: set[str], pinned_outer: bool = False,
+                recurrent: bool = False) -> BodyEmulation:
         """Rewrite ``node``'s bodies in place. ``shadowed``: outer names that have an FP32 twin
         ``<name>__fp32``. ``pinned_outer``: an enclosing control-flow node is FP32."""
         result = BodyEmulation()
         if node.op_type not in _HANDLED or node.domain not in ("", "ai.onnx"):
-            result.unhandled.append(f"{node.op_type} {node.name!r}: its body is not emulated (only If, Loop, Scan)")
+            if self.round_fp16 or self.shadow:  # an all-FP32 run is right without body edits
+                result.unhandled.append(f"{node.op_type} {node.name!r}: its body is not emulated "
+                                        "(only If, Loop, Scan)")
             return result
         fp32 = pinned_outer or (not self.strong and node.name in self.pinned)
-        per_body = [self._body(g, shadowed, fp32, result) for g in subgraphs(node)]
+        recurrent = recurrent or node.op_type != "If"
+        per_body = [self._body(g, shadowed, fp32, result, recurrent) for g in subgraphs(node)]
         if not (self.with_stats or self.shadow):
             return result
         if node.op_type == "If":
@@ -111,7 +115,8 @@ class ControlFlowEmulator:
         return result
 
     # ---- one body ----------------------------------------------------------------------------
-    def _body(self, g: onnx.GraphProto, shadowed: set[str], fp32: bool, result: BodyEmulation) -> list[BodySite]:
+    def _body(self, g: onnx.GraphProto, shadowed: set[str], fp32: bool, result: BodyEmulation,
+              recurrent: bool) -> list[BodySite]:
         originals = [_copy(n) for n in g.node]
         produced = {o for n in g.node for o in n.output if o}
         twin = shadowed | produced  # names whose FP32 twin exists in this scope
@@ -139,7 +144,8 @@ class ControlFlowEmulator:
                         raw[out] = node.output[k] = self._name(out + "__raw")
             nested = None
             if subgraphs(node):
-                nested = self.emulate(node, twin if self.shadow else set(), pinned_outer=not node_fp16)
+                nested = self.emulate(node, twin if self.shadow else set(), pinned_outer=not node_fp16,
+                                      recurrent=recurrent)
                 result.unhandled += nested.unhandled
                 result.fp16_nodes += nested.fp16_nodes
                 result.fp32_nodes += nested.fp32_nodes
@@ -153,7 +159,7 @@ class ControlFlowEmulator:
             if self.shadow:
                 nodes.append(_shadow_copy(original, twin))
             for out in float_outs if self.with_stats or self.shadow else ():
-                sites.append(self._stats(out, raw.get(out, out), original, node_fp16, nodes))
+                sites.append(self._stats(out, raw.get(out, out), original, node_fp16, nodes, recurrent))
         del g.node[:]
         g.node.extend(nodes)
         return sites
@@ -171,7 +177,7 @@ class ControlFlowEmulator:
         return edges[name]
 
     def _stats(self, out: str, raw: str, original: onnx.NodeProto, fp16: bool,
-               nodes: list[onnx.NodeProto]) -> BodySite:
+               nodes: list[onnx.NodeProto], recurrent: bool) -> BodySite:
         outs = {}
         wanted = []
         if self.with_stats:
@@ -179,6 +185,8 @@ class ControlFlowEmulator:
         if self.shadow:
             diff = self._name(out + "__e_diff")
             nodes.append(helper.make_node("Sub", [out, out + SHADOW], [diff], name=diff))
+            if recurrent and self.opset >= 9:
+                diff = self._born_here(out + SHADOW, diff, nodes)
             wanted += [("err", "ReduceSumSquare", diff), ("ref", "ReduceSumSquare", out + SHADOW)]
             if self.shadow_ranges is None or out in self.shadow_ranges:
                 wanted += [("fmax", "ReduceMax", out + SHADOW), ("fmin", "ReduceMin", out + SHADOW)]
@@ -186,6 +194,25 @@ class ControlFlowEmulator:
             outs[kind] = self._name(f"{out}__{kind}")
             nodes.append(helper.make_node(op, [src], [outs[kind]], name=outs[kind], keepdims=0))
         return BodySite(out, original.name, original.op_type, fp16, outs)
+
+    def _born_here(self, twin: str, diff: str, nodes: list[onnx.NodeProto]) -> str:
+        """In a Loop/Scan body the twin reads the carried values as emulated (body inputs are
+        their own shadow), so where the twin itself is inf/NaN the error came in with the carried
+        value of an earlier iteration: it counts as 0 there, and the error left is the error born
+        in this iteration (else the first overflow's NaN would blame every node of the body)."""
+        bad, zero, masked = self._name(twin + "_bad"), self._name(twin + "_zero"), self._name(diff + "_here")
+        nodes += [
+            helper.make_node("IsNaN", [self._sub_self(twin, nodes)], [bad], name=bad),
+            helper.make_node("Constant", [], [zero], name=zero, value=numpy_helper.from_array(np.array(0, np.float32))),
+            helper.make_node("Where", [bad, zero, diff], [masked], name=masked),
+        ]
+        return masked
+
+    def _sub_self(self, t: str, nodes: list[onnx.NodeProto]) -> str:
+        """``t - t``: 0 where ``t`` is finite, NaN where it is inf or NaN (IsInf needs opset 10)."""
+        name = self._name(t + "_minus_self")
+        nodes.append(helper.make_node("Sub", [t, t], [name], name=name))
+        return name
 
     # ---- statistics out of the node ------------------------------------------------------------
     def _wire_if(self, node: onnx.NodeProto, per_body: list[list[BodySite]], result: BodyEmulation) -> None:
