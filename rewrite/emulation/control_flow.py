@@ -178,35 +178,44 @@ class ControlFlowEmulator:
 
     def _stats(self, out: str, raw: str, original: onnx.NodeProto, fp16: bool,
                nodes: list[onnx.NodeProto], recurrent: bool) -> BodySite:
+        twin = out + SHADOW
+        keep = (lambda t: t)
+        if self.shadow and recurrent and self.opset >= 9:
+            keep = self._born_here(twin, nodes)
         outs = {}
         wanted = []
         if self.with_stats:
-            wanted += [("max", "ReduceMax", raw), ("min", "ReduceMin", raw), ("sum", "ReduceSum", raw)]
+            wanted += [("max", "ReduceMax", raw), ("min", "ReduceMin", raw), ("sum", "ReduceSum", keep(raw))]
         if self.shadow:
             diff = self._name(out + "__e_diff")
-            nodes.append(helper.make_node("Sub", [out, out + SHADOW], [diff], name=diff))
-            if recurrent and self.opset >= 9:
-                diff = self._born_here(out + SHADOW, diff, nodes)
-            wanted += [("err", "ReduceSumSquare", diff), ("ref", "ReduceSumSquare", out + SHADOW)]
+            nodes.append(helper.make_node("Sub", [out, twin], [diff], name=diff))
+            wanted += [("err", "ReduceSumSquare", keep(diff)), ("ref", "ReduceSumSquare", keep(twin))]
             if self.shadow_ranges is None or out in self.shadow_ranges:
-                wanted += [("fmax", "ReduceMax", out + SHADOW), ("fmin", "ReduceMin", out + SHADOW)]
+                masked = keep(twin)
+                wanted += [("fmax", "ReduceMax", masked), ("fmin", "ReduceMin", masked)]
         for kind, op, src in wanted:
             outs[kind] = self._name(f"{out}__{kind}")
             nodes.append(helper.make_node(op, [src], [outs[kind]], name=outs[kind], keepdims=0))
         return BodySite(out, original.name, original.op_type, fp16, outs)
 
-    def _born_here(self, twin: str, diff: str, nodes: list[onnx.NodeProto]) -> str:
+    def _born_here(self, twin: str, nodes: list[onnx.NodeProto]):
         """In a Loop/Scan body the twin reads the carried values as emulated (body inputs are
         their own shadow), so where the twin itself is inf/NaN the error came in with the carried
-        value of an earlier iteration: it counts as 0 there, and the error left is the error born
-        in this iteration (else the first overflow's NaN would blame every node of the body)."""
-        bad, zero, masked = self._name(twin + "_bad"), self._name(twin + "_zero"), self._name(diff + "_here")
+        value of an earlier iteration: such positions count 0, and what is left is the error born
+        in this iteration (else the first overflow's NaN would blame every node of the body).
+        Returns a function that masks a tensor of the twin's shape that way."""
+        bad, zero = self._name(twin + "_bad"), self._name(twin + "_zero")
         nodes += [
             helper.make_node("IsNaN", [self._sub_self(twin, nodes)], [bad], name=bad),
             helper.make_node("Constant", [], [zero], name=zero, value=numpy_helper.from_array(np.array(0, np.float32))),
-            helper.make_node("Where", [bad, zero, diff], [masked], name=masked),
         ]
-        return masked
+
+        def keep(t: str) -> str:
+            masked = self._name(t + "_here")
+            nodes.append(helper.make_node("Where", [bad, zero, t], [masked], name=masked))
+            return masked
+
+        return keep
 
     def _sub_self(self, t: str, nodes: list[onnx.NodeProto]) -> str:
         """``t - t``: 0 where ``t`` is finite, NaN where it is inf or NaN (IsInf needs opset 10)."""
