@@ -357,7 +357,7 @@ def _print_pitfalls(model, trt_version, *, quiet: bool = False) -> list:
 def _cmd_trtexec(args: argparse.Namespace) -> int:
     from onnx_fp16_rewrite.cli_inputs import parse_shape_specs
     from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
-    from onnx_fp16_rewrite.emit.trtexec import dynamic_inputs, format_command, trtexec_command
+    from onnx_fp16_rewrite.emit.trtexec import dynamic_inputs, format_command, trtexec_command, validated_shapes
     from onnx_fp16_rewrite.io.model_io import load_model
     from onnx_fp16_rewrite.tensorrt.trt_backend import has_fp16_tensors, trtexec_mode
 
@@ -369,12 +369,14 @@ def _cmd_trtexec(args: argparse.Namespace) -> int:
     if unknown:
         raise BadInputError(f"--shape {unknown[0]!r}: not a dynamic input of the model "
                             f"(dynamic: {', '.join(dynamic) or 'none'})")
-    missing = [name for name in dynamic if name not in shapes]
+    profiles = {**validated_shapes(model), **{k: (v, v, v) for k, v in shapes.items()}}  # fix stored what it validated
+    profiles = {k: v for k, v in profiles.items() if k in dynamic}
+    missing = [name for name in dynamic if name not in profiles]
     if missing:
         warnings.append(f"dynamic input(s) {', '.join(missing)} have no --shape: trtexec would build them with "
                         "every dynamic dim set to 1")
     argv = trtexec_command(args.model, PrecisionPlan.from_model(model), mode=mode, engine_path=args.engine,
-                           shapes={k: (v, v, v) for k, v in shapes.items()})
+                           shapes=profiles)
     print(format_command(argv) + (f"  # {TRT10_LABEL}" if mode == "weak" else ""))
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)

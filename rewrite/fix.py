@@ -20,7 +20,7 @@ from onnx_fp16_rewrite.io.ort_runner import Feed, run_model
 from onnx_fp16_rewrite.pipeline.pass_base import Pass
 from onnx_fp16_rewrite.pipeline.pass_manager import PassManager, RunReport
 from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
-from onnx_fp16_rewrite.emit.trtexec import format_command, trtexec_command
+from onnx_fp16_rewrite.emit.trtexec import format_command, store_validated_shapes, trtexec_command
 from onnx_fp16_rewrite.pipeline.validate import Tolerance
 from onnx_fp16_rewrite.progress import NULL_PROGRESS, Progress
 from onnx_fp16_rewrite.tensorrt.trt_backend import profile_shapes
@@ -166,6 +166,7 @@ def fix_model(
         mixed_errors = _mixed_ort_error(fixed, feeds, reference)
     # The shapes that were validated, so trtexec does not build dynamic dims as 1.
     shapes = profile_shapes(fixed, feeds)
+    store_validated_shapes(fixed, shapes)  # `onnx-rewrite trtexec fixed.onnx` prints them too
     argv = trtexec_command(model_path, plan, mode="strong" if emit == "mixed" else "weak", shapes=shapes)
     warnings = _build_warnings(fixed, plan)
     with progress.phase(f"FP16 verification ({emit})", total=None) as phase:

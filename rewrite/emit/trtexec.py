@@ -72,6 +72,8 @@ __all__ = [
     "layer_precision_spec",
     "parse_layer_precision_spec",
     "shape_flags",
+    "store_validated_shapes",
+    "validated_shapes",
     "trtexec_command",
     "unexpressible_layer_names",
 ]
@@ -261,6 +263,37 @@ def shape_flags(shapes: Mapping[str, ShapeProfile]) -> list[str]:
     if all(shapes[n][0] == shapes[n][1] == shapes[n][2] for n in names):
         return [f"--shapes={spec(1)}"]
     return [f"--minShapes={spec(0)}", f"--optShapes={spec(1)}", f"--maxShapes={spec(2)}"]
+
+
+#: metadata_props key under which ``fix`` stores the shapes it validated (``onnx-rewrite trtexec`` reads them).
+SHAPES_KEY = "onnx_fp16_rewrite.validated_shapes"
+
+
+def store_validated_shapes(model: onnx.ModelProto, shapes: Mapping[str, ShapeProfile]) -> None:
+    """Record ``{input: (min, opt, max)}`` in the model's metadata (replacing an older entry)."""
+    import json
+
+    kept = [p for p in model.metadata_props if p.key != SHAPES_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    if shapes:
+        model.metadata_props.add(key=SHAPES_KEY, value=json.dumps({k: [list(s) for s in v] for k, v in shapes.items()}))
+
+
+def validated_shapes(model: onnx.ModelProto) -> dict[str, ShapeProfile]:
+    """The shapes ``store_validated_shapes`` recorded, for inputs the model still has; {} when none."""
+    import json
+
+    names = {vi.name for vi in model.graph.input}
+    for prop in model.metadata_props:
+        if prop.key == SHAPES_KEY:
+            try:
+                data = json.loads(prop.value)
+                return {k: tuple(tuple(int(d) for d in s) for s in v) for k, v in data.items()
+                        if k in names and len(v) == 3}
+            except (ValueError, TypeError):
+                logger.warning("ignoring unreadable %s metadata", SHAPES_KEY)
+    return {}
 
 
 def dynamic_inputs(model: onnx.ModelProto) -> list[str]:
