@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import weakref
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 # Tensors this large stay out of ModelProtos (a parameter of load_model / make_tensor; tests use less).
 LARGE_TENSOR_BYTES = 16 << 20
 # Chunk size for reading and deriving weights (bounded temporaries).
-CHUNK_BYTES = 64 << 20
+CHUNK_BYTES = 16 << 20
 
 _PREFIX = "@onnx-fp16-rewrite/"
 _FILE = _PREFIX + "file:"
@@ -42,6 +43,9 @@ _PACKED = {TensorProto.INT4, TensorProto.UINT4, TensorProto.FLOAT4E2M1, TensorPr
            getattr(TensorProto, "INT2", -1), getattr(TensorProto, "UINT2", -1)}
 
 _store: dict[int, np.ndarray] = {}
+_maps: dict[str, np.ndarray] = {}  # data file -> its one read-only mapping
+_views: dict[int, tuple] = {}  # id(array tensor_array returned) -> (weakref, source key)
+_fp16_of: dict[int, tuple] = {}  # id(FP16 array clamp_to_fp16 made) -> (weakref, source key)
 _derived: dict[tuple, int] = {}
 _ids = itertools.count(1)
 
@@ -82,7 +86,11 @@ def make_tensor(arr: np.ndarray, name: str, *, large_bytes: int | None = None) -
     limit = LARGE_TENSOR_BYTES if large_bytes is None else large_bytes
     if arr.nbytes < limit:
         return numpy_helper.from_array(arr, name)
-    return _mem_tensor(np.ascontiguousarray(arr), name)
+    t = _mem_tensor(np.ascontiguousarray(arr), name)
+    entry = _fp16_of.pop(id(arr), None)
+    if entry is not None and entry[0]() is arr and (entry[1], "round16") in _derived:
+        _derived[(_source_key(t), "f32")] = _derived[(entry[1], "round16")]
+    return t
 
 
 def tensor_array(t: TensorProto) -> np.ndarray:
@@ -93,13 +101,34 @@ def tensor_array(t: TensorProto) -> np.ndarray:
     loc = info["location"]
     dtype, shape = _np_dtype(t), tuple(t.dims)
     if loc.startswith(_MEM):
-        arr = _store[int(loc[len(_MEM):])]
-        view = arr.view()
+        view = _store[int(loc[len(_MEM):])].view()
         view.flags.writeable = False
-        return view
-    if int(info.get("length", 0)) == 0:
-        return np.zeros(shape, dtype)
-    return np.memmap(loc[len(_FILE):], dtype=dtype, mode="r", offset=int(info.get("offset", 0)), shape=shape)
+    else:
+        length = int(info.get("length", 0))
+        if length == 0:
+            return np.zeros(shape, dtype)
+        offset = int(info.get("offset", 0))
+        view = np.asarray(_file_map(loc[len(_FILE):])[offset:offset + length]).view(dtype).reshape(shape)
+    _views[id(view)] = (weakref.ref(view), _source_key(t))
+    return view
+
+
+def _file_map(path: str) -> np.ndarray:
+    """One read-only mapping per data file, shared by every tensor and ORT session reading it (a
+    page mapped twice would count twice in RSS). MADV_RANDOM: weights are read where a Gather
+    points, and the kernel's readahead would otherwise map a whole table for a few rows."""
+    import mmap
+
+    arr = _maps.get(path)
+    if arr is None:
+        arr = _maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
+        mm = getattr(arr, "_mmap", None)
+        if mm is not None and hasattr(mmap, "MADV_RANDOM"):
+            try:
+                mm.madvise(mmap.MADV_RANDOM)
+            except (OSError, ValueError):
+                pass
+    return arr
 
 
 def iter_chunks(t: TensorProto, chunk_bytes: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
@@ -149,7 +178,7 @@ FP16_MAX = 65504.0
 
 
 def _round16(a: np.ndarray) -> np.ndarray:
-    return np.clip(a.astype(np.float32), -FP16_MAX, FP16_MAX).astype(np.float16).astype(np.float32)
+    return np.clip(np.asarray(a, np.float32), -FP16_MAX, FP16_MAX).astype(np.float16).astype(np.float32)
 
 
 def _to16(a: np.ndarray) -> np.ndarray:
@@ -174,7 +203,7 @@ def clamp_to_fp16(arr: np.ndarray) -> tuple[np.ndarray, int, float]:
     out = np.empty(arr.shape, np.float16)
     src, dst = arr.reshape(-1), out.reshape(-1)
     step = max(1, CHUNK_BYTES // 4)
-    clamped, worst = 0, 0.0
+    clamped, worst, has_inf = 0, 0.0, False
     for start in range(0, src.size, step):
         c = np.asarray(src[start:start + step], np.float32)
         over = np.isfinite(c) & (np.abs(c) > FP16_MAX)
@@ -184,7 +213,13 @@ def clamp_to_fp16(arr: np.ndarray) -> tuple[np.ndarray, int, float]:
             worst = max(worst, float(np.abs(c[over]).max()))
             c = np.where(over, np.clip(c, -FP16_MAX, FP16_MAX), c)
         dst[start:start + step] = c
+        has_inf = has_inf or bool(np.isinf(c).any())
         _drop_pages(arr)
+    src_entry = _views.get(id(arr))
+    if src_entry is not None and src_entry[0]() is arr and not has_inf:
+        # Without infinities, widening this FP16 copy back to FP32 gives exactly the emulation's
+        # rounded copy of the same weight (clamp, round): make_tensor/derive share it.
+        _fp16_of[id(out)] = (weakref.ref(out), src_entry[1])
     return out, clamped, worst
 
 
@@ -201,13 +236,6 @@ def _drop_pages(arr: np.ndarray) -> None:
             mm.madvise(mmap.MADV_DONTNEED)
         except (OSError, ValueError):
             pass
-
-
-def alias_derived(t: TensorProto, op: str, source: TensorProto, source_op: str) -> None:
-    """Declare that ``op`` applied to ``t`` equals ``source_op`` applied to ``source`` (so, e.g.,
-    the FP16 weight of a mixed model widened back to FP32 shares the emulation's rounded copy)."""
-    if is_ref(t) and is_ref(source) and (_source_key(source), source_op) in _derived:
-        _derived[(_source_key(t), op)] = _derived[(_source_key(source), source_op)]
 
 
 def skeleton(model: onnx.ModelProto, placeholder: str = "placeholder",
