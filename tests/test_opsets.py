@@ -50,3 +50,17 @@ def test_check_and_fix_auto_at_opset(opset, tmp_path, capsys):
         typed = tmp_path / f"x_{emit}.npz"
         np.savez(typed, x=x.astype(np.float16 if emit == "mixed" else np.float32))
         assert main(["check", str(out), "--inputs", str(typed)]) == 0
+
+
+def test_opset_older_than_7_is_one_line_exit_2(tmp_path, capsys):
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Mul", ["x", "x"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])])
+    path = tmp_path / "old.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 6)], ir_version=3), path)
+    for argv in (["check", str(path)], ["fix", str(path), "-o", str(tmp_path / "out.onnx"), "--auto"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "opset 6" in err and "version_converter" in err
+    assert not (tmp_path / "out.onnx").exists()

@@ -139,6 +139,7 @@ def check_model(model: onnx.ModelProto, what: str = "model", *, strict_shapes: b
         raise BadInputError(f"{what} fails the ONNX checker: {one_line(exc)}") from None
 
 
+MIN_OPSET = 7  # the oldest default-domain opset ONNX Runtime runs (and opsets tests cover: 7 to 23)
 # Domains ORT CPU has kernels for (model-local functions are checked separately).
 _KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.training", "ai.onnx.preview.training"}
 
@@ -156,6 +157,9 @@ def check_input_model(model: onnx.ModelProto, what: str = "model") -> None:
     for op in model.opset_import:
         if op.domain in ("", "ai.onnx") and op.version > newest:
             raise BadInputError(f"{what} uses opset {op.version}; onnx {onnx.__version__} knows opsets up to {newest}")
+        if op.domain in ("", "ai.onnx") and op.version < MIN_OPSET:  # ORT has no kernels for older ops
+            raise BadInputError(f"{what} uses opset {op.version}; opsets {MIN_OPSET} and newer are supported: "
+                                "upgrade it first, e.g. onnx.version_converter.convert_version(model, 13)")
     inits = {t.name for t in g.initializer}
     for vi in g.input:
         if vi.name in inits:
