@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ def pass_options(cls: type[Pass]) -> dict[str, PassOption]:
 
 def _convert(annotation: Any, text: str) -> Any:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+    if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
         if text.lower() == "none" and len(inner) < len(args):
             return None
@@ -91,7 +92,7 @@ def _type_text(annotation: Any) -> str:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is typing.Literal:
         return "|".join(map(str, args))
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+    if origin in (typing.Union, types.UnionType):
         return " or ".join("none" if a is type(None) else _type_text(a) for a in args)
     if origin is not None and args and _is_sequence(origin):
         return f"{_type_text(args[0])},..."
