@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import onnx
 import pytest
@@ -64,3 +66,81 @@ def test_missing_external_data(tmp_path):
     (tmp_path / "big.onnx.data").unlink()
     with pytest.raises(BadInputError, match="external data"):
         load_model(out)
+
+
+# --- outputs: planned up front, staged, all renamed at the end or none (io.paths) ---
+
+import errno  # noqa: E402
+
+from onnx_fp16_rewrite.io import paths  # noqa: E402
+
+
+def _files(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_failed_run_leaves_targets_as_they_were(tmp_path):
+    (tmp_path / "r.json").write_text("old report")
+    plan = paths.plan_outputs([], {"--output": tmp_path / "m.onnx", "--report": tmp_path / "r.json"})
+    with pytest.raises(RuntimeError):
+        with plan.transaction() as tx:
+            tx.write_model("--output", _model_with_weight(4))
+            tx.write_text("--report", "new report")
+            raise RuntimeError("a later step fails")
+    assert _files(tmp_path) == ["r.json"] and (tmp_path / "r.json").read_text() == "old report"
+
+
+def test_full_disk_while_staging_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    plan = paths.plan_outputs([], {"--output": tmp_path / "m.onnx", "--report": tmp_path / "r.json"})
+    real, calls = os.fsync, []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == 2:  # the model went through; the report hits a full disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(BadInputError, match=r"cannot write --report .*No space left on device"):
+        with plan.transaction() as tx:
+            tx.write_model("--output", _model_with_weight(4))
+            tx.write_text("--report", "{}")
+    assert _files(tmp_path) == []
+
+
+def test_failed_rename_restores_what_was_there(tmp_path, monkeypatch):
+    (tmp_path / "m.onnx").write_bytes(b"previous model")
+    plan = paths.plan_outputs([], {"--output": tmp_path / "m.onnx", "--report": tmp_path / "r.json"})
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if str(dst).endswith("r.json"):
+            raise OSError(errno.EIO, "Input/output error")
+        real(src, dst)
+
+    with pytest.raises(BadInputError, match="cannot write"):
+        with plan.transaction() as tx:
+            tx.write_model("--output", _model_with_weight(4))
+            tx.write_text("--report", "{}")
+            monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.undo()
+    assert _files(tmp_path) == ["m.onnx"] and (tmp_path / "m.onnx").read_bytes() == b"previous model"
+
+
+def test_interrupted_fix_leaves_nothing(tmp_path, monkeypatch, capfd):
+    from onnx_fp16_rewrite import fix
+    from onnx_fp16_rewrite.cli import main
+
+    src = save_model(_model_with_weight(8), tmp_path / "in.onnx")
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fix, "fix_model", interrupted)
+    code = main(["fix", str(src), "--shape", "x:8", "-o", str(out / "f.onnx"), "--report", str(out / "r.json"),
+                 "--save-inputs", str(out / "inputs.json")])
+    assert code == 130 and "interrupted" in capfd.readouterr().err
+    assert _files(out) == []

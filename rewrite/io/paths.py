@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -167,7 +168,7 @@ class _Transaction:
 
     def write_bytes(self, option: str, data: bytes) -> Path:
         tmp = self.stage(option)
-        with open(tmp, "wb") as f:
+        with _writing(option, self.target(option)), open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -182,9 +183,10 @@ class _Transaction:
 
         target = self.target(option)
         data_opt = f"{option} (external data)"
-        write_model_files(model, target, lambda: self.stage(option),
-                          lambda: self.stage(data_opt) if data_opt in self.plan.reserved else None,
-                          external_data=external_data)
+        with _writing(option, target):
+            write_model_files(model, target, lambda: self.stage(option),
+                              lambda: self.stage(data_opt) if data_opt in self.plan.reserved else None,
+                              external_data=external_data)
         return target
 
     def discard(self) -> None:
@@ -196,6 +198,7 @@ class _Transaction:
     def commit(self) -> None:
         mode = 0o666 & ~_umask()
         done: list[tuple[Path, Path | None]] = []  # (target, backup of what it held)
+        target = None
         try:
             for tmp, target in self.staged:
                 _fsync_file(tmp)
@@ -211,6 +214,9 @@ class _Transaction:
                     else:
                         target.unlink()
             self.discard()
+            exc = sys.exc_info()[1]
+            if isinstance(exc, OSError):
+                raise BadInputError(f"cannot write {target}: {exc.strerror or exc}; nothing was written") from None
             raise
         for target, backup in done:
             if backup is not None:
@@ -219,6 +225,16 @@ class _Transaction:
             _fsync_dir(target.parent)
             logger.info("wrote %s", target)
         self.staged.clear()
+
+
+@contextlib.contextmanager
+def _writing(option: str, target: Path) -> Iterator[None]:
+    """A full disk or a vanished folder while staging an output is the environment's doing:
+    one line, exit 2 (the transaction then removes everything staged)."""
+    try:
+        yield
+    except OSError as exc:
+        raise BadInputError(f"cannot write {option} {target}: {exc.strerror or exc}; nothing was written") from None
 
 
 def _backup(target: Path) -> Path | None:
