@@ -318,13 +318,24 @@ def _check_out_paths(args: argparse.Namespace, *paths: str | None) -> None:
 
 def _with_outputs(cmd, args: argparse.Namespace) -> int:
     """Run a command that writes files: its staged outputs land only if it returns (any exit
-    code), and are removed on an error or Ctrl-C."""
+    code), and are removed on an error, Ctrl-C or SIGTERM (which ends the run like Ctrl-C)."""
+    import signal
+    import threading
+
+    def terminated(signum, frame):
+        raise KeyboardInterrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminated) if main_thread else None
     try:
         code = cmd(args)
     except BaseException:
         if getattr(args, "tx", None) is not None:
             args.tx.discard()
         raise
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     if getattr(args, "tx", None) is not None:
         args.tx.commit()
     return code
