@@ -114,8 +114,9 @@ def _pin_float_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> Non
 
 
 def probe_feeds(model: onnx.ModelProto, feeds: Sequence[Feed]) -> list[list[Feed]]:
-    """Candidate feeds of another shape: every dynamic dim halved (when even), else doubled; dims
-    with the same size in the feed change together (a batch or a sequence shared by inputs).
+    """Candidate feeds of another shape: every dynamic dim halved (when even), else doubled, then
+    each size alone; dims with the same size in the feed change together (a batch or a sequence
+    shared by inputs).
     Values are the feed's, tiled or cropped, so token ids and masks stay valid."""
     feed = feeds[0]
     sizes: set[int] = set()
@@ -131,7 +132,9 @@ def probe_feeds(model: onnx.ModelProto, feeds: Sequence[Feed]) -> list[list[Feed
         return []
     half = {s: (s // 2 if s % 2 == 0 and s >= 2 else 2 * s) for s in sizes}
     double = {s: 2 * s for s in sizes}
-    return [[_resize(feed, dyn_axes, m)] for m in (half, double)]
+    # Then one size group at a time (a ViT takes another batch but only its own resolution).
+    singles = [{**{t: t for t in sizes}, s: m[s]} for s in sorted(sizes) for m in (half, double)] if len(sizes) > 1 else []
+    return [[_resize(feed, dyn_axes, m)] for m in (half, double, *singles)]
 
 
 def _resize(feed: Feed, axes: dict[str, list[int]], new: dict[int, int]) -> Feed:
