@@ -7,6 +7,7 @@ import html
 import io
 import re
 import shutil
+import sys
 import subprocess
 
 import numpy as np
@@ -154,3 +155,12 @@ def test_fix_html_of_the_t5_encoder(tmp_path):
     for name in result.report.auto.passes_kept:  # the rewrites that held, with their reasons
         assert f"{name} (tried by --auto): kept" in texts.html
     _open_in_chromium(page_path, tmp_path)
+
+
+def test_html_without_matplotlib_is_a_one_line_error_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    page = tmp_path / "r.html"
+    assert main(["check", "--demo", "nafnet", "--html", str(page)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().count("\n") == 0 and "pip install 'onnx-fp16-rewrite[report]'" in captured.err
+    assert captured.out == "" and not page.exists()
