@@ -17,8 +17,17 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnx_fp16_rewrite.io import weights
-from onnx_fp16_rewrite.io.model_io import run_checker
-from onnx_fp16_rewrite.errors import BadInputError, PassFailedError
+from onnx_fp16_rewrite.emit.graph_scopes import (
+    value_types as _value_types,
+    convertible as _convertible,
+    subgraphs as _subgraphs,
+    copy as _copy,
+    cast as _cast,
+    all_node_names as _all_node_names,
+    all_names as _all_names,
+    outer_refs as _outer_refs,
+    rebuild_types as _rebuild_types,
+)
 from onnx_fp16_rewrite.emit.index_arithmetic import index_arithmetic_nodes
 from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 
@@ -30,7 +39,6 @@ FP32, FP16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
 FP16_MAX = 65504.0
 _SUFFIX = {FP16: "fp16", FP32: "fp32"}
 _DEFAULT_DOMAINS = ("", "ai.onnx")
-_VARIADIC = onnx.defs.OpSchema.FormalParameterOption.Variadic
 _FORCED = "converter: "  # prefix of the reasons this module gives (plan reasons are kept as is)
 
 
@@ -91,17 +99,21 @@ def to_mixed_precision(
 class _Converter:
     """Converts one graph. An If/Loop/Scan body is converted by a converter of its own that keeps
     the body's inputs and outputs FP32 (the control-flow node's interface stays FP32, so both
-    branches and the loop-carried values agree) and reads outer tensors as extra inputs."""
+    branches and the loop-carried values agree); the types a body reads outer tensors in are
+    asked of the enclosing graph, which casts there, once per (tensor, type), as for its own
+    readers: an FP16 tensor reaches FP16 body code uncast."""
 
     def __init__(self, graph: onnx.GraphProto, plan: PrecisionPlan, keep_io: bool, *, opset: int,
                  types: dict[str, int], nontensor: set[str], value_info: dict, used: set[str],
-                 report: MixedPrecisionReport, outer: list[str] = (), pinned_reason: str | None = None) -> None:
+                 report: MixedPrecisionReport, outer: dict[str, int | None] | None = None,
+                 pinned_reason: str | None = None) -> None:
         self.g, self.plan = graph, plan
         self.report = report
         self.io_type = FP32 if keep_io else FP16
         self.opset = opset
         self.types, self.nontensor, self.value_info = types, nontensor, value_info
-        self.inputs = [i.name for i in self.g.input] + [t for t in outer if t not in {i.name for i in self.g.input}]
+        self.inputs = [i.name for i in self.g.input]
+        self.outer_home = dict(outer or {})  # outer names -> their type there (None: a constant)
         self.outputs = {o.name for o in self.g.output}
         self.inits = {t.name: k for k, t in enumerate(self.g.initializer) if t.name not in self.inputs}
         self.used = used  # one namespace for new tensors and nodes alike, bodies included
@@ -111,7 +123,7 @@ class _Converter:
         self.home: dict[str, int] = {}  # float tensor -> the type its producer writes
         self.need: dict[int, dict[int, int]] = {}  # node -> {input slot: type it reads}
         self.wanted: dict[str, list[int]] = {}  # float tensor -> types read, first use first
-        self.sub_refs: dict[int, list[str]] = {}  # node -> outer float tensors its subgraphs read
+        self.children: dict[int, list[_Converter]] = {}  # control-flow node -> its bodies' converters
         self.flex_const: dict[str, int] = {}  # float Constant-node output -> node index
         self.custom_outputs: set[str] = set()  # of schema-less nodes: inference can't type them
         self.custom_value_info: list[onnx.ValueInfoProto] = []
@@ -130,12 +142,31 @@ class _Converter:
                 self.flex_const[node.output[0]] = i  # stored like an initializer, see below
             else:
                 self._decide_node(i, node)
+        for o in self.g.output:  # a body output read from outside: the interface wants it FP32
+            if o.name in self.outer_home and self.types.get(o.name) == FP32:
+                self._want(o.name, FP32)
+
+    def _home_of(self, t: str) -> int | None:
+        return self.home.get(t, self.outer_home.get(t))
+
+    def _decide_bodies(self, i: int, node: onnx.NodeProto) -> None:
+        pinned = self.pinned_reason
+        if pinned is None and node.name and self.plan.is_fp32(node.name):
+            pinned = f"inside {node.name} (FP32 by the plan): {self.plan.fp32_nodes[node.name]}"
+        for sub in _subgraphs(node):
+            refs = _outer_refs([sub])
+            child = _Converter(sub, self.plan, True, opset=self.opset, types=self.types, nontensor=self.nontensor,
+                               value_info=self.value_info, used=self.used, report=self.report,
+                               outer={t: self._home_of(t) for t in refs}, pinned_reason=pinned)
+            child.decide()
+            for t in refs:  # cast here, once, whatever the body reads
+                for dtype in child.wanted.get(t, []):
+                    self._want(t, dtype)
+            self.children.setdefault(i, []).append(child)
 
     def _decide_node(self, i: int, node: onnx.NodeProto) -> None:
-        if _subgraphs(node):  # subgraphs are not converted: what they read from here stays FLOAT
-            self.sub_refs[i] = [t for t in _outer_refs(_subgraphs(node)) if self.types.get(t) == FP32]
-            for t in self.sub_refs[i]:
-                self._want(t, FP32)
+        if _subgraphs(node):
+            self._decide_bodies(i, node)
         fin = [s for s, t in enumerate(node.input) if t and self.types.get(t) == FP32]
         fout = [s for s, t in enumerate(node.output) if t and self.types.get(t) == FP32]
         unknown = [t for t in (*node.input, *node.output) if t and t not in self.types and t not in self.nontensor]
@@ -158,7 +189,7 @@ class _Converter:
         elif fout:
             prec = FP16
         else:  # no float output (Shape, Equal, ...): follow the first float input, no cast needed
-            homes = [self.home[node.input[s]] for s in fin if conv_in[s] and node.input[s] in self.home]
+            homes = [self._home_of(node.input[s]) for s in fin if conv_in[s] and self._home_of(node.input[s])]
             prec = homes[0] if homes else FP16
         self.prec[i] = prec
         label = _label(node, i)
@@ -209,8 +240,9 @@ class _Converter:
             wants.append(dtype)
 
     # ---- rewriting -------------------------------------------------------------------------
-    def materialize(self) -> None:
-        alias: dict[str, dict[int, str]] = {}  # tensor -> {type: name holding it in that type}
+    def materialize(self, outer_alias: dict[str, dict[int, str]] | None = None) -> None:
+        # tensor -> {type: name holding it in that type}; outer names as the enclosing graph has them
+        alias: dict[str, dict[int, str]] = dict(outer_alias or {})
         casts: dict[object, list[onnx.NodeProto]] = {}  # producer (node index or "inputs") -> casts
         producer = {t: i for i, n in enumerate(self.g.node) for t in n.output if t}
         renamed: dict[str, str] = {}
@@ -247,34 +279,20 @@ class _Converter:
                     vi.CopyFrom(self.value_info[t])
                     vi.name = node.output[s]
                     self.custom_value_info.append(vi)
-            mapping = {t: alias[t][FP32] for t in self.sub_refs.get(i, []) if alias[t][FP32] != t}
-            for sub in _subgraphs(node) if mapping else []:
-                _rename_refs(sub, mapping)
+            for child in self.children.get(i, []):  # before the copy below detaches the bodies
+                child.materialize({t: alias[t] for t in child.outer_home if t in alias})
             new_nodes += [node, *([extra[i]] if i in extra else []), *casts.get(i, [])]
         cast_names = {c.name for group in casts.values() for c in group}
         self.report.casts = [n.name for n in new_nodes if n.op_type == "Cast" and n.name in cast_names]
         copies = [_copy(n) for n in new_nodes]  # detach before the repeated field is cleared
         del self.g.node[:]
         self.g.node.extend(copies)
-        for t, names in alias.items():  # bodies read these names from here
-            for dtype, name in names.items():
-                self.types.setdefault(name, dtype)
-        for node in self.g.node:
-            for sub in _subgraphs(node):
-                self._convert_body(node, sub)
+        for o in self.g.output:
+            if o.name in self.outer_home and FP32 in alias.get(o.name, {}):
+                o.name = alias[o.name][FP32]
         for vi in (*self.g.input, *self.g.output):
             if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type == FP32:
                 vi.type.tensor_type.elem_type = self.io_type
-
-    def _convert_body(self, node: onnx.NodeProto, sub: onnx.GraphProto) -> None:
-        pinned = self.pinned_reason
-        if pinned is None and node.name and self.plan.is_fp32(node.name):
-            pinned = f"inside {node.name} (FP32 by the plan): {self.plan.fp32_nodes[node.name]}"
-        child = _Converter(sub, self.plan, True, opset=self.opset, types=self.types, nontensor=self.nontensor,
-                           value_info=self.value_info, used=self.used, report=self.report,
-                           outer=_outer_refs([sub]), pinned_reason=pinned)
-        child.decide()
-        child.materialize()
 
     def _place_constant(self, t: str, extra: dict[int, onnx.NodeProto]) -> dict[int, str]:
         """Store a constant once per type its readers need. The original name keeps the graph
@@ -355,39 +373,6 @@ class _Converter:
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-def _value_types(model: onnx.ModelProto) -> tuple[dict[str, int], set[str], dict]:
-    """Element type of every tensor inference can type (in bodies too), names of non-tensor
-    values, value infos."""
-    try:
-        g = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False).graph
-    except Exception as exc:  # inference raises several unrelated types on broken models
-        raise BadInputError(f"shape inference failed on the input model: {exc}") from None
-    graphs = _all_graphs(g)
-    infos = {vi.name: vi for sub in reversed(graphs) for vi in (*sub.input, *sub.output, *sub.value_info)}
-    types = {t.name: t.data_type for sub in graphs for t in sub.initializer}
-    nontensor: set[str] = set()
-    for name, vi in infos.items():
-        if vi.type.HasField("tensor_type"):
-            if vi.type.tensor_type.elem_type:
-                types[name] = vi.type.tensor_type.elem_type
-        elif vi.type.WhichOneof("value") is not None:
-            nontensor.add(name)
-    if FP16 in types.values():
-        logger.info("input model already has FLOAT16 tensors; they are left as they are")
-    return types, nontensor, infos
-
-
-def _convertible(schema: onnx.defs.OpSchema | None, slot: int, is_input: bool) -> bool:
-    """True when the formal parameter at ``slot`` is a type variable that admits float16."""
-    params = (schema.inputs if is_input else schema.outputs) if schema else []
-    if not params or slot >= len(params) and params[-1].option != _VARIADIC:
-        return False
-    formal = params[min(slot, len(params) - 1)]  # a variadic last formal covers the rest
-    allowed = {c.type_param_str: c.allowed_type_strs for c in schema.type_constraints}
-    # A fixed type (Resize's scales: "tensor(float)") is no type variable and never converts.
-    return "tensor(float16)" in allowed.get(formal.type_str, ())
-
-
 def _is_flexible_constant(node: onnx.NodeProto, plan: PrecisionPlan) -> bool:
     """A float Constant not pinned by the plan: its value is stored in whatever type is read."""
     if node.op_type != "Constant" or node.domain not in _DEFAULT_DOMAINS or not node.attribute:
@@ -400,78 +385,3 @@ def _is_flexible_constant(node: onnx.NodeProto, plan: PrecisionPlan) -> bool:
 
 def _label(node: onnx.NodeProto, i: int) -> str:
     return node.name or f"{node.op_type}#{i}"
-
-
-def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)]
-
-
-def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
-    c = onnx.NodeProto()
-    c.CopyFrom(node)
-    return c
-
-
-def _cast(src: str, dst: str, to: int, name: str) -> onnx.NodeProto:
-    return helper.make_node("Cast", [src], [dst], name=name, to=to)
-
-
-def _all_graphs(g: onnx.GraphProto) -> list[onnx.GraphProto]:
-    """``g`` and every subgraph in it, outermost first."""
-    out = [g]
-    for n in g.node:
-        for sub in _subgraphs(n):
-            out += _all_graphs(sub)
-    return out
-
-
-def _all_node_names(g: onnx.GraphProto) -> set[str]:
-    return {n.name for sub in _all_graphs(g) for n in sub.node}
-
-
-def _all_names(g: onnx.GraphProto) -> set[str]:
-    names = {v.name for v in (*g.input, *g.output, *g.value_info)} | {t.name for t in g.initializer}
-    for n in g.node:
-        names.update((n.name, *n.input, *n.output))
-        for sub in _subgraphs(n):
-            names |= _all_names(sub)
-    return names
-
-
-def _outer_refs(graphs: list[onnx.GraphProto]) -> list[str]:
-    """Names these subgraphs read from enclosing scopes, in first-use order."""
-    refs: list[str] = []
-    for g in graphs:
-        defined = {v.name for v in g.input} | {t.name for t in g.initializer}
-        for n in g.node:
-            refs += [t for t in (*n.input, *_outer_refs(_subgraphs(n))) if t and t not in defined and t not in refs]
-            defined.update(n.output)
-        refs += [o.name for o in g.output if o.name not in defined and o.name not in refs]
-    return refs
-
-
-def _rename_refs(g: onnx.GraphProto, mapping: dict[str, str]) -> None:
-    # ONNX forbids a subgraph to shadow an outer name, so a plain rename is safe.
-    for n in g.node:
-        for s, t in enumerate(n.input):
-            n.input[s] = mapping.get(t, t)
-        for sub in _subgraphs(n):
-            _rename_refs(sub, mapping)
-    for o in g.output:
-        o.name = mapping.get(o.name, o.name)
-
-
-def _rebuild_types(model: onnx.ModelProto, keep: list[onnx.ValueInfoProto]) -> onnx.ModelProto:
-    """Replace value_info by a strict re-inference (keeping what only the input model knew about
-    schema-less nodes' outputs) and run the full checker."""
-    for g in _all_graphs(model.graph):  # bodies' value_info is stale after conversion too
-        del g.value_info[:]
-    outputs = {o.name for o in model.graph.output}
-    model.graph.value_info.extend(vi for vi in keep if vi.name not in outputs)
-    try:
-        out = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
-        run_checker(out, full_check=True)  # referenced weights: on a skeleton (io.model_io)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, RuntimeError) as exc:
-        first = (str(exc).strip() or type(exc).__name__).splitlines()[0][:300]
-        raise PassFailedError(f"mixed-precision model is invalid: {first}") from None
-    return out
