@@ -21,14 +21,13 @@ else ONNX shape inference's (with data propagation). A node whose shape is still
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from onnx_fp16_rewrite.io import weights
 from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 
 __all__ = ["fp16_flop_fraction", "node_flops", "op_flops", "tensor_shapes"]
@@ -69,14 +68,9 @@ def _traced(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> dict[str,
 
 
 def _inferred_shapes(model: onnx.ModelProto) -> tuple[dict[str, Shape], dict[str, int]]:
-    if model.ByteSize() <= _PROTO_LIMIT:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
-            onnx.save_model(model, str(src), save_as_external_data=True, location="in.onnx.data")
-            onnx.shape_inference.infer_shapes_path(str(src), str(dst), data_prop=True)
-            inferred = onnx.load(str(dst), load_external_data=False)
+    # On a weight-less skeleton (io.weights): never a >2 GiB proto, never the caller's model
+    # saved as external data (that emptied it in place).
+    inferred = onnx.shape_inference.infer_shapes(weights.skeleton(model)[0], data_prop=True)
     g = inferred.graph
     shapes: dict[str, Shape] = {}
     types: dict[str, int] = {}
