@@ -1,63 +1,168 @@
-"""Cost of ``fix --auto`` (profiling + search) as a ratio to one plain ORT FP32 inference.
+"""Cost of ``check`` and ``fix`` (automatic) as ratios to one plain ONNX Runtime inference.
 
-Each measurement runs in its own subprocess so peak RSS is that job's alone. Run by hand:
-    python benchmarks/auto_fix_cost.py [--model nafnet|integral-1024]
+The baseline is what a user pays for one inference: in a fresh process, an ORT session with
+default optimisations plus one run (``plain``). Every job runs in its own fresh process (so peak
+RSS is that job's alone) on the same model file and feeds, and the baseline is measured in the
+same benchmark run, before and after the model's jobs (the ratio uses their median): the machine
+is shared and noisy, so only ratios measured side by side mean anything. Imports and building
+the model are outside every timing, tool and baseline alike.
+
+Jobs: ``check`` (``check_fp16``), ``fix-fp32`` / ``fix-mixed`` (``fix_model(auto=True)`` with
+the registry's rewrites, ``--emit fp32`` / ``mixed``). ``--samples 1,4,16`` repeats ``fix-mixed``
+with that many calibration samples on ``--samples-model``.
+
+Run by hand (from the repository root, in the venv):
+    python benchmarks/auto_fix_cost.py [--models nafnet9,vae,t5,t5-torchscript] [--samples 1,4,16] [--json out.json]
+``--pythonpath DIR`` runs the jobs against another copy of the package (the "before" numbers):
+DIR holds an ``onnx_fp16_rewrite`` folder laid out as installed (rewrite/ with passes/ and models/ inside).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
 
 _JOB = r"""
 import json, resource, sys, time
-job, name = sys.argv[1], sys.argv[2]
-from onnx_fp16_rewrite.models import DEMO_MODELS, failure_patterns
-from onnx_fp16_rewrite.models.nafnet import demo_inputs
-if name == "nafnet":
-    model = DEMO_MODELS["nafnet"](); feeds = [demo_inputs(model)]
-else:
-    model, feeds = failure_patterns.build_integral_mean(size=1024)
+import numpy as np, onnx
+job, path, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+model = onnx.load(path + "/model.onnx")
+data = np.load(path + "/feeds.npz")
+feeds = [{k.split("/", 1)[1]: data[k] for k in data.files if k.startswith(f"{i}/")} for i in range(n)]
+import onnxruntime as ort
+if job != "plain":
+    from onnx_fp16_rewrite.emulation.fp16_emulation import check_fp16
+    from onnx_fp16_rewrite.fix import fix_model
+    from onnx_fp16_rewrite.pipeline.registry import auto_rewrites
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
+extra = {}
 if job == "plain":
-    from onnx_fp16_rewrite.io.ort_runner import run_model
-    run_model(model, feeds)
-    extra = {}
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session.run(None, feeds[0])
+elif job == "check":
+    extra = {"passed": check_fp16(model, feeds).passed}
 else:
-    from onnx_fp16_rewrite.analysis.auto_fix import auto_fix
-    from onnx_fp16_rewrite.pipeline.registry import auto_rewrites
-    _, report = auto_fix(model, feeds, rewrites=auto_rewrites() if job == "auto" else ())
-    extra = {"profiling_runs": report.profiling_runs, "emulation_runs": report.emulation_runs,
-             "validation_runs": report.validation_runs, "kept": report.passes_kept,
-             "fp32_nodes": report.fp32_nodes, "passed": report.passed}
+    rep = fix_model(model, [], feeds, auto=True, auto_rewrites=auto_rewrites(), emit=job.split("-")[1]).report
+    a = rep.auto
+    pinned = sorted(n for s in a.sites for n in s.pinned_nodes)
+    extra = {"passed": rep.fp16_after.passed, "auto_passed": a.passed, "kept": a.passes_kept,
+             "fp32_nodes": a.fp32_nodes, "flop_fraction": rep.fp16_flop_fraction, "pinned": len(pinned),
+             "runs": [a.profiling_runs, a.emulation_runs, a.validation_runs]}
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"seconds": seconds, "peak_mb": peak / 1024, "delta_mb": (peak - base) / 1024, **extra}))
 """
 
+MODELS = ("nafnet9", "vae", "t5", "t5-torchscript")
+JOBS = ("check", "fix-fp32", "fix-mixed")
 
-def run(job: str, model: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", _JOB, job, model], capture_output=True, text=True, check=True)
+
+def build(name: str, samples: int) -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
+    """The benchmark models, sized so one plain inference takes a fraction of a second to a second."""
+    if name == "nafnet9":  # NAFNet-Local 512x512, width 16, 9 blocks: the largest NAFNet-style model we build
+        from onnx_fp16_rewrite.models.nafnet import build_nafnet, demo_inputs
+
+        model = build_nafnet(height=512, width=512, channels=16, blocks=9)
+    elif name == "vae":
+        from onnx_fp16_rewrite.models.sd_vae_decoder import build_sd_vae_decoder, demo_inputs
+
+        model = build_sd_vae_decoder(latent_size=32, channels=128)
+    elif name == "t5":
+        from onnx_fp16_rewrite.models.t5_encoder import build_t5_encoder, demo_inputs
+
+        model = build_t5_encoder(seq_len=256, d_model=512, heads=8, d_ff=1024, layers=6)
+    elif name == "t5-torchscript":  # transformers' T5EncoderModel through torch.onnx.export(dynamo=False)
+        from onnx_fp16_rewrite.models import exported
+
+        model = exported.build("t5-encoder", "torchscript")
+        feeds = exported.feeds("t5-encoder", model)
+        return model, [feeds[i % len(feeds)] for i in range(samples)]
+    else:
+        raise SystemExit(f"unknown model {name!r} (known: {', '.join(MODELS)})")
+    return model, [demo_inputs(model, seed=i) for i in range(samples)]
+
+
+def run_job(job: str, folder: Path, samples: int, pythonpath: str | None) -> dict:
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", _JOB, job, str(folder), str(samples)], capture_output=True,
+                         text=True, env=env, cwd=tempfile.gettempdir())
+    if out.returncode:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def save(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], folder: Path) -> None:
+    onnx.save_model(model, str(folder / "model.onnx"))
+    np.savez(folder / "feeds.npz", **{f"{i}/{k}": v for i, f in enumerate(feeds) for k, v in f.items()})
+
+
+def measure(name: str, jobs: list[str], samples: int, pythonpath: str | None, tmp: Path) -> dict:
+    folder = tmp / f"{name}-{samples}"
+    folder.mkdir()
+    save(*build(name, samples), folder)
+    plain = [run_job("plain", folder, 1, pythonpath)]
+    results = {job: run_job(job, folder, samples, pythonpath) for job in jobs}
+    plain += [run_job("plain", folder, 1, pythonpath) for _ in range(2)]
+    base_s = statistics.median(p["seconds"] for p in plain)
+    base_mb = statistics.median(p["peak_mb"] for p in plain)
+    row = {"model": name, "samples": samples, "plain_s": [round(p["seconds"], 3) for p in plain],
+           "plain_peak_mb": round(base_mb), "load": os.getloadavg()}
+    for job, r in results.items():
+        if "error" in r:
+            row[job] = r
+            continue
+        row[job] = {**r, "ratio": round(r["seconds"] / base_s, 2), "rss_ratio": round(r["peak_mb"] / base_mb, 2)}
+    return row
+
+
+def show(row: dict) -> None:
+    print(f"{row['model']} (N={row['samples']}): plain ORT {row['plain_s']} s, peak {row['plain_peak_mb']} MB, "
+          f"load {row['load'][0]:.1f}", flush=True)
+    for job in JOBS:
+        r = row.get(job)
+        if r is None:
+            continue
+        if "error" in r:
+            print(f"  {job:10s} ERROR {r['error']}", flush=True)
+            continue
+        detail = {k: r[k] for k in ("passed", "kept", "fp32_nodes", "pinned", "flop_fraction", "runs") if k in r}
+        print(f"  {job:10s} {r['seconds']:7.2f} s = {r['ratio']:5.1f}x   peak {r['peak_mb']:6.0f} MB = "
+              f"{r['rss_ratio']:4.2f}x   {detail}", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="nafnet", choices=["nafnet", "integral-1024"])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--jobs", default=",".join(JOBS))
+    parser.add_argument("--samples", default="1,4,16", help="calibration-sample counts for fix-mixed ('' for none)")
+    parser.add_argument("--samples-model", default="t5")
+    parser.add_argument("--pythonpath", default=None)
+    parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    plain = run("plain", args.model)
-    print(f"{args.model}: plain ORT FP32 inference {plain['seconds']:.2f} s, peak RSS {plain['peak_mb']:.0f} MB")
-    for job, label in (("auto", "fix --auto (rewrites first)"), ("pin", "auto, pinning only")):
-        auto = run(job, args.model)
-        print(f"  {label}: {auto['seconds']:.2f} s = {auto['seconds'] / plain['seconds']:.1f}x, "
-              f"peak RSS {auto['peak_mb']:.0f} MB = {auto['peak_mb'] / plain['peak_mb']:.1f}x "
-              f"(model-run memory {auto['delta_mb']:.0f} vs {plain['delta_mb']:.0f} MB)")
-        print(f"    runs: {auto['profiling_runs']} FP32 profiling + {auto['emulation_runs']} emulation + "
-              f"{auto['validation_runs']} validation; kept {auto['kept']}; {auto['fp32_nodes']} FP32 nodes; "
-              f"passed={auto['passed']}")
+    print(f"uptime: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}; "
+          f"cores: {len(os.sched_getaffinity(0))}", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="auto-fix-cost-") as tmp:
+        for name in [m for m in args.models.split(",") if m]:
+            rows.append(measure(name, args.jobs.split(","), 1, args.pythonpath, Path(tmp)))
+            show(rows[-1])
+        for n in [int(s) for s in args.samples.split(",") if s]:
+            rows.append(measure(args.samples_model, ["fix-mixed"], n, args.pythonpath, Path(tmp)))
+            show(rows[-1])
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -16,20 +16,26 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import onnx
 
 from onnx_fp16_rewrite.analysis.diagnosis import CANCELLATION_RATIO, FailureSite, diagnose
-from onnx_fp16_rewrite.emulation.fp16_emulation import FP16_MAX, check_fp16, compare_output
+from onnx_fp16_rewrite.emulation.fp16_emulation import FP16_MAX, Fp16Report, check_fp16, compare_output
 from onnx_fp16_rewrite.io.ort_runner import Feed
 from onnx_fp16_rewrite.pipeline.pass_base import Pass
 from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 from onnx_fp16_rewrite.analysis.range_profile import RangeProfile, profile_ranges
 from onnx_fp16_rewrite.analysis.regions import GraphIndex, grow_region
+from onnx_fp16_rewrite.progress import NULL_PROGRESS, Progress
 
 logger = logging.getLogger(__name__)
+
+# The search diagnoses and pins on this many samples; more samples cost one profiling run and one
+# verdict run each (benchmarks/auto_fix_cost.py --samples states it).
+SEARCH_SAMPLES = 4
+MAX_FINDINGS = 1000  # failing tensors a report lists (as fix.MAX_FINDINGS)
 
 
 @dataclass
@@ -62,6 +68,11 @@ class AutoFixReport:
     canonical: object | None = None  # CanonReport when auto_fix canonicalised the model itself
     # FP32 statistics of every float tensor of the model as given, from the profiling run (reports, annotations).
     ranges: list = field(default_factory=list)
+    # The first diagnosis as a check report (the "before" of fix: no separate run), and the final
+    # verdict under the returned plan on every sample (fix --emit fp32 reports it as its "after").
+    before: Fp16Report | None = None
+    after: Fp16Report | None = None
+    search_samples: int = 0  # samples the search ran on (the first ones); the verdict used all
 
 
 def auto_fix(
@@ -74,9 +85,16 @@ def auto_fix(
     rewrites: Sequence[Pass] = (),
     max_rounds: int = 4,
     max_shrink_runs: int = 4,
-    progress: Callable[[int, int], None] | None = None,
+    search_samples: int = SEARCH_SAMPLES,
+    profile: RangeProfile | None = None,
+    progress: Progress = NULL_PROGRESS,
 ) -> tuple[onnx.ModelProto, AutoFixReport]:
-    """Returns the model with its precision plan (and any kept rewrites) and the report."""
+    """Returns the model with its precision plan (and any kept rewrites) and the report.
+
+    ``profile``: the FP32 range profile of ``model`` on ``feeds`` when the caller already has it
+    (``fix_model`` does: its outputs are the FP32 reference). The search diagnoses, validates and
+    pins on the first ``search_samples`` feeds; ranges come from all of them, and the verdict is
+    an emulation run on all of them (a failure there sends the search on with every sample)."""
     from onnx_fp16_rewrite.pipeline.pass_manager import PassManager, name_nodes
 
     from onnx_fp16_rewrite.canonical import canonicalize, restore_dynamic
@@ -84,65 +102,77 @@ def auto_fix(
     model = _copy(model)
     # The canonical form (a no-op on a model fix_model already canonicalised): literals for the rewrites.
     model, canon = canonicalize(model, feeds)
-    name_nodes(model)
-    profile = profile_ranges(model, feeds, progress=progress)
+    renamed = name_nodes(model)
+    if profile is None or renamed or not canon.skipped:
+        with progress.phase("profiling ranges", total=len(feeds)) as phase:
+            profile = profile_ranges(model, feeds, progress=lambda done, total: phase.advance())
+            phase.done(f"{profile.runs} FP32 run(s), {len(profile.ranges)} tensors")
     measured = profile
     profile_runs = profile.runs
     reference = profile.outputs
-    counter = _Counter(len(feeds))
-    diag = counter.diagnose(model, feeds, profile, None, tolerance, exit_absmax, strict_cumsum)
+    k = max(1, min(search_samples, len(feeds)))
+    search = _Search(list(feeds[:k]), reference[:k], tolerance, exit_absmax, strict_cumsum, progress)
+    diag = search.diagnose(model, profile, None, "diagnosis")
+    before = diag.fp16_report(search.reference, tolerance, strict_cumsum=strict_cumsum, max_findings=MAX_FINDINGS)
+    if k < len(feeds):
+        before.notes.append(f"on the first {k} of {len(feeds)} samples (the search's subset)")
     sites: list[SiteFix] = []
     kept: list[str] = []
     tried = []
+    current_ref = search.reference
     for rewrite in rewrites:
         if not diag.sites:
             break
-        # The pass reads the ranges already measured instead of profiling again.
-        manager = PassManager([rewrite], feeds, initial_absmax=profile.absmax())
-        candidate, report = manager.run(model)
-        # The reference run, and the candidate's when the pass changed anything.
-        counter.validation += len(feeds) * (1 + (report.passes[0].validation is not None))
-        tried.append(report.passes[0])
-        if report.passes[0].status != "kept":
-            continue
-        cand_diag = counter.diagnose(candidate, feeds, profile, None, tolerance, exit_absmax, strict_cumsum,
-                                     refresh_profile=True)
-        fixed = [s for s in diag.sites if not _still_failing(s, cand_diag.sites)]
-        if fixed and len(cand_diag.sites) < len(diag.sites):
-            sites += [_site_fix(s, f"pass:{rewrite.name}") for s in fixed]
-            kept.append(rewrite.name)
-            model, profile, diag = candidate, cand_diag.profile, cand_diag
+        with progress.phase(f"rewrite {rewrite.name}", total=None) as phase:
+            # The pass reads the ranges already measured, and the validator the FP32 outputs
+            # already known, instead of running the model again.
+            manager = PassManager([rewrite], search.feeds, initial_absmax=profile.absmax(), reference=current_ref)
+            candidate, report = manager.run(model)
+            record = report.passes[0]
+            search.validation += k * (record.validation is not None)
+            tried.append(record)
+            if record.status != "kept":
+                phase.done(record.status)
+                continue
+            cand_diag = search.diagnose(candidate, profile, None, None, refresh_profile=True, previous=diag)
+            fixed = [s for s in diag.sites if not _still_failing(s, cand_diag.sites)]
+            if fixed and len(cand_diag.sites) < len(diag.sites):
+                sites += [_site_fix(s, f"pass:{rewrite.name}") for s in fixed]
+                kept.append(rewrite.name)
+                model, profile, diag = candidate, cand_diag.profile, cand_diag
+                current_ref = manager.validator.last_outputs or current_ref
+                phase.done(f"kept: {len(fixed)} site(s) fixed, {len(cand_diag.sites)} left")
+            else:
+                phase.done(f"not kept: {len(cand_diag.sites)} site(s) after it, {len(diag.sites)} before")
     plan = PrecisionPlan.from_model(model)
     index = GraphIndex(model.graph)
     absmax = profile.absmax()
-    rounds = 0
-    while _needs_work(model, diag, reference, tolerance) and rounds < max_rounds:
-        rounds += 1
-        for site in diag.sites:
-            region = _site_region(index, site, absmax, exit_absmax, plan)
-            for name, reason in region.items():
-                plan.pin(name, f"auto: {site.kind} at {site.tensor}: {reason}")
-            previous = next((s for s in sites if s.tensor == site.tensor and s.fix == "fp32-region"), None)
-            if previous:
-                previous.pinned_nodes = sorted(set(previous.pinned_nodes) | set(region))
-            else:
-                sites.append(_site_fix(site, "fp32-region", sorted(region)))
-        diag = counter.diagnose(model, feeds, profile, plan, tolerance, exit_absmax, strict_cumsum)
-    unresolved = _needs_work(model, diag, reference, tolerance)
+    diag, rounds = _pin_rounds(search, model, index, diag, plan, sites, absmax, max_rounds, 0)
+    after, released = None, []
+    unresolved = _needs_work(model, diag, search.reference, tolerance)
+    if not unresolved:
+        after, released = _shrink(model, plan, sites, absmax, search, max_shrink_runs)
+    if after is None:
+        # The last diagnosis ran the emulation under this plan: its verdict needs no further run.
+        after = diag.fp16_report(search.reference, tolerance, strict_cumsum=strict_cumsum, max_findings=MAX_FINDINGS)
+    if k < len(feeds):
+        after = search.verdict(model, plan, feeds, reference)
+        if not _clean(after) and not unresolved:
+            # A sample the search did not see fails: search on with all of them.
+            search = _Search(list(feeds), reference, tolerance, exit_absmax, strict_cumsum, progress, search)
+            diag = search.diagnose(model, profile, plan, "diagnosis (all samples)")
+            diag, rounds = _pin_rounds(search, model, index, diag, plan, sites, absmax, max_rounds, rounds)
+            unresolved = _needs_work(model, diag, reference, tolerance)
+            after = diag.fp16_report(reference, tolerance, strict_cumsum=strict_cumsum, max_findings=MAX_FINDINGS)
     if unresolved:
         sites += [_site_fix(site, "unfixed") for site in diag.sites]
-    released: list[str] = []
-    if not unresolved:
-        released = _shrink(model, feeds, reference, plan, sites, absmax, counter, max_shrink_runs,
-                           tolerance, strict_cumsum)
-    # The last diagnosis ran the emulation under this plan; a release by _shrink was kept only
-    # where the emulation still passed. No further run is needed for the verdict.
-    passed = _outputs_ok(model, diag.outputs, reference, tolerance)
+    passed = all(o.ok for o in after.outputs)
     plan.store_in(model)
     report = AutoFixReport(
         sites=sites, passes_kept=kept, rewrites_tried=tried, fp32_nodes=len(plan), released_by_shrink=released,
-        profiling_runs=profile_runs, emulation_runs=counter.emulation, validation_runs=counter.validation,
-        rounds=rounds, passed=passed, ranges=list(measured.ranges.values()),
+        profiling_runs=profile_runs, emulation_runs=search.emulation, validation_runs=search.validation,
+        rounds=rounds, passed=passed, ranges=list(measured.ranges.values()), before=before, after=after,
+        search_samples=k,
     )
     logger.info("auto: %d sites, %d FP32 nodes, %d profiling + %d emulation runs",
                 len(sites), len(plan), report.profiling_runs, report.emulation_runs)
@@ -152,18 +182,57 @@ def auto_fix(
     return model, report
 
 
-class _Counter:
-    """Counts the model runs the search costs (the report states them)."""
+class _Search:
+    """The samples the search runs on, and the model runs it costs (the report states them)."""
 
-    def __init__(self, samples: int) -> None:
-        self.samples = samples
-        self.emulation = 0
-        self.validation = 0
+    def __init__(self, feeds, reference, tolerance, exit_absmax, strict_cumsum, progress, counts=None) -> None:
+        self.feeds, self.reference = feeds, reference
+        self.tolerance, self.exit_absmax, self.strict_cumsum = tolerance, exit_absmax, strict_cumsum
+        self.progress = progress
+        self.emulation = counts.emulation if counts else 0
+        self.validation = counts.validation if counts else 0
 
-    def diagnose(self, model, feeds, profile, plan, tolerance, exit_absmax, strict_cumsum, refresh_profile=False):
-        self.emulation += self.samples
-        return diagnose(model, feeds, profile, plan, tolerance=tolerance, exit_absmax=exit_absmax,
-                        strict_cumsum=strict_cumsum, refresh_profile=refresh_profile)
+    def diagnose(self, model, profile, plan, phase_name, refresh_profile=False, previous=None):
+        self.emulation += len(self.feeds)
+        with (self.progress if phase_name else NULL_PROGRESS).phase(phase_name or "", total=None) as phase:
+            diag = diagnose(model, self.feeds, profile, plan, tolerance=self.tolerance, exit_absmax=self.exit_absmax,
+                            strict_cumsum=self.strict_cumsum, refresh_profile=refresh_profile, previous=previous)
+            phase.done(f"{len(diag.sites)} failure site(s)")
+        return diag
+
+    def check(self, model, plan) -> Fp16Report:
+        self.emulation += len(self.feeds)
+        return check_fp16(model, self.feeds, self.reference, plan=plan, strict_cumsum=self.strict_cumsum,
+                          rel_l2_tolerance=self.tolerance, max_findings=MAX_FINDINGS)
+
+    def verdict(self, model, plan, feeds, reference) -> Fp16Report:
+        with self.progress.phase("verdict on all samples", total=None) as phase:
+            self.emulation += len(feeds)
+            report = check_fp16(model, feeds, reference, plan=plan, strict_cumsum=self.strict_cumsum,
+                                rel_l2_tolerance=self.tolerance, max_findings=MAX_FINDINGS)
+            phase.done("passed" if report.passed else "FAILED")
+        return report
+
+
+def _pin_rounds(search, model, index, diag, plan, sites, absmax, max_rounds, rounds):
+    """Pin a region per site and diagnose again, until no site is left or ``max_rounds``."""
+    while _needs_work(model, diag, search.reference, search.tolerance) and rounds < max_rounds:
+        rounds += 1
+        for site in diag.sites:
+            region = _site_region(index, site, absmax, search.exit_absmax, plan)
+            for name, reason in region.items():
+                plan.pin(name, f"auto: {site.kind} at {site.tensor}: {reason}")
+            previous = next((s for s in sites if s.tensor == site.tensor and s.fix == "fp32-region"), None)
+            if previous:
+                previous.pinned_nodes = sorted(set(previous.pinned_nodes) | set(region))
+            else:
+                sites.append(_site_fix(site, "fp32-region", sorted(region)))
+        diag = search.diagnose(model, diag.profile, plan, f"pinning round {rounds}")
+    return diag, rounds
+
+
+def _clean(report: Fp16Report) -> bool:
+    return report.passed and not report.failing_tensors
 
 
 def _site_region(
@@ -182,9 +251,11 @@ def _site_region(
     return grow_region(index, seeds, absmax, limit, forward=False)
 
 
-def _shrink(model, feeds, reference, plan, sites, absmax, counter, budget, tolerance, strict_cumsum) -> list[str]:
+def _shrink(model, plan, sites, absmax, search, budget) -> tuple[Fp16Report | None, list[str]]:
     """Release pinned nodes whose inputs and outputs all fit FP16 with room to spare, in groups
-    (all at once, then per site), keeping each release the emulation accepts."""
+    (all at once, then per site), keeping each release the emulation accepts. Returns the check
+    report of the last release kept (the verdict under the final plan; None if none) and the
+    released nodes."""
     index = GraphIndex(model.graph)
 
     def fits(name: str) -> bool:
@@ -196,20 +267,23 @@ def _shrink(model, feeds, reference, plan, sites, absmax, counter, budget, toler
     groups = [g for g in groups if g]
     all_candidates = sorted({n for g in groups for n in g})
     attempts = [all_candidates] + groups if len(groups) > 1 else groups
-    released: list[str] = []
-    for group in attempts[:budget]:
-        group = [n for n in group if plan.is_fp32(n)]
-        if not group:
-            continue
-        trial = PrecisionPlan({k: v for k, v in plan.fp32_nodes.items() if k not in group})
-        report = check_fp16(model, feeds, reference, plan=trial, strict_cumsum=strict_cumsum, rel_l2_tolerance=tolerance)
-        counter.emulation += len(feeds)
-        if report.passed and not report.failing_tensors:
-            plan.fp32_nodes = trial.fp32_nodes
-            released += group
-            for s in sites:
-                s.pinned_nodes = [n for n in s.pinned_nodes if n not in group]
-    return released
+    accepted, released = None, []
+    with search.progress.phase("shrinking regions", total=min(len(attempts), budget)) as phase:
+        for group in attempts[:budget]:
+            phase.advance()
+            group = [n for n in group if plan.is_fp32(n)]
+            if not group:
+                continue
+            trial = PrecisionPlan({k: v for k, v in plan.fp32_nodes.items() if k not in group})
+            report = search.check(model, trial)
+            if _clean(report):
+                plan.fp32_nodes = trial.fp32_nodes
+                accepted = report
+                released += group
+                for s in sites:
+                    s.pinned_nodes = [n for n in s.pinned_nodes if n not in group]
+        phase.done(f"{len(released)} node(s) released")
+    return accepted, released
 
 
 def _needs_work(model: onnx.ModelProto, diag, reference: list[Feed], tolerance: float) -> bool:

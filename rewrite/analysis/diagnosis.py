@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import onnx
 
-from onnx_fp16_rewrite.emulation.error_attribution import TensorError, tensor_errors
-from onnx_fp16_rewrite.emulation.fp16_emulation import FP16_MAX
+from onnx_fp16_rewrite.analysis.signatures import unchanged, value_signatures
+from onnx_fp16_rewrite.emulation.error_attribution import ErrorRun, TensorError, error_run
+from onnx_fp16_rewrite.emulation.fp16_emulation import FP16_MAX, Fp16Report, TensorFinding, compare_output
 from onnx_fp16_rewrite.emulation.fp16_graph_edits import subgraphs
 from onnx_fp16_rewrite.io.ort_runner import Feed
 from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
@@ -57,6 +59,33 @@ class Diagnosis:
     errors: list[TensorError]
     outputs: list[Feed]
     profile: RangeProfile
+    run: ErrorRun | None = None  # the emulation run behind it (mode, node counts, notes)
+    signatures: dict[str, str] = field(default_factory=dict)  # value_signatures of the diagnosed model
+    seconds: float = 0.0
+
+    def fp16_report(self, reference: Sequence[Feed], tolerance: float, *, strict_cumsum: bool = False,
+                    max_findings: int = 5) -> Fp16Report:
+        """The check report of the diagnosed emulation run (no further run): its outputs against
+        ``reference``; failing tensors are those the run made non-finite (``overflow`` where FP32
+        itself passes 65504 in an FP16 tensor), their FP32 absmax from the profile."""
+        assert self.run is not None
+        names = list(self.outputs[0]) if self.outputs else []
+        outputs = [compare_output(n, [o[n] for o in self.outputs], [r[n] for r in reference], tolerance)
+                   for n in names]
+        absmax = self.profile.absmax()
+        findings = []
+        for e in self.errors:
+            r = self.profile.ranges.get(e.tensor)
+            if not e.nonfinite or (r is not None and r.fp32_nonfinite):
+                continue
+            a = absmax.get(e.tensor, e.fp32_absmax)
+            findings.append(TensorFinding(e.tensor, e.node, e.op, a, "overflow" if e.fp16 and a > FP16_MAX
+                                          else "non-finite"))
+        return Fp16Report(mode=self.run.mode, strict_cumsum=strict_cumsum, fp16_nodes=self.run.fp16_nodes,
+                          fp32_nodes=self.run.fp32_nodes, outputs=outputs, first_failures=findings[:max_findings],
+                          failing_tensors=len(findings), rel_l2_tolerance=tolerance,
+                          passed=all(o.ok for o in outputs) and not self.run.unhandled_bodies,
+                          seconds=round(self.seconds, 3), notes=list(self.run.notes))
 
 
 def diagnose(
@@ -69,11 +98,23 @@ def diagnose(
     exit_absmax: float = 2048.0,
     strict_cumsum: bool = False,
     refresh_profile: bool = False,
+    previous: Diagnosis | None = None,
 ) -> Diagnosis:
     """One emulation run per feed (with an FP32 shadow), then classification from ``profile``.
     ``refresh_profile``: ``model`` was rewritten since ``profile`` was taken; its ranges are
-    refreshed from the shadow (no extra profiling run)."""
-    errors, outputs = tensor_errors(model, feeds, plan, strict_cumsum=strict_cumsum)
+    refreshed from the shadow (no extra profiling run), measured there only for tensors the
+    rewrite changed when ``previous`` (the diagnosis ``profile`` belongs to) says how they were
+    computed; elsewhere the shadow measures only what the profile lacks."""
+    start = time.perf_counter()
+    signatures = value_signatures(model)
+    keep = set(profile.ranges)
+    if refresh_profile:
+        keep &= unchanged(previous.signatures, signatures) if previous is not None and previous.signatures else set()
+    run = error_run(model, feeds, plan, strict_cumsum=strict_cumsum, shadow_ranges=_Except(keep))
+    errors, outputs = run.errors, run.outputs
+    for e in errors:  # the profile's absmax where the shadow did not measure it
+        if e.tensor in keep and math.isnan(e.fp32_absmax):
+            e.fp32_absmax = profile.ranges[e.tensor].absmax
     if refresh_profile:
         profile = profile.refreshed(errors)
     by_tensor = {e.tensor: e for e in errors}
@@ -97,7 +138,17 @@ def diagnose(
         sites.append(FailureSite(e.tensor, e.node, e.op, kind, r.absmax, in_absmax, e.rel_error,
                                  _back_in_range(index, e.tensor, absmax, exit_absmax)))
     logger.info("diagnosis: %d failure sites", len(sites))
-    return Diagnosis(sites, errors, outputs, profile)
+    return Diagnosis(sites, errors, outputs, profile, run, signatures, time.perf_counter() - start)
+
+
+class _Except:
+    """Every name but those given (what the shadow must measure)."""
+
+    def __init__(self, known: set[str]) -> None:
+        self.known = known
+
+    def __contains__(self, name: object) -> bool:
+        return name not in self.known
 
 
 def _classify(out_absmax: float, in_absmax: float, out_subnormal: float, in_subnormal: float) -> str:

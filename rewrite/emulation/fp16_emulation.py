@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +40,7 @@ from onnx_fp16_rewrite.emulation.fp16_graph_edits import (
 )
 from onnx_fp16_rewrite.io import weights
 from onnx_fp16_rewrite.io.ort_runner import Feed, infer_types, run_model
+from onnx_fp16_rewrite.io.sessions import run_cached
 from onnx_fp16_rewrite.emit.index_arithmetic import index_arithmetic_nodes
 from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 from onnx_fp16_rewrite.emit.schema_types import fixed_type_inputs, inline_constants
@@ -99,9 +100,9 @@ class _StatSite:
     node: str
     op: str
     fp16: bool
-    max_out: str
-    min_out: str
-    sum_out: str
+    max_out: str | None  # None in a shadow graph without statistics (errors only)
+    min_out: str | None
+    sum_out: str | None
     # With an FP32 shadow: sum of squared FP16-vs-FP32 differences, and of squared FP32 values.
     err_out: str | None = None
     ref_out: str | None = None
@@ -110,7 +111,7 @@ class _StatSite:
 
     def outputs(self) -> tuple[str, ...]:
         extra = (self.err_out, self.ref_out, self.shadow_max_out, self.shadow_min_out) if self.err_out else ()
-        return (self.max_out, self.min_out, self.sum_out) + extra
+        return tuple(n for n in (self.max_out, self.min_out, self.sum_out) + extra if n)
 
 
 @dataclass
@@ -135,6 +136,7 @@ def build_emulation(
     round_fp16: bool = True,
     with_stats: bool = True,
     fp32_shadow: bool = False,
+    shadow_ranges: Container[str] | None = None,
 ) -> EmulationModel:
     """Rewrite ``model`` into the emulation graph (see the module docstring).
 
@@ -143,7 +145,10 @@ def build_emulation(
     that rounds its running sum each step), as TensorRT <= 10.7 builds them (an ILoop whose
     running sum has the tensor's type). ``fp32_shadow`` adds an untouched FP32 copy of the graph
     and, per tensor, its FP16 error against it (``onnx_fp16_rewrite.emulation.error_attribution`` reads them): where along the
-    graph the FP16 result departs from FP32, precision failures included.
+    graph the FP16 result departs from FP32, precision failures included. With a shadow and
+    ``with_stats=False`` a tensor gets only its error reductions (the squared error's sum is
+    non-finite exactly when the FP16 value or its twin is), and the twin's max/min only where
+    ``shadow_ranges`` (None: every tensor) names it: three reductions a tensor instead of eight.
     """
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -234,10 +239,16 @@ def build_emulation(
             # each pair of tensors is freed early (all at the end kept every activation alive).
             new_nodes.append(shadows[i])
             for out in float_outs:
-                new_nodes.extend(error_nodes(out))
-                site = sites[-len(float_outs) + float_outs.index(out)] if with_stats else None
-                if site is not None:
-                    site.err_out, site.ref_out = out + "__err", out + "__ref"
+                ranged = shadow_ranges is None or out in shadow_ranges
+                new_nodes.extend(n for n in error_nodes(out) if ranged or n.output[0] not in
+                                 (out + "__fmax", out + "__fmin"))
+                if with_stats:
+                    site = sites[-len(float_outs) + float_outs.index(out)]
+                else:
+                    site = _StatSite(out, node.name, node.op_type, emulate, None, None, None)
+                    sites.append(site)
+                site.err_out, site.ref_out = out + "__err", out + "__ref"
+                if ranged:
                     site.shadow_max_out, site.shadow_min_out = out + "__fmax", out + "__fmin"
     del g.node[:]
     g.node.extend(new_nodes)
@@ -278,7 +289,8 @@ def check_fp16(
     if reference is None:
         reference = _fp32_outputs(model, feeds)
     out_names = [o.name for o in model.graph.output]
-    runs = run_model(emu.model, [emu_feed(f, emu.fp16_inputs) for f in feeds])
+    # Cached: the fixer's last accepted plan and the final verification run the same graph.
+    runs = run_cached(emu.model, [emu_feed(f, emu.fp16_inputs) for f in feeds], optimize=True)
     outputs = [
         compare_output(name, [r[name] for r in runs], [ref[name] for ref in reference], rel_l2_tolerance)
         for name in out_names

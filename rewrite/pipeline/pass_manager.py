@@ -71,9 +71,12 @@ class PassManager:
         tolerance: Tolerance = Tolerance(),
         per_output: Mapping[str, Tolerance] | None = None,
         initial_absmax: Mapping[str, float] | None = None,
+        reference: Sequence[Feed] | None = None,
     ) -> None:
         """``initial_absmax``: FP32 ranges already measured on ``feeds`` for the model ``run``
-        will get, so the first pass need not measure them again."""
+        will get, so the first pass need not measure them again; ``reference``: that model's FP32
+        outputs on ``feeds``, likewise (the validator then runs only the rewritten models)."""
+        self.reference = reference
         self.passes = list(passes)
         self.initial_absmax = dict(initial_absmax) if initial_absmax is not None else None
         self.feeds = list(feeds)
@@ -85,7 +88,8 @@ class PassManager:
         current = onnx.ModelProto()
         current.CopyFrom(model)
         renamed = name_nodes(current)
-        self.validator = Validator(current, self.feeds, default=self.tolerance, per_output=self.per_output)
+        self.validator = Validator(current, self.feeds, default=self.tolerance, per_output=self.per_output,
+                                   reference=self.reference)
         records = []
         absmax = self.initial_absmax
         for p in self.passes:

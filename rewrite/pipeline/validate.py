@@ -63,7 +63,10 @@ class Validator:
         *,
         default: Tolerance = Tolerance(),
         per_output: Mapping[str, Tolerance] | None = None,
+        reference: Sequence[Feed] | None = None,
     ) -> None:
+        """``reference``: the FP32 outputs of ``original`` on ``feeds`` when already computed (the
+        fixer's range profile has them: ORT, optimizations off, the same values), else one run per feed."""
         self.original = original
         self.feeds = list(feeds)
         self.default = default
@@ -72,7 +75,10 @@ class Validator:
         if unknown:
             raise BadInputError(f"tolerance given for unknown output(s): {', '.join(sorted(unknown))}")
         self.output_names = [o.name for o in original.graph.output]
-        self.reference = run_model(original, self.feeds, self.output_names)
+        self.reference = (run_model(original, self.feeds, self.output_names) if reference is None
+                          else [{n: r[n] for n in self.output_names} for r in reference])
+        # The FP32 outputs of the last model validated (a kept rewrite's become the next reference).
+        self.last_outputs: list[Feed] | None = None
         self._reference64: list[Feed] | None = None
 
     def reference64(self) -> list[Feed]:
@@ -86,6 +92,7 @@ class Validator:
     def validate(self, model: onnx.ModelProto) -> ValidationResult:
         try:
             got = run_model(model, self.feeds, self.output_names)
+            self.last_outputs = got
         except Exception as exc:  # ORT's errors are many types; the message is what matters
             return ValidationResult(False, error=f"ONNX Runtime cannot run the model: {one_line(exc)}")
         outputs = [self._judge(name, [g[name] for g in got]) for name in self.output_names]

@@ -1,0 +1,106 @@
+"""ORT graph optimisations keep the emulator's FP16 rounding; sessions and runs are cached per graph."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
+from onnx_fp16_rewrite.emulation.fp16_emulation import build_emulation, emu_feed
+from onnx_fp16_rewrite.io import sessions
+from onnx_fp16_rewrite.io.ort_runner import make_session
+from onnx_fp16_rewrite.models.nafnet import build_nafnet, demo_inputs
+
+LEVELS = {
+    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+}
+
+
+def _run(model: onnx.ModelProto, feed, level: str, saved: str | None = None):
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = LEVELS[level]
+    opts.log_severity_level = 3
+    if saved:
+        opts.optimized_model_filepath = saved
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+
+
+def _assert_bitwise(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert np.array_equal(a[name], b[name], equal_nan=True), name
+        assert int(np.isnan(a[name]).sum()) == int(np.isnan(b[name]).sum()), name
+
+
+@pytest.fixture(scope="module")
+def nafnet():
+    model = build_nafnet()  # the CLI's --demo nafnet: overflows in FP16 (NaN outputs)
+    return model, demo_inputs(model)
+
+
+@pytest.mark.parametrize("pinned", [False, True])
+def test_nafnet_emulation_is_bitwise_the_same_with_basic_and_extended_optimisations(nafnet, pinned):
+    model, feed = nafnet
+    if pinned:  # pinned FP32 nodes leave unrounded edges where ORT could fuse (a smaller NAFNet)
+        model = build_nafnet(height=128, width=128, blocks=1, kernel=(96, 96))
+        feed = demo_inputs(model)
+    plan = PrecisionPlan({n.name: "test" for n in model.graph.node if "sca" in n.name}) if pinned else None
+    emu = build_emulation(model, plan)
+    feed = emu_feed(feed, emu.fp16_inputs)
+    off = _run(emu.model, feed, "disabled")
+    assert pinned or np.isnan(off["output"]).sum() > 0  # the all-FP16 demo does overflow
+    for level in ("basic", "extended"):
+        _assert_bitwise(_run(emu.model, feed, level), off)
+    # What the tool itself builds (make_session(optimize=True): basic, cast chains kept).
+    _assert_bitwise(dict(zip(off, make_session(emu.model, optimize=True).run(list(off), feed))), off)
+
+
+def test_fusable_cast_pairs_survive_every_level(tmp_path):
+    """x*x -> Cast(FP16) -> Cast(FP32) -> +x: a single-consumer Cast chain ORT's cast-chain
+    elimination would fold; the rounding (and the overflow to inf) must stay."""
+    nodes = [
+        helper.make_node("Mul", ["x", "x"], ["sq"]),
+        helper.make_node("Cast", ["sq"], ["half"], to=TensorProto.FLOAT16),
+        helper.make_node("Cast", ["half"], ["back"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["back", "x"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "pair", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.array([1.0001, 300.0, 1e-4, 3.3, -7.77], np.float32)
+    with np.errstate(over="ignore"):
+        expected = (x * x).astype(np.float16).astype(np.float32) + x
+    assert np.isinf(expected[1])  # 300^2 = 9e4 > 65504
+    for level in LEVELS:
+        saved = str(tmp_path / f"{level}.onnx")
+        got = _run(model, {"x": x}, level, saved)["y"]
+        assert np.array_equal(got, expected), level
+        assert [n.op_type for n in onnx.load(saved).graph.node].count("Cast") == 2, level
+    got = make_session(model, optimize=True).run(["y"], {"x": x})[0]
+    assert np.array_equal(got, expected)
+
+
+def test_sessions_and_runs_are_built_once_per_graph():
+    sessions.clear()
+    model = build_nafnet(height=32, width=32, blocks=1, kernel=(16, 16))
+    emu = build_emulation(model).model
+    feeds = [demo_inputs(model, seed=0), demo_inputs(model, seed=1)]
+    before = sessions.stats()
+    first = sessions.run_cached(emu, feeds, optimize=True)
+    # Metadata (a stored plan, docs) does not change what ORT runs: same session, same runs.
+    tagged = onnx.ModelProto()
+    tagged.CopyFrom(emu)
+    tagged.doc_string = "a stored plan changes nothing ORT runs"
+    again = sessions.run_cached(tagged, feeds[::-1], optimize=True)
+    after = sessions.stats()
+    assert after["sessions"] - before["sessions"] == 1
+    assert after["runs"] - before["runs"] == 2 and after["reused_runs"] - before["reused_runs"] == 2
+    for a, b in zip(first, again[::-1]):
+        _assert_bitwise(a, b)
+    # The results equal a plain session's.
+    plain = make_session(emu, optimize=True)
+    _assert_bitwise(dict(zip(first[0], plain.run(list(first[0]), feeds[0]))), first[0])
