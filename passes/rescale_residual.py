@@ -40,16 +40,21 @@ class RescaleResidual(Pass):
     auto_cost = 16  # bit-exact weight rescaling; before fuse-normalization
 
     def __init__(self, *, trigger_absmax: float = FP16_MAX, target_absmax: float = 16384.0,
-                 nodes: Sequence[str] = ()) -> None:
+                 nodes: Sequence[str] = (), norm_prescale: str = "static") -> None:
         """Tensors with measured FP32 absmax above ``trigger_absmax`` seed regions; k makes every scaled tensor's
         absmax <= ``target_absmax`` (4x headroom below 65504 for inputs beyond the calibration set). ``nodes``:
-        only seeds produced by these nodes (to try sites one at a time)."""
+        only seeds produced by these nodes (to try sites one at a time). ``norm_prescale``: how a decomposed norm
+        that absorbs the scale but would still square values past FP16 pre-scales its square (``static``: one
+        power of two, its eps stays a constant; ``dynamic``: per row, as fuse-normalization; ``off``)."""
         if not 0 < target_absmax < trigger_absmax:
             raise BadInputError(f"rescale-residual: need 0 < target_absmax < trigger_absmax, got {target_absmax}, "
                                 f"{trigger_absmax}")
         self.trigger_absmax = float(trigger_absmax)
         self.target_absmax = float(target_absmax)
         self.nodes = tuple(nodes)
+        if norm_prescale not in ("static", "dynamic", "off"):
+            raise BadInputError(f"rescale-residual: norm_prescale must be static, dynamic or off, got {norm_prescale!r}")
+        self.norm_prescale = norm_prescale
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         result = PassResult(modified=False)
@@ -82,6 +87,8 @@ class RescaleResidual(Pass):
             peak = max(absmax.get(name, 0.0) * 2.0 ** (-k * p) for name, p in region.powers.items())
             before = max(absmax.get(name, 0.0) for name in region.tensors)
             detail = _apply(graph, region, k)
+            if self.norm_prescale != "off":
+                detail += _prescale_norms(graph, region, k, ctx, absmax, seen, self.norm_prescale)
             for name in region.tensors:
                 seen[name] = "applied"
             result.modified = True
@@ -89,6 +96,31 @@ class RescaleResidual(Pass):
             result.rewritten.append(Site(producer.name, producer.op, f"scaled {len(region.tensors)} tensors by "
                                          f"{_powers(region, k)} (absmax {before:.4g} -> {peak:.4g}); {detail}; {exact}"))
         return result
+
+
+def _prescale_norms(graph: gs.Graph, region: Region, k: int, ctx: PassContext, absmax: dict[str, float],
+                    seen: dict[str, str], mode: str) -> str:
+    """A decomposed norm absorbs the scale but still squares its input. Where the scaled input's square would
+    still pass FP16 (T5's final RMSNorm reads the whole stream: no one k fits both the stream's small start and
+    the squares of its end), the square is pre-scaled as fuse-normalization does (exact), in the same rewrite:
+    either fix alone leaves a failure site, so neither would be kept alone."""
+    from onnx_fp16_rewrite.passes.fuse_normalization import FuseNormalization
+
+    fuse = FuseNormalization(prescale=mode)
+    notes = []
+    for sink, p in region.sinks.values():
+        if not isinstance(sink, NormMatch) or sink.kind == "group" or sink.square_input is None:
+            continue
+        scaled = absmax.get(sink.square_input.name, 0.0) * 2.0 ** (-k * p)
+        if scaled <= fuse.target_absmax:
+            continue
+        _, changed = fuse._prescale(graph, sink, ctx, scaled, "it absorbs the rescaled stream")
+        if changed:
+            notes.append(f"{sink.kind} norm {sink.anchor.name} squares values up to {scaled:.4g}: {mode} pre-scale")
+            for n in sink.nodes:
+                for o in n.outputs:
+                    seen[o.name] = "applied"
+    return f"; {'; '.join(notes)}" if notes else ""
 
 
 def _powers(region: Region, k: int) -> str:

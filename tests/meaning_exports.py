@@ -195,3 +195,73 @@ def build(name: str, *, dynamo: bool = False) -> onnx.ModelProto:
 
 def feeds(name: str, seeds=(0, 1)) -> list[dict[str, np.ndarray]]:
     return [{"x": INPUTS[name](np.random.default_rng(s))} for s in seeds]
+
+
+def _t5_module():
+    """A T5 v1.1-style encoder written as transformers writes it (T5LayerNorm: ``x.to(float32).pow(2).mean`` ->
+    ``x * rsqrt(var + eps)`` -> ``weight * x``; gated-GELU FF; attention without 1/sqrt(d)). transformers' own
+    T5 cannot be imported in this venv while torchvision 0.28 does not match torch 2.13 (``torchvision::nms``)."""
+    torch = _torch()
+    nn, F = torch.nn, torch.nn.functional
+
+    class T5LayerNorm(nn.Module):
+        def __init__(self, d, eps=1e-6):
+            super().__init__()
+            self.weight, self.variance_epsilon = nn.Parameter(torch.ones(d)), eps
+
+        def forward(self, hidden_states):
+            variance = hidden_states.to(torch.float32).pow(2).mean(-1, keepdim=True)
+            hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+            return self.weight * hidden_states
+
+    class Block(nn.Module):
+        def __init__(self, d=64, heads=4, d_ff=128):
+            super().__init__()
+            self.heads = heads
+            self.ln1, self.ln2 = T5LayerNorm(d), T5LayerNorm(d)
+            self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+            self.wi_0, self.wi_1 = nn.Linear(d, d_ff, bias=False), nn.Linear(d, d_ff, bias=False)
+            self.wo = nn.Linear(d_ff, d, bias=False)
+
+        def forward(self, h):
+            b, n, d = h.shape
+            x = self.ln1(h)
+            q, k, v = (m(x).view(b, n, self.heads, -1).transpose(1, 2) for m in (self.q, self.k, self.v))
+            a = torch.softmax(q @ k.transpose(-2, -1), -1) @ v
+            h = h + self.o(a.transpose(1, 2).reshape(b, n, d))
+            x = self.ln2(h)
+            return h + self.wo(F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x))
+
+    class Encoder(nn.Module):
+        def __init__(self, vocab=64, d=64):
+            super().__init__()
+            g = torch.Generator().manual_seed(0)
+            self.embed = nn.Embedding(vocab, d)
+            self.blocks = nn.ModuleList([Block(d), Block(d)])
+            self.final = T5LayerNorm(d)
+            for p in self.parameters():
+                p.data = torch.randn(p.shape, generator=g) * (0.05 if p.ndim == 2 else 1.0) + (p.ndim == 1)
+            self.embed.weight.data *= 20.0
+            self.blocks[-1].wo.weight.data *= 6e5  # the FF output that carries trained T5 v1.1 past 65504
+
+        def forward(self, input_ids):
+            h = self.embed(input_ids)
+            for blk in self.blocks:
+                h = blk(h)
+            return self.final(h)
+
+    return Encoder()
+
+
+@functools.lru_cache(maxsize=None)
+def _build_t5(dynamo: bool) -> bytes:
+    """The T5-style encoder exported; its last FF output passes 65504 (why transformers clamps T5's FP16 states)."""
+    torch = _torch()
+    ids = torch.from_numpy(t5_feeds()[0]["input_ids"])
+    return export(_t5_module(), (ids,), dynamo=dynamo, names=("input_ids",)).SerializeToString()
+def build_t5(*, dynamo: bool = False) -> onnx.ModelProto:
+    return onnx.load_from_string(_build_t5(dynamo))
+
+
+def t5_feeds(seeds=(0, 1)) -> list[dict[str, np.ndarray]]:
+    return [{"input_ids": np.random.default_rng(s).integers(0, 64, (1, 16)).astype(np.int64)} for s in seeds]
