@@ -17,6 +17,7 @@ from onnx_fp16_rewrite.analysis.flops import fp16_flop_fraction
 from onnx_fp16_rewrite.canonical import CanonReport, canonicalize, restore_dynamic
 from onnx_fp16_rewrite.emulation.fp16_emulation import Fp16Report, check_fp16
 from onnx_fp16_rewrite.io.ort_runner import Feed, run_model
+from onnx_fp16_rewrite.io.sessions import graph_key
 from onnx_fp16_rewrite.pipeline.pass_base import Pass
 from onnx_fp16_rewrite.pipeline.pass_manager import PassManager, RunReport
 from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
@@ -130,18 +131,24 @@ def fix_model(
         with progress.phase("canonicalisation", total=None) as phase:
             model, canon_report = canonicalize(model, feeds, tolerance=tolerance)
             phase.done(canon_report.summary())
+    # fix --auto alone: one profiling run per sample gives the ranges and the FP32 reference, and
+    # the fixer's first diagnosis is the "before" check (no run of its own).
+    profile = _profile_first(model, feeds, progress) if auto and not passes else None
     with progress.phase("passes" if passes else "FP32 reference", total=None) as phase:
-        manager = PassManager(passes, feeds, tolerance=tolerance, per_output=per_output)
+        manager = PassManager(passes, feeds, tolerance=tolerance, per_output=per_output,
+                              reference=profile.outputs if profile is not None else None)
         fixed, run_report = manager.run(model)
         phase.done(", ".join(f"{p.name} {p.status}" for p in run_report.passes) or f"{len(feeds)} run(s)")
     assert manager.validator is not None
     reference = manager.validator.reference
-    with progress.phase("FP16 check of the original", total=None) as phase:
-        fp16_before = check_fp16(
-            model, feeds, reference, strict_cumsum=strict_cumsum, rel_l2_tolerance=rel_l2_tolerance,
-            max_findings=MAX_FINDINGS,
-        )
-        phase.done(_verdict(fp16_before))
+    fp16_before = None
+    if profile is None:
+        with progress.phase("FP16 check of the original", total=None) as phase:
+            fp16_before = check_fp16(
+                model, feeds, reference, strict_cumsum=strict_cumsum, rel_l2_tolerance=rel_l2_tolerance,
+                max_findings=MAX_FINDINGS,
+            )
+            phase.done(_verdict(fp16_before))
     auto_report = None
     if auto:
         from onnx_fp16_rewrite.analysis.auto_fix import auto_fix
@@ -151,9 +158,12 @@ def fix_model(
         # One phase for the whole search until auto_fix reports its own (profiling, diagnosis, each rewrite).
         with progress.phase("automatic fix", total=None) as phase:
             fixed, auto_report = auto_fix(fixed, feeds, tolerance=rel_l2_tolerance, strict_cumsum=strict_cumsum,
-                                          rewrites=rewrites)
+                                          rewrites=rewrites, profile=profile, progress=progress)
             phase.done(f"{len(auto_report.sites)} site(s), kept {', '.join(auto_report.passes_kept) or 'no rewrite'}, "
                        f"{auto_report.fp32_nodes} FP32 node(s)")
+        if fp16_before is None:
+            fp16_before = auto_report.before
+    searched = graph_key(fixed) if auto_report is not None and auto_report.after is not None else None
     if canon_report is not None:  # the emitted model gets the input's dynamic dims back, or says why not
         fixed = restore_dynamic(fixed, canon_report, tolerance=tolerance)
     plan = PrecisionPlan.from_model(fixed)
@@ -170,10 +180,14 @@ def fix_model(
     argv = trtexec_command(model_path, plan, mode="strong" if emit == "mixed" else "weak", shapes=shapes)
     warnings = _build_warnings(fixed, plan)
     with progress.phase(f"FP16 verification ({emit})", total=None) as phase:
-        fp16_after = check_fp16(
-            fixed, feeds, reference, plan=plan, strict_cumsum=strict_cumsum, rel_l2_tolerance=rel_l2_tolerance,
-            max_findings=MAX_FINDINGS,
-        )
+        if emit == "fp32" and searched is not None and searched == graph_key(fixed):
+            # The fixer's verdict ran this very graph and plan on every sample.
+            fp16_after = auto_report.after
+        else:
+            fp16_after = check_fp16(
+                fixed, feeds, reference, plan=plan, strict_cumsum=strict_cumsum, rel_l2_tolerance=rel_l2_tolerance,
+                max_findings=MAX_FINDINGS,
+            )
         phase.done(_verdict(fp16_after))
     _annotate(fixed, before_emit, run_report, auto_report, mixed_report)
     report = FixReport(
@@ -196,6 +210,20 @@ def fix_model(
             _verify_trt(report, fixed, feeds, reference, plan, trt_library, rel_l2_tolerance)
             phase.done(_verdict(report.trt_after))
     return FixResult(fixed, report)
+
+
+def _profile_first(model: onnx.ModelProto, feeds: Sequence[Feed], progress: Progress):
+    """The FP32 range profile of ``model`` (its outputs: the reference), when its node names are
+    final (the plan and the profile are keyed by them); else None and the fixer profiles."""
+    from onnx_fp16_rewrite.analysis.range_profile import profile_ranges
+
+    names = [n.name for n in model.graph.node]
+    if not all(names) or len(set(names)) != len(names):
+        return None
+    with progress.phase("profiling ranges", total=len(feeds)) as phase:
+        profile = profile_ranges(model, feeds, progress=lambda done, total: phase.advance())
+        phase.done(f"{profile.runs} FP32 run(s), {len(profile.ranges)} tensors")
+    return profile
 
 
 def _verdict(report: Fp16Report) -> str:

@@ -112,10 +112,14 @@ def auto_fix(
     reference = profile.outputs
     k = max(1, min(search_samples, len(feeds)))
     search = _Search(list(feeds[:k]), reference[:k], tolerance, exit_absmax, strict_cumsum, progress)
-    diag = search.diagnose(model, profile, None, "diagnosis")
-    before = diag.fp16_report(search.reference, tolerance, strict_cumsum=strict_cumsum, max_findings=MAX_FINDINGS)
-    if k < len(feeds):
-        before.notes.append(f"on the first {k} of {len(feeds)} samples (the search's subset)")
+    with progress.phase("FP16 check of the original", total=None) as phase:
+        # The first diagnosis is the check of the original: its emulation run gives both.
+        diag = search.diagnose(model, profile, None, None)
+        before = diag.fp16_report(search.reference, tolerance, strict_cumsum=strict_cumsum,
+                                  max_findings=MAX_FINDINGS)
+        if k < len(feeds):
+            before.notes.append(f"on the first {k} of {len(feeds)} samples (the search's subset)")
+        phase.done(f"{_verdict(before)}; {len(diag.sites)} failure site(s)")
     sites: list[SiteFix] = []
     kept: list[str] = []
     tried = []
@@ -229,6 +233,12 @@ def _pin_rounds(search, model, index, diag, plan, sites, absmax, max_rounds, rou
                 sites.append(_site_fix(site, "fp32-region", sorted(region)))
         diag = search.diagnose(model, diag.profile, plan, f"pinning round {rounds}")
     return diag, rounds
+
+
+def _verdict(report: Fp16Report) -> str:
+    nan, inf = sum(o.nan for o in report.outputs), sum(o.inf for o in report.outputs)
+    worst = max((o.rel_l2 for o in report.outputs), default=0.0)
+    return f"{'PASS' if report.passed else 'FAIL'} ({nan} NaN, {inf} Inf, worst rel L2 {worst:.3g})"
 
 
 def _clean(report: Fp16Report) -> bool:
