@@ -6,13 +6,15 @@ is built; exports are cached on disk (see ``cache``), so a machine exports each 
 
 - ``NAMES``: every (name, exporter) that exports; ``UNSUPPORTED``: (name, exporter, reason) for the rest.
 - ``build(name, exporter)``: the ``onnx.ModelProto``; ``feeds(name)``: deterministic feeds (one dict per sample);
-  ``reference(name, exporter)``: torch's FP32 outputs on those feeds; ``is_control(name)``: fine in FP16.
+  ``reference(name, exporter)``: torch's FP32 outputs on those feeds (``reference64(name)``: float64);
+  ``is_control(name)``: fine in FP16.
 """
 
 from __future__ import annotations
 
 import logging
 
+import numpy as np
 import onnx
 
 from onnx_fp16_rewrite.models.exported import filters, hf_text, sequence, vae, vision
@@ -20,7 +22,7 @@ from onnx_fp16_rewrite.models.exported.cache import cache_dir, load_entry, store
 from onnx_fp16_rewrite.models.exported.spec import EXPORTERS, Feed, Spec
 
 __all__ = ["EXPORTERS", "NAMES", "SPECS", "UNSUPPORTED", "build", "cache_dir", "feeds", "is_control", "reference",
-           "spec"]
+           "reference64", "spec"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,3 +81,13 @@ def build(name: str, exporter: str = "torchscript", *, cache_root=None, use_cach
 def reference(name: str, exporter: str = "torchscript", *, cache_root=None) -> list[Feed]:
     """torch's FP32 outputs of the module ``build`` exported, one dict per feed of ``feeds(name)``."""
     return _entry(name, exporter, cache_root)[1]
+
+
+def reference64(name: str) -> list[Feed]:
+    """torch's float64 outputs (the module in double, float feeds widened): the yardstick where FP32 itself is
+    noisy (integral images, a BN that amplifies a cancellation). Not cached."""
+    from onnx_fp16_rewrite.models.exported.export import torch_outputs
+
+    s = spec(name)
+    wide = [{k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in f.items()} for f in s.feeds()]
+    return torch_outputs(s, s.module().double(), wide)
