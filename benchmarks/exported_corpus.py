@@ -66,7 +66,7 @@ def survey(name: str, exporter: str) -> dict:
     row: dict = {"model": name, "exporter": exporter, "control": exported.is_control(name),
                  "nodes": len(model.graph.node), "opset": next(o.version for o in model.opset_import if not o.domain)}
     passed, rel, bad = _worst(check_fp16(model, feeds))
-    row["before"] = {"passed": passed, "rel_l2": rel, "nonfinite": bad, "printed": fp16_flop_fraction(model),
+    row["before"] = {"passed": passed, "rel_l2": rel, "nonfinite": bad, "printed": fp16_flop_fraction(model, None, feeds),
                      "traced": traced_fp16_fraction(model, feeds[0], set())}
     for key, rewrites in (("auto", auto_rewrites()), ("pin", [])):
         try:
@@ -111,7 +111,8 @@ def format_rows(rows: list[dict]) -> str:
             lines.append(f"  {r['model']}/{r['exporter']}: {site}")
         if "error" in a:
             lines.append(f"  {r['model']}/{r['exporter']}: auto raised {a['error']}")
-        not_kept = {k: v for k, v in a.get("tried", {}).items() if k not in a.get("kept", [])}
+        not_kept = {k: "valid, fixed no site" if v == "kept" else v for k, v in a.get("tried", {}).items()
+                    if k not in a.get("kept", [])}
         if not_kept:
             lines.append(f"  {r['model']}/{r['exporter']}: tried, not kept: "
                          + ", ".join(f"{k} ({v})" for k, v in not_kept.items()))
