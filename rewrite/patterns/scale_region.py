@@ -404,4 +404,5 @@ def _fp16_error(values: np.ndarray) -> float:
     norm = float(np.linalg.norm(values))
     if norm == 0 or not np.isfinite(norm):
         return 0.0
-    return float(np.linalg.norm(values.astype(np.float16).astype(np.float64) - values)) / norm
+    with np.errstate(over="ignore"):  # values past FP16 range are refused before this is asked
+        return float(np.linalg.norm(values.astype(np.float16).astype(np.float64) - values)) / norm
