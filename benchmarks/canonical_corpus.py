@@ -70,6 +70,8 @@ def _fix_rows(name: str, exporter: str, model, feeds) -> None:
         dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
                 for d in result.model.graph.input[0].type.tensor_type.shape.dim]
         kept = ",".join(rep.auto.passes_kept) if rep.auto else ""
+        if rep.canonical is not None and rep.canonical.specialised:
+            kept += f"] [{'dynamic dims restored' if rep.canonical.emitted_dynamic else 'EMITTED SPECIALISED: ' + rep.canonical.notes[-1]}"
         print(f"{name:<20} {exporter:<11} {'canon' if canonical else 'plain':<6} exit {rep.exit_code} "
               f"fp16 {rep.fp16_flop_fraction:7.2%} (independent {independent:7.2%}) fp32 nodes {len(plan):>3} "
               f"kept [{kept}] input {dims} {time.perf_counter() - t0:6.1f}s")

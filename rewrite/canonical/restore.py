@@ -162,5 +162,5 @@ def verify_dynamic(candidate: onnx.ModelProto, dynamic: onnx.ModelProto, feeds: 
         shapes = ", ".join(f"{k}:{'x'.join(map(str, np.shape(v)))}" for k, v in probe[0].items())
         if result.ok:
             return True, f"verified on a second shape ({shapes})"
-        return False, f"differs from the original on {shapes}: {result.summary()}"
+        return False, f"differs from the original on {shapes}: {result.summary()[:200]}"
     return False, "no second input shape that the original model accepts was found to verify it"
