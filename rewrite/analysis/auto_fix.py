@@ -140,7 +140,11 @@ def auto_fix(
                 continue
             cand_diag = search.diagnose(candidate, profile, None, None, refresh_profile=True, previous=diag)
             fixed = [s for s in diag.sites if not _still_failing(s, cand_diag.sites)]
-            if fixed and len(cand_diag.sites) < len(diag.sites):
+            # Also kept: a rewrite after which nothing needs pinning (outputs pass, no non-finite site), even where
+            # a finite site is left or newly named (a Log whose scaled input now crosses 1 shows a large relative
+            # error that the Add after it undoes: log-mel front ends).
+            done = not _needs_work(candidate, cand_diag, search.reference, tolerance)
+            if fixed and (len(cand_diag.sites) < len(diag.sites) or done):
                 sites += [_site_fix(s, f"pass:{rewrite.name}") for s in fixed]
                 kept.append(rewrite.name)
                 model, profile, diag = candidate, cand_diag.profile, cand_diag
