@@ -4,7 +4,9 @@ Three rewrites, applied in this order:
 1. ``MatMul(q, kT) -> Div(sqrt(d))`` (or ``Mul(1/sqrt(d))``): the raw product is ``sqrt(d)`` times larger than the
    logits and can pass 65504 while the logits fit. The scale moves onto q before the MatMul (or, with ``split_qk``,
    ``sqrt`` of it onto each of q and kT). MatMul is bilinear, so this is exact when the factor is a power of two
-   (head size 64 -> 1/8) and rounding-level otherwise.
+   (head size 64 -> 1/8). Otherwise (head size 32) only its power-of-two part moves and the rest, in [1, 2), stays
+   after the MatMul: still exact, and the product is at most 2x the logits (``full_move``: rounding-level).
+   The scale may be a tensor computed from constants (``torch.full([], v.size(-1) ** 0.5)``): it is folded.
 2. Softmax written as ``Exp -> ReduceSum -> Div`` without subtracting the row maximum overflows FP16 once a logit
    passes 11.09 (exp(11.1) > 65504). It becomes ``Softmax`` (``softmax="fuse"``; TensorRT's softmax subtracts the
    max) or gets the max subtracted in place (``softmax="max-subtract"``).
@@ -56,16 +58,20 @@ class PrescaleAttention(Pass):
         split_qk: bool = False,
         softmax: str = "fuse",
         fix_masks: bool = True,
+        full_move: bool = False,
         nodes: Sequence[str] = (),
     ) -> None:
         """``split_qk``: scale q and kT by the square root of the factor each instead of q alone (for a q that
         is itself near the FP16 limit; not exact). ``softmax``: ``fuse`` (-> Softmax), ``max-subtract`` or
-        ``keep``. ``nodes``: only the sites whose MatMul / Exp / mask node has one of these names."""
+        ``keep``. ``full_move``: move a scale that is not a power of two onto q whole (rounding-level) instead of
+        only its power-of-two part (exact; the rest, in [1, 2), stays after the MatMul). ``nodes``: only the sites
+        whose MatMul / Exp / mask node has one of these names."""
         if softmax not in ("fuse", "max-subtract", "keep"):
             raise BadInputError(f"prescale-attention: softmax must be fuse, max-subtract or keep, got {softmax!r}")
         self.split_qk = split_qk
         self.softmax = softmax
         self.fix_masks = fix_masks
+        self.full_move = full_move
         self.nodes = tuple(nodes)
 
     def _wanted(self, node: gs.Node) -> bool:
@@ -118,6 +124,22 @@ class PrescaleAttention(Pass):
                                            outputs=[moved]))
                 mm.inputs[i] = moved
             how, exact = f"q and kT each by {float(root):.6g}", _power_of_two(float(root))
+        elif not _power_of_two(factor) and not self.full_move:
+            # Head size 32: 1/sqrt(32) = 2^-3 * 1.414. Only the power of two moves onto q (exact); the rest stays
+            # after the MatMul as the same kind of node: fl(fl(2^-3 P) * (8 c)) == fl(P * c), bit for bit.
+            e = math.ceil(-math.log2(factor))
+            moved = gs.Variable(self._names(f"{a.name}/prescaled"), dtype=np.float32)
+            graph.nodes.append(gs.Node("Mul", self._names(f"{scope}/prescale/Mul"), inputs=[
+                a, gs.Constant(self._names(f"{scope}/prescale.pow2"), np.asarray(2.0**-e, np.float32))],
+                outputs=[moved]))
+            mm.inputs[0] = moved
+            rest = np.float32(np.float32(c) * np.float32(2.0**-e if scale.op == "Div" else 2.0**e))
+            scale.inputs[[i for i, x in enumerate(scale.inputs) if x is constant][0]] = gs.Constant(
+                self._names(f"{constant.name}_rest"), np.asarray(rest, np.float32).reshape(np.shape(const_value(constant))))
+            result.rewritten.append(Site(mm.name, "MatMul", f"moved the power-of-two part of the attention scale "
+                                                            f"before the MatMul (q by 2^-{e}; {scale.op} {float(rest):.6g}"
+                                                            f" stays after it): exact"))
+            return
         else:
             moved = gs.Variable(self._names(f"{a.name}/prescaled"), dtype=np.float32)
             graph.nodes.append(gs.Node(scale.op, self._names(f"{scope}/prescale/{scale.op}"), inputs=[a, constant],
