@@ -155,7 +155,7 @@ def fix_model(
         from onnx_fp16_rewrite.pipeline.registry import auto_rewrites as registry_rewrites
 
         rewrites = registry_rewrites() if auto_rewrites is None else auto_rewrites
-        # One phase for the whole search until auto_fix reports its own (profiling, diagnosis, each rewrite).
+        # auto_fix reports its own phases (diagnosis, each rewrite tried, shrinking) inside this one.
         with progress.phase("automatic fix", total=None) as phase:
             fixed, auto_report = auto_fix(fixed, feeds, tolerance=rel_l2_tolerance, strict_cumsum=strict_cumsum,
                                           rewrites=rewrites, profile=profile, progress=progress)

@@ -41,11 +41,18 @@ def test_fix_model_reports_each_phase_with_its_result():
     result = fix_model(model, [], generate_feeds(model), auto=True, emit="mixed", progress=progress)
     assert result.report.exit_code == 0
     names = progress.names()
-    for phase in ("FP16 check of the original", "automatic fix", "FP16 verification (mixed)"):
+    # The long phases the issue names: profiling, diagnosis (the check of the original), each rewrite
+    # tried, verification; each closed with its result.
+    for phase in ("profiling ranges", "FP16 check of the original", "automatic fix", "rewrite rescale-accumulation",
+                  "FP16 verification (mixed)"):
         assert phase in names, names
     assert all(p.closed and not p.failed and p.summary for p in progress.phases), progress.phases
     by_name = {p.name: p for p in progress.phases}
+    profiling = by_name["profiling ranges"]
+    assert profiling.total == profiling.advanced == 1  # one run per sample, counted
     assert by_name["FP16 check of the original"].summary.startswith("FAIL")
+    assert by_name["rewrite rescale-accumulation"].summary.startswith("kept")
+    assert by_name["rewrite rescale-accumulation"].depth == by_name["automatic fix"].depth + 1
     assert "kept rescale-accumulation" in by_name["automatic fix"].summary
     assert by_name["FP16 verification (mixed)"].summary.startswith("PASS (0 NaN, 0 Inf")
 
@@ -106,6 +113,7 @@ def test_progress_on_a_terminal_and_not_in_a_pipe(cumsum_path, tmp_path):
     code, text = _cli(args, tty=True, cwd=tmp_path)
     assert code == 0, text
     assert "done automatic fix: 1 site(s), kept rescale-accumulation, 0 FP32 node(s)" in text
+    assert "done profiling ranges: 1 FP32 run(s)" in text and "  done rewrite rescale-accumulation: kept" in text
     assert "done FP16 verification (mixed): PASS (0 NaN, 0 Inf" in text
     # Each result is printed as its phase ends: before the final report.
     assert text.index("done FP16 check of the original") < text.index("done automatic fix") < text.index("wrote ")
