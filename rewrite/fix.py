@@ -138,7 +138,8 @@ def fix_model(
         manager = PassManager(passes, feeds, tolerance=tolerance, per_output=per_output,
                               reference=profile.outputs if profile is not None else None)
         fixed, run_report = manager.run(model)
-        phase.done(", ".join(f"{p.name} {p.status}" for p in run_report.passes) or f"{len(feeds)} run(s)")
+        phase.done(", ".join(f"{p.name} {p.status}" for p in run_report.passes)
+                   or ("from the profiling runs" if profile is not None else f"{len(feeds)} run(s)"))
     assert manager.validator is not None
     reference = manager.validator.reference
     fp16_before = None
