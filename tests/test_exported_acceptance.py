@@ -154,3 +154,18 @@ def test_mixed_t5_fp32_compute_error_at_fp16_weights_level(exporter, cache_root)
     assert result.report.fp16_after.passed
     errors = result.report.mixed_ort_error
     assert errors and max(e.rel_l2 for e in errors) <= 2e-3, errors
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_minus_one_dims_calibrate_on_samples_of_different_shapes(exporter, cache_root):
+    model = exported.build("paddle-bn-detector", exporter, cache_root=cache_root)
+    rng = np.random.default_rng(2)
+    feeds = [{"image": rng.random(shape, dtype=np.float32)} for shape in [(1, 3, 96, 160), (2, 3, 64, 64)]]
+    result = fix_model(model, [], feeds, emit="fp32", auto=True, auto_rewrites=auto_rewrites())
+    assert not result.report.fp16_before.passed and result.report.fp16_after.passed
+    dims = result.model.graph.input[0].type.tensor_type.shape.dim  # the emitted model still takes any shape
+    assert not dims[0].dim_value > 0 and not dims[2].dim_value and not dims[3].dim_value
+    out = run_model(result.model, feeds)
+    assert out[1][result.model.graph.output[0].name].shape == (2, 1, 16, 16)
+    traced = traced_fp16_fraction(result.model, feeds[0], _pinned(result))
+    assert abs(result.report.fp16_flop_fraction - traced) <= 0.01

@@ -44,6 +44,11 @@ def import_torch():
     return torch
 
 
+def _no_torchvision_note(record: logging.LogRecord) -> bool:
+    """Drops the dynamo exporter's "torchvision is not installed. Skipping torchvision::nms" (one per op)."""
+    return not str(record.msg).startswith("torchvision is not installed")
+
+
 def _tensors(spec: Spec, feed: Feed):
     torch = import_torch()
     return tuple(torch.from_numpy(np.ascontiguousarray(feed[name])) for name in spec.inputs)
@@ -86,9 +91,14 @@ def export_spec(spec: Spec, module, feed: Feed, exporter: str) -> onnx.ModelProt
                 dims = torch.export.Dim.DYNAMIC
                 dynamic = {name: {axis: dims for axis in spec.dynamic[name]} if name in spec.dynamic else None
                            for name in spec.inputs}
-            program = torch.onnx.export(module, args, dynamo=True, input_names=list(spec.inputs),
-                                        output_names=list(spec.outputs), dynamic_shapes=dynamic, verbose=False,
-                                        **spec.dynamo_options)
+            registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+            registry_log.addFilter(_no_torchvision_note)
+            try:
+                program = torch.onnx.export(module, args, dynamo=True, input_names=list(spec.inputs),
+                                            output_names=list(spec.outputs), dynamic_shapes=dynamic, verbose=False,
+                                            **spec.dynamo_options)
+            finally:
+                registry_log.removeFilter(_no_torchvision_note)
             model = program.model_proto
     if spec.post is not None:
         spec.post(model)
