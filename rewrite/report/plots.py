@@ -78,18 +78,20 @@ def draw_plot(data: PlotData, title: str) -> Plot:
     top.set_yscale("log")
     top.set_ylabel("|x| (FP32)")
     top.set_title(title, fontsize=11)
-    _errors(bottom, xs, [r.error_before for r in rows], "FP16 error before", "#d62728", "x")
+    _errors(bottom, xs, [r.error_before for r in rows], "FP16 error before" if data.fixed else "FP16 error",
+            "#d62728", "x")
     if data.fixed:
         _errors(bottom, xs, [r.error_after for r in rows], "FP16 error after the fix", "#1f77b4", "+")
     bottom.set_yscale("log")
     bottom.set_ylim(1e-6, _ERROR_CAP * 3)
     bottom.set_ylabel("FP16 rel. L2 error")
-    bottom.set_xlabel(f"float tensors in topological order ({n}); red: failure sites, blue: FP32 after the fix")
+    fp32 = "FP32 after the fix" if data.fixed else "FP32 (plan or type)"
+    bottom.set_xlabel(f"float tensors in topological order ({n}); red: failure sites, blue: {fp32}")
     for i, r in enumerate(rows):
         if r.site:
             top.annotate(f"{r.site} at {r.op}", (i, 0.03), xycoords=("data", "axes fraction"), xytext=(4, 0),
                          textcoords="offset points", fontsize=8, color=_rgb(SITE_RGB), rotation=90, va="bottom")
-    _legend(fig, top, bottom)
+    _legend(top, bottom, f"{fp32} (pinned)")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
     width, height = (int(round(v)) for v in fig.get_size_inches() * DPI)
@@ -138,11 +140,11 @@ def _runs(positions: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def _legend(fig, top, bottom) -> None:
+def _legend(top, bottom, fp32_label: str) -> None:
     from matplotlib.patches import Patch
 
     extra = [Patch(color=_rgb(SITE_RGB), alpha=0.55, label="failure site"),
-             Patch(color=_rgb(PINNED_RGB), alpha=0.18, label="FP32 after the fix (pinned)")]
+             Patch(color=_rgb(PINNED_RGB), alpha=0.18, label=fp32_label)]
     top.legend(handles=top.get_legend_handles_labels()[0] + extra, loc="upper left", bbox_to_anchor=(1.005, 1),
                fontsize=8)
     bottom.legend(loc="upper left", bbox_to_anchor=(1.005, 1), fontsize=8)
