@@ -43,7 +43,12 @@ if job != "plain":
     from onnx_fp16_rewrite.emulation.fp16_emulation import check_fp16
     from onnx_fp16_rewrite.fix import fix_model
     from onnx_fp16_rewrite.pipeline.registry import auto_rewrites
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def hwm():  # this process's peak RSS in KiB (ru_maxrss would carry the parent's over fork+exec)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = hwm()
 start = time.perf_counter()
 extra = {}
 if job == "plain":
@@ -59,7 +64,7 @@ else:
              "fp32_nodes": a.fp32_nodes, "flop_fraction": rep.fp16_flop_fraction, "pinned": len(pinned),
              "runs": [a.profiling_runs, a.emulation_runs, a.validation_runs]}
 seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = hwm()
 print(json.dumps({"seconds": seconds, "peak_mb": peak / 1024, "delta_mb": (peak - base) / 1024, **extra}))
 """
 
@@ -109,8 +114,7 @@ def save(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], folder: Pat
 
 
 def measure(name: str, jobs: list[str], samples: int, pythonpath: str | None, tmp: Path) -> dict:
-    folder = tmp / f"{name}-{samples}"
-    folder.mkdir()
+    folder = Path(tempfile.mkdtemp(prefix=f"{name}-{samples}-", dir=tmp))
     save(*build(name, samples), folder)
     plain = [run_job("plain", folder, 1, pythonpath)]
     results = {job: run_job(job, folder, samples, pythonpath) for job in jobs}
