@@ -169,3 +169,26 @@ def test_minus_one_dims_calibrate_on_samples_of_different_shapes(exporter, cache
     assert out[1][result.model.graph.output[0].name].shape == (2, 1, 16, 16)
     traced = traced_fp16_fraction(result.model, feeds[0], _pinned(result))
     assert abs(result.report.fp16_flop_fraction - traced) <= 0.01
+
+
+def _subgraphs(graph):
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == attr.GRAPH:
+                yield attr.g
+                yield from _subgraphs(attr.g)
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_if_model_mixed_emission_types_the_bodies(exporter, cache_root):
+    from onnx import TensorProto
+
+    _, _, result = _fixed("vad-if", exporter, cache_root, emit="mixed")
+    assert result.report.fp16_after.passed and result.report.auto.fp32_nodes == 0
+    bodies = list(_subgraphs(result.model.graph))
+    assert len(bodies) == 2  # then / else
+    weights = {i.name: i.data_type for g in [result.model.graph, *bodies] for i in g.initializer}
+    convs = [n for g in bodies for n in g.node if n.op_type == "Conv"]
+    assert len(convs) == 6
+    for conv in convs:  # every Conv inside the branches reads FP16 weights (declared here or in the outer graph)
+        assert weights[conv.input[1]] == TensorProto.FLOAT16, conv.name

@@ -17,7 +17,7 @@ import logging
 import numpy as np
 import onnx
 
-from onnx_fp16_rewrite.models.exported import attention, filters, hf_text, sequence, vae, vision
+from onnx_fp16_rewrite.models.exported import attention, control_flow, filters, hf_text, sequence, vae, vision
 from onnx_fp16_rewrite.models.exported.cache import cache_dir, load_entry, store_entry
 from onnx_fp16_rewrite.models.exported.spec import EXPORTERS, Feed, Spec
 
@@ -26,7 +26,8 @@ __all__ = ["EXPORTERS", "NAMES", "SPECS", "UNSUPPORTED", "build", "cache_dir", "
 
 logger = logging.getLogger(__name__)
 
-SPECS: dict[str, Spec] = {s.name: s for s in [*filters.SPECS, *hf_text.SPECS, *attention.SPECS, *sequence.SPECS, *vae.SPECS, *vision.SPECS]}
+SPECS: dict[str, Spec] = {s.name: s for module in (filters, hf_text, attention, sequence, vae, vision, control_flow)
+                          for s in module.SPECS}
 
 NAMES: list[tuple[str, str]] = [(n, e) for n, s in SPECS.items() for e in EXPORTERS if e not in s.unsupported]
 UNSUPPORTED: list[tuple[str, str, str]] = [(n, e, s.unsupported[e]) for n, s in SPECS.items()

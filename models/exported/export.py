@@ -51,7 +51,7 @@ def _no_torchvision_note(record: logging.LogRecord) -> bool:
 
 def _tensors(spec: Spec, feed: Feed):
     torch = import_torch()
-    return tuple(torch.from_numpy(np.ascontiguousarray(feed[name])) for name in spec.inputs)
+    return tuple(torch.from_numpy(np.array(feed[name])) for name in spec.inputs)  # (ascontiguousarray: 0-d -> 1-d)
 
 
 def torch_outputs(spec: Spec, module, feeds: list[Feed]) -> list[Feed]:
@@ -78,6 +78,8 @@ def export_spec(spec: Spec, module, feed: Feed, exporter: str) -> onnx.ModelProt
         warnings.simplefilter("ignore")  # exporter chatter (TracerWarning, constant-folding notes)
         if exporter == "torchscript":
             buf = io.BytesIO()
+            if spec.script is not None:
+                module = spec.script(module)
             options = {"do_constant_folding": True, **spec.torchscript_options}
             if options.get("training") == "preserve":  # spelled as a string so specs need no torch import
                 options["training"] = torch.onnx.TrainingMode.PRESERVE

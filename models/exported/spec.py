@@ -24,8 +24,12 @@ class Spec:
     deterministic numpy feeds, in the order of ``inputs``, the first of which is the export example.
     ``control``: FP16 runs it fine (nothing should be pinned or rewritten). ``unsupported`` maps an exporter
     to the reason it cannot export this model. ``dynamic`` maps input name -> {axis: dim name} (TorchScript
-    ``dynamic_axes``; dynamo gets ``torch.export.Dim``s of the same names). ``torchscript_options`` go to
-    ``torch.onnx.export(..., dynamo=False)`` (``training="preserve"`` for ``TrainingMode.PRESERVE``); ``dynamo_options`` to ``dynamo=True`` (``optimize=False`` keeps BatchNormalization); ``post`` edits the exported ModelProto (e.g. Paddle's -1 dims).
+    ``dynamic_axes``; dynamo gets ``torch.export.Dim.DYNAMIC`` on those axes). ``torchscript_options`` go to
+    ``torch.onnx.export(..., dynamo=False)`` (``training="preserve"`` for ``TrainingMode.PRESERVE``),
+    ``dynamo_options`` to ``dynamo=True`` (``optimize=False`` keeps BatchNormalization); ``post`` edits the
+    exported ModelProto (e.g. Paddle's -1 dims); ``script`` maps the module to the ScriptModule the TorchScript
+    exporter gets (data-dependent control flow: dynamo exports ``torch.cond``, TorchScript needs
+    ``torch.jit.script``).
     """
 
     name: str
@@ -41,3 +45,4 @@ class Spec:
     dynamo_options: Mapping[str, Any] = field(default_factory=dict)
     opset: int = 17
     post: Callable[[Any], None] | None = None
+    script: Callable[[Any], Any] | None = None
