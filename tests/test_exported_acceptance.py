@@ -192,3 +192,23 @@ def test_if_model_mixed_emission_types_the_bodies(exporter, cache_root):
     assert len(convs) == 6
     for conv in convs:  # every Conv inside the branches reads FP16 weights (declared here or in the outer graph)
         assert weights[conv.input[1]] == TensorProto.FLOAT16, conv.name
+
+
+@pytest.mark.parametrize("opset", [7, 9])
+def test_old_opset_exports_check_and_fix(opset, tmp_path):
+    """The Paddle-style detector exported by TorchScript at opset 7 / 9 (uncached: a few seconds)."""
+    import dataclasses
+
+    from onnx_fp16_rewrite.cli import main
+    from onnx_fp16_rewrite.io.model_io import save_model
+    from onnx_fp16_rewrite.models.exported.export import export_spec
+
+    spec = dataclasses.replace(exported.spec("paddle-bn-detector"), opset=opset)
+    model = export_spec(spec, spec.module(), spec.feeds()[0], "torchscript")
+    assert next(o.version for o in model.opset_import if not o.domain) == opset
+    assert any(n.op_type == "BatchNormalization" for n in model.graph.node)
+    save_model(model, tmp_path / "det.onnx")
+    np.savez(tmp_path / "x.npz", **exported.feeds("paddle-bn-detector", model)[0])
+    assert main(["check", str(tmp_path / "det.onnx"), "--inputs", str(tmp_path / "x.npz")]) == 4
+    assert main(["fix", str(tmp_path / "det.onnx"), "-o", str(tmp_path / "fixed.onnx"), "--auto", "--emit", "fp32",
+                 "--inputs", str(tmp_path / "x.npz")]) == 0
