@@ -114,3 +114,19 @@ def test_cli_on_referenced_weights(small_limit, external_model, tmp_path, capfd,
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     else:  # FP16 weights and FP16 compute where the plan allows
         assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
+
+
+def test_a_replaced_data_file_is_read_afresh(small_limit, tmp_path):
+    """One mapping per data file is shared, but a file replaced at the same path is a new file."""
+    path = tmp_path / "m.onnx"
+    feed = {"ids": np.arange(64).reshape(4, 16)}
+    outs = []
+    for scale in (1.0, 2.0):
+        m = table_model()
+        t = m.graph.initializer[0]
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * scale, "table"))
+        onnx.save_model(m, str(path), save_as_external_data=True, location="w.bin", size_threshold=1024)
+        loaded = load_model(path)
+        outs.append(weights.tensor_array(loaded.graph.initializer[0])[:4].copy())
+        run_model(loaded, [feed])
+    np.testing.assert_array_equal(outs[1], 2 * outs[0])

@@ -43,7 +43,7 @@ _PACKED = {TensorProto.INT4, TensorProto.UINT4, TensorProto.FLOAT4E2M1, TensorPr
            getattr(TensorProto, "INT2", -1), getattr(TensorProto, "UINT2", -1)}
 
 _store: dict[int, np.ndarray] = {}
-_maps: dict[str, np.ndarray] = {}  # data file -> its one read-only mapping
+_maps: dict[tuple, np.ndarray] = {}  # data file (path, identity) -> its one read-only mapping
 _views: dict[int, tuple] = {}  # id(array tensor_array returned) -> (weakref, source key)
 _fp16_of: dict[int, tuple] = {}  # id(FP16 array clamp_to_fp16 made) -> (weakref, source key)
 _derived: dict[tuple, int] = {}
@@ -119,9 +119,11 @@ def _file_map(path: str) -> np.ndarray:
     points, and the kernel's readahead would otherwise map a whole table for a few rows."""
     import mmap
 
-    arr = _maps.get(path)
+    st = os.stat(path)
+    key = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)  # a file replaced since is a new map
+    arr = _maps.get(key)
     if arr is None:
-        arr = _maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
+        arr = _maps[key] = np.memmap(path, dtype=np.uint8, mode="r")
         mm = getattr(arr, "_mmap", None)
         if mm is not None and hasattr(mmap, "MADV_RANDOM"):
             try:
@@ -364,7 +366,12 @@ def _ref_tensor(key: int, name: str) -> TensorProto:
 
 def _source_key(t: TensorProto) -> tuple:
     info = _info(t)
-    return (info["location"], int(info.get("offset", 0)), int(info.get("length", 0)), t.data_type)
+    loc = info["location"]
+    ident: tuple = ()
+    if loc.startswith(_FILE):  # a file replaced since is another source
+        st = os.stat(loc[len(_FILE):])
+        ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return (loc, *ident, int(info.get("offset", 0)), int(info.get("length", 0)), t.data_type)
 
 
 def _set_location(t: TensorProto, location: str, offset: int, length: int) -> None:
