@@ -112,6 +112,7 @@ def auto_fix(
     reference = profile.outputs
     k = max(1, min(search_samples, len(feeds)))
     search = _Search(list(feeds[:k]), reference[:k], tolerance, exit_absmax, strict_cumsum, progress)
+    search.subset = k < len(feeds)
     with progress.phase("FP16 check of the original", total=None) as phase:
         # The first diagnosis is the check of the original: its emulation run gives both.
         diag = search.diagnose(model, profile, None, None)
@@ -197,6 +198,7 @@ class _Search:
         self.feeds, self.reference = feeds, reference
         self.tolerance, self.exit_absmax, self.strict_cumsum = tolerance, exit_absmax, strict_cumsum
         self.progress = progress
+        self.subset = False  # set when the verdict runs on more samples than the search
         self.emulation = counts.emulation if counts else 0
         self.validation = counts.validation if counts else 0
 
@@ -210,14 +212,15 @@ class _Search:
 
     def check(self, model, plan) -> Fp16Report:
         self.emulation += len(self.feeds)
+        # Cached when a verdict on more samples follows: the last release kept is its graph.
         return check_fp16(model, self.feeds, self.reference, plan=plan, strict_cumsum=self.strict_cumsum,
-                          rel_l2_tolerance=self.tolerance, max_findings=MAX_FINDINGS)
+                          rel_l2_tolerance=self.tolerance, max_findings=MAX_FINDINGS, cache=self.subset)
 
     def verdict(self, model, plan, feeds, reference) -> Fp16Report:
         with self.progress.phase("verdict on all samples", total=None) as phase:
             self.emulation += len(feeds)
             report = check_fp16(model, feeds, reference, plan=plan, strict_cumsum=self.strict_cumsum,
-                                rel_l2_tolerance=self.tolerance, max_findings=MAX_FINDINGS)
+                                rel_l2_tolerance=self.tolerance, max_findings=MAX_FINDINGS, cache=True)
             phase.done("passed" if report.passed else "FAILED")
         return report
 

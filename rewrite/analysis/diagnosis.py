@@ -60,8 +60,15 @@ class Diagnosis:
     outputs: list[Feed]
     profile: RangeProfile
     run: ErrorRun | None = None  # the emulation run behind it (mode, node counts, notes)
-    signatures: dict[str, str] = field(default_factory=dict)  # value_signatures of the diagnosed model
+    model: onnx.ModelProto | None = None  # the diagnosed model (its value signatures on demand)
     seconds: float = 0.0
+    _signatures: dict[str, str] | None = field(default=None, repr=False)
+
+    def signatures(self) -> dict[str, str]:
+        """``value_signatures`` of the diagnosed model (hashing the weights only when a rewrite asks)."""
+        if self._signatures is None and self.model is not None:
+            self._signatures = value_signatures(self.model)
+        return self._signatures or {}
 
     def fp16_report(self, reference: Sequence[Feed], tolerance: float, *, strict_cumsum: bool = False,
                     max_findings: int = 5) -> Fp16Report:
@@ -106,10 +113,9 @@ def diagnose(
     rewrite changed when ``previous`` (the diagnosis ``profile`` belongs to) says how they were
     computed; elsewhere the shadow measures only what the profile lacks."""
     start = time.perf_counter()
-    signatures = value_signatures(model)
     keep = set(profile.ranges)
     if refresh_profile:
-        keep &= unchanged(previous.signatures, signatures) if previous is not None and previous.signatures else set()
+        keep &= unchanged(previous.signatures(), value_signatures(model)) if previous is not None else set()
     run = error_run(model, feeds, plan, strict_cumsum=strict_cumsum, shadow_ranges=_Except(keep))
     errors, outputs = run.errors, run.outputs
     for e in errors:  # the profile's absmax where the shadow did not measure it
@@ -138,7 +144,7 @@ def diagnose(
         sites.append(FailureSite(e.tensor, e.node, e.op, kind, r.absmax, in_absmax, e.rel_error,
                                  _back_in_range(index, e.tensor, absmax, exit_absmax)))
     logger.info("diagnosis: %d failure sites", len(sites))
-    return Diagnosis(sites, errors, outputs, profile, run, signatures, time.perf_counter() - start)
+    return Diagnosis(sites, errors, outputs, profile, run, model, time.perf_counter() - start)
 
 
 class _Except:

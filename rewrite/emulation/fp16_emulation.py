@@ -275,8 +275,10 @@ def check_fp16(
     strict_cumsum: bool = False,
     rel_l2_tolerance: float = 1e-2,
     max_findings: int = 5,
+    cache: bool = False,
 ) -> Fp16Report:
-    """Emulate an FP16 engine on ``feeds`` and compare every output with ``reference``.
+    """Emulate an FP16 engine on ``feeds`` and compare every output with ``reference``
+    (``cache``: through ``onnx_fp16_rewrite.io.sessions``, for a graph that will run again).
 
     ``reference`` should be the FP32 outputs of the original FP32 model; when it is None the
     model itself is run in FP32 (for a mixed-precision model that means FP32 compute with its
@@ -290,7 +292,7 @@ def check_fp16(
         reference = _fp32_outputs(model, feeds)
     out_names = [o.name for o in model.graph.output]
     # Cached: the fixer's last accepted plan and the final verification run the same graph.
-    runs = run_cached(emu.model, [emu_feed(f, emu.fp16_inputs) for f in feeds], optimize=True)
+    runs = run_cached(emu.model, [emu_feed(f, emu.fp16_inputs) for f in feeds], optimize=True, cache=cache)
     outputs = [
         compare_output(name, [r[name] for r in runs], [ref[name] for ref in reference], rel_l2_tolerance)
         for name in out_names

@@ -74,9 +74,18 @@ def run_cached(
     output_names: Sequence[str] | None = None,
     *,
     optimize: bool = False,
+    cache: bool = True,
 ) -> list[Feed]:
     """``run_model`` through the cache: one ``{output: array}`` dict per feed; a (graph, feed)
-    pair already run comes back from memory. Callers must not modify the returned arrays."""
+    pair already run comes back from memory. Callers must not modify the returned arrays.
+    ``cache=False``: a session of its own, nothing kept (hashing a graph with its weights costs
+    time and a serialized copy in memory; worth it only where a repeat can come)."""
+    if not cache:
+        session = make_session(model, optimize=optimize)
+        _STATS["sessions"] += 1
+        _STATS["runs"] += len(feeds)
+        run_names = list(output_names) if output_names is not None else [o.name for o in session.get_outputs()]
+        return [dict(zip(run_names, session.run(run_names, feed))) for feed in feeds]
     entry = _entry(model, optimize, graph_key(model))
     names = tuple(output_names) if output_names is not None else None
     results = []
