@@ -129,3 +129,26 @@ def test_a_ratio_of_differently_scaled_terms_is_refused():
     _, report = PassManager([RescaleResidual()], feeds).run(model)
     assert report.passes[0].status == "unchanged"
     assert "graph output" in report.passes[0].skipped[0].detail
+
+
+def test_conv_relu_conv_is_balanced_by_a_power_of_two():
+    """conv1's output passes 65504; the scale 2^-k on its weights goes through the Relu and the next Conv's
+    weights absorb it (times 2^k), so nothing downstream changes: bit-exact in FP32."""
+    rng = np.random.default_rng(0)
+    x = gs.Variable("x", np.float32, [1, 4, 8, 8])
+    w1 = gs.Constant("w1", (rng.standard_normal((8, 4, 3, 3)) * 2e4).astype(np.float32))
+    w2 = gs.Constant("w2", (rng.standard_normal((4, 8, 3, 3)) * 1e-3).astype(np.float32))
+    h, a, y = gs.Variable("h", np.float32), gs.Variable("a", np.float32), gs.Variable("y", np.float32, [1, 4, 8, 8])
+    nodes = [gs.Node("Conv", "conv1", {"pads": [1, 1, 1, 1]}, [x, w1], [h]),
+             gs.Node("Relu", "relu", inputs=[h], outputs=[a]),
+             gs.Node("Conv", "conv2", {"pads": [1, 1, 1, 1]}, [a, w2], [y])]
+    model = gs.export_onnx(gs.Graph(nodes=nodes, inputs=[x], outputs=[y], opset=17))
+    feeds = [{"x": rng.uniform(0, 1, (1, 4, 8, 8)).astype(np.float32)}]
+    assert not check_fp16(model, feeds).passed
+    fixed, report = PassManager([RescaleResidual()], feeds).run(model)
+    assert report.passes[0].status == "kept", report.passes[0].skipped
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in fixed.graph.initializer}
+    k = -int(np.log2(weights["w1"].flat[0] / w1.values.flat[0]))
+    assert k >= 3 and np.array_equal(weights["w2"], w2.values * np.float32(2.0**k))
+    assert np.array_equal(run_model(model, feeds)[0]["y"], run_model(fixed, feeds)[0]["y"])
+    assert check_fp16(fixed, feeds).passed

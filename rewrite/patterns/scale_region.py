@@ -4,7 +4,8 @@ A region maps tensors to integer *powers* p (the tensor becomes ``s**p * t``). I
 consumers of a seed (an over-range tensor) by what each op means:
 - homogeneous ops (Relu, Reshape, pooling, CumSum, a Cast between float types, ...) keep p; additive ones (Add,
   Sub, Concat, Where's branches, Max, ...) need the same p on every float operand (constants are scaled);
-- a Conv/Gemm/MatMul with constant weights scales its weights by ``p_out - p_in`` and its bias by ``p_out``;
+- a Conv/Gemm/MatMul with constant weights scales its weights by ``p_out - p_in`` and its bias by ``p_out``: it
+  passes a scale on, or its weights absorb it (Conv -> Relu -> Conv balanced by a power of two);
 - products (Mul, MatMul, Einsum: linear in each operand) add their operands' powers, Div subtracts them, so a
   ratio of two equally scaled tensors (causal linear attention's ``q.cumsum(k x v) / q.cumsum(k)``) is unscaled;
   Sqrt halves p, Pow(x, c) multiplies it by c, Reciprocal negates it, Mul(x, x) doubles it;
@@ -284,7 +285,10 @@ class _Closure:
             if c.inputs[0] is not t:
                 raise Refused(f"{t.name} is a weight of {c.op} {c.name}")
             r.linear[id(c)] = c
-            self.join(c.outputs[0], p)
+            if self.choose(c, 2) == 0:
+                self.join(c.outputs[0], p)
+            # else its weights absorb the scale (times s**-p) and its output is unscaled: Conv -> Relu -> Conv
+            # range balancing by a power of two (cross-layer equalisation, Nagel et al. 2019)
         elif c.op in PRODUCTS:
             others = [x for x in c.inputs if x is not t and r.is_float(x) and const_value(x) is None]
             if c.op == "Mul" and c.inputs[0] is t and c.inputs[1] is t:
@@ -393,7 +397,7 @@ def find_region(graph: gs.Graph, seed: gs.Tensor, readers: dict, types: dict[str
             first = first or exc
             met = exc.region.choices if exc.region is not None else (region.choices if region else [])
             fresh = list({c[0]: c for c in met if c[0] not in forced}.values())
-            for node_id, options in reversed(fresh):
+            for node_id, options in fresh:  # the latest choice's alternatives on top: flipped first
                 stack += [{**forced, node_id: o} for o in range(options - 1, 0, -1)]
     assert first is not None
     raise first
