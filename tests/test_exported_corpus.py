@@ -83,3 +83,22 @@ def test_cache_returns_the_same_model_and_rebuilds_a_damaged_entry(tmp_path):
     rebuilt = exported.build(name, "torchscript", cache_root=tmp_path)
     assert len(rebuilt.graph.node) == len(first.graph.node)
     assert onnx.load(entry).graph.node  # the damaged file was replaced
+
+
+def test_importing_the_corpus_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, onnx_fp16_rewrite.models.exported as x; x.feeds('t5-encoder'); "
+            "assert not {'torch', 'transformers', 'diffusers'} & set(sys.modules), sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("name", sorted(exported.SPECS))
+def test_feeds_are_deterministic(name):
+    first, again = exported.feeds(name), exported.feeds(name)
+    assert len(first) == len(again) >= 1
+    for a, b in zip(first, again):
+        assert a.keys() == b.keys() == set(exported.spec(name).inputs)
+        for key in a:
+            assert a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key])
