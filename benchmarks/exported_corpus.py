@@ -38,14 +38,14 @@ def _run_fix(model, feeds, rewrites) -> dict:
     plan = PrecisionPlan.from_model(result.model)
     pinned = {name for name in (n.name for n in result.model.graph.node) if plan.is_fp32(name)}
     passed, rel, bad = _worst(rep.fp16_after)
-    sites = [f"{s.op} {s.kind} {s.tensor} ({len(s.pinned_nodes)} nodes)" for s in auto.sites if s.fix != "pass:"
-             and not s.fix.startswith("pass:")]
+    sites = [f"{s.op} {s.kind} {s.tensor} ({s.fix}, {len(s.pinned_nodes)} nodes)" for s in auto.sites
+             if not s.fix.startswith("pass:")]
     return {
         "printed": rep.fp16_flop_fraction,
         "traced": traced_fp16_fraction(result.model, feeds[0], pinned),
         "pinned": len(pinned),
         "kept": list(auto.passes_kept),
-        "tried": {p.name: p.status for p in auto.rewrites_tried},
+        "tried": {p.name: f"{p.status}: {p.error[:150]}" if p.error else p.status for p in auto.rewrites_tried},
         "passed": passed,
         "rel_l2": rel,
         "nonfinite": bad,
@@ -86,13 +86,13 @@ def _verdict(r: dict) -> str:
 
 
 def format_rows(rows: list[dict]) -> str:
-    head = (f"{'model':20s} {'exporter':11s} {'ctl':3s} | {'before':6s} {'print%':>6s} {'trace%':>6s} | "
+    head = (f"{'model':22s} {'exporter':11s} {'ctl':3s} | {'before':6s} {'print%':>6s} {'trace%':>6s} | "
             f"{'auto':4s} {'print%':>6s} {'trace%':>6s} {'pin':>4s} {'rewrites kept':28s} | "
             f"{'pin':4s} {'print%':>6s} {'trace%':>6s} {'pin':>4s}")
     lines = [head, "-" * len(head)]
     for r in rows:
         b = r["before"]
-        parts = [f"{r['model']:20s} {r['exporter']:11s} {'yes' if r['control'] else '':3s} | "
+        parts = [f"{r['model']:22s} {r['exporter']:11s} {'yes' if r['control'] else '':3s} | "
                  f"{_verdict(b):6s} {_pct(b['printed'])} {_pct(b['traced'])} |"]
         for key in ("auto", "pin"):
             a = r[key]

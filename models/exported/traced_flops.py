@@ -9,7 +9,8 @@ and written apart from ``onnx_fp16_rewrite.analysis.flops``:
 - everything else with a float output: one per output element (elementwise, normalisation, reductions count
   their input elements instead)
 
-Nodes without a float output (shape arithmetic, index math ending in ints) count on neither side.
+Nodes without a float output (shape arithmetic, index math ending in ints) count on neither side. Control flow is
+not looked into: an If/Loop/Scan counts one FLOP per output element, its bodies nothing.
 """
 
 from __future__ import annotations
