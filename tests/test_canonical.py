@@ -215,3 +215,11 @@ def test_already_canonical_models_are_not_canonicalised_twice(padded):
     canon, _ = canonicalize(padded, feeds)
     again, report = canonicalize(canon, feeds)
     assert again is canon and report.skipped and not report.changed()
+
+
+def test_feeds_of_different_shapes_are_not_specialised(padded):
+    feeds = _feeds() + _feeds((2, 3, 10, 6), (1, 7, 16), seed=4)
+    canon, report = canonicalize(padded, feeds)
+    assert not report.specialised and "different shapes" in report.notes[0]
+    assert _dims(canon, "x") == ["N", 3, "H", "W"] and len(canon.graph.node) == 10
+    _close(padded, canon, feeds)
