@@ -124,3 +124,17 @@ def test_a_body_that_cannot_be_emulated_is_no_pass(caplog):
     assert not report.passed and report.outputs[0].ok  # outputs agree, the verdict still is not PASS
     assert any("SequenceMap" in n and "not emulated" in n for n in report.notes)
     assert any("not emulated" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
+def test_profile_measures_body_tensors_and_empty_ones():
+    from onnx_fp16_rewrite.analysis.range_profile import profile_ranges
+
+    prof = profile_ranges(build_vad_if(), [vad_inputs(speech=True)])
+    assert prof.ranges["sp_e"].node == "/speech/energy/Mul" and prof.ranges["sp_e"].absmax > 65504
+    assert prof.ranges["si_h"].absmax == 0.0  # the branch not taken
+    # A Loop that runs no iteration leaves an empty scan output: an empty sample, no failure.
+    x = np.random.default_rng(0).uniform(0, 1, (1, 16)).astype(np.float32)
+    empty = profile_ranges(build_loop(iterations=0), [{"x": x}])
+    assert empty.ranges["states"].absmax == 0.0
+    assert empty.ranges["s_final"].absmax == pytest.approx(float(x.max()))
+    assert check_fp16(build_loop(iterations=0), [{"x": x}]).passed

@@ -98,7 +98,8 @@ def profile_ranges(
     types, _ = infer_types(m)
     producers = {o: n for n in m.graph.node for o in n.output if o and types.get(o) == TensorProto.FLOAT}
     out_names = [o.name for o in m.graph.output]
-    stats = _add_statistics(m, list(producers), np.random.default_rng(seed))
+    opset = next((i.version for i in m.opset_import if i.domain in ("", "ai.onnx")), 17)
+    stats = _add_statistics(m, list(producers), np.random.default_rng(seed), empty_safe=opset >= 10)
     body = _add_body_statistics(m)
     session = make_session(m)
     ranges = {t: TensorRange(t, producers[t].name, producers[t].op_type) for t in producers}
@@ -169,7 +170,8 @@ def _clean(a: np.ndarray) -> np.ndarray:
     return a[np.isfinite(a) & (a < SENTINEL_ABS)]
 
 
-def _add_statistics(m: onnx.ModelProto, tensors: list[str], rng: np.random.Generator) -> dict[str, tuple[str, ...]]:
+def _add_statistics(m: onnx.ModelProto, tensors: list[str], rng: np.random.Generator,
+                    empty_safe: bool = True) -> dict[str, tuple[str, ...]]:
     """Per tensor, max/min/sum reductions and a random sample as graph outputs, placed right
     after the tensor's producer so the tensor can be freed early (at the end of the graph they
     kept every activation alive: 1.2 GB instead of 0.2 GB on the 512x512 NAFNet demo)."""
@@ -181,13 +183,18 @@ def _add_statistics(m: onnx.ModelProto, tensors: list[str], rng: np.random.Gener
     # double product below size for any size under 2**40.
     frac = numpy_helper.from_array(rng.uniform(0.0, 1.0 - 1e-9, SAMPLE), "__prof_frac")
     g.initializer.extend([flat, frac])
+    if empty_safe:  # a [1] shape and a cap for the sample length (see _stat_nodes)
+        g.initializer.extend([numpy_helper.from_array(np.array([1], np.int64), "__prof_one_d"),
+                              numpy_helper.from_array(np.array(1.0), "__prof_one"),
+                              numpy_helper.from_array(np.array([0], np.int64), "__prof_zero_d"),
+                              numpy_helper.from_array(np.array(float(SAMPLE)), "__prof_n")])
     stats = {}
     nodes = []
     for node in g.node:
         nodes.append(node)
         for t in node.output:
             if t in wanted:
-                stats[t] = _stat_nodes(t, nodes, flat.name, frac.name)
+                stats[t] = _stat_nodes(t, nodes, flat.name, frac.name, empty_safe)
     del g.node[:]
     g.node.extend(nodes)
     for names in stats.values():
@@ -195,8 +202,10 @@ def _add_statistics(m: onnx.ModelProto, tensors: list[str], rng: np.random.Gener
     return stats
 
 
-def _stat_nodes(t: str, nodes: list[onnx.NodeProto], flat: str, frac: str) -> tuple[str, ...]:
-    """Reductions over all axes (no ``axes`` given: the same form at every opset)."""
+def _stat_nodes(t: str, nodes: list[onnx.NodeProto], flat: str, frac: str, empty_safe: bool) -> tuple[str, ...]:
+    """Reductions over all axes (no ``axes`` given: the same form at every opset). With
+    ``empty_safe`` (Slice with input bounds: opset >= 10) an empty tensor gets an empty sample
+    (SAMPLE * min(size, 1) positions) instead of a Gather out of bounds."""
     p = t + "__prof"
     names = (p + "_max", p + "_min", p + "_sum", p + "_sample")
     nodes.extend([
@@ -208,8 +217,18 @@ def _stat_nodes(t: str, nodes: list[onnx.NodeProto], flat: str, frac: str) -> tu
         helper.make_node("Cast", [p + "_size"], [p + "_nf"], name=p + "_nf", to=TensorProto.DOUBLE),
         helper.make_node("Mul", [frac, p + "_nf"], [p + "_pos"], name=p + "_pos"),
         helper.make_node("Floor", [p + "_pos"], [p + "_floor"], name=p + "_floor"),
-        # An empty tensor gives index 0, and its Gather fails loudly.
         helper.make_node("Cast", [p + "_floor"], [p + "_idx"], name=p + "_idx", to=TensorProto.INT64),
-        helper.make_node("Gather", [p + "_flat", p + "_idx"], [names[3]], name=names[3], axis=0),
     ])
+    idx = p + "_idx"
+    if empty_safe:
+        idx = p + "_idx_kept"
+        nodes.extend([
+            helper.make_node("Min", [p + "_nf", "__prof_one"], [p + "_any"], name=p + "_any"),
+            helper.make_node("Mul", [p + "_any", "__prof_n"], [p + "_keepf"], name=p + "_keepf"),
+            helper.make_node("Cast", [p + "_keepf"], [p + "_keep0"], name=p + "_keep0", to=TensorProto.INT64),
+            helper.make_node("Reshape", [p + "_keep0", "__prof_one_d"], [p + "_keep"], name=p + "_keep"),
+            helper.make_node("Slice", [p + "_idx", "__prof_zero_d", p + "_keep"], [idx], name=idx),
+        ])
+    # Without it an empty tensor gives index 0, and its Gather fails loudly.
+    nodes.append(helper.make_node("Gather", [p + "_flat", idx], [names[3]], name=names[3], axis=0))
     return names
