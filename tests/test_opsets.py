@@ -30,6 +30,8 @@ def test_check_and_fix_auto_at_opset(opset, tmp_path, capsys):
     assert main(["check", str(path), "--inputs", str(inputs), "--report", str(tmp_path / "c.json")]) == 4
     first = json.loads((tmp_path / "c.json").read_text())["failing_tensors"][0]["tensors"][0]
     assert (first["op"], first["kind"]) == ("Mul", "overflow") and first["absmax"] > 65504
+    if opset >= 11:  # CumSum exists: the strict (FP16-accumulating Scan) emulation at this opset too
+        assert main(["check", str(path), "--inputs", str(inputs), "--strict-cumsum"]) == 4
 
     for emit in ("fp32", "mixed"):
         out = tmp_path / f"fixed_{emit}.onnx"
