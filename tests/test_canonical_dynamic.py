@@ -94,3 +94,25 @@ def test_fix_cli_on_minus_one_dims_prints_the_traced_fraction(paddle_like, tmp_p
     fixed = onnx.load(str(out))
     dims = fixed.graph.input[0].type.tensor_type.shape.dim
     assert not any(d.HasField("dim_value") and d.dim_value != 3 for d in dims)  # still dynamic
+
+
+def test_mixed_emission_of_a_dynamic_export_keeps_its_dims(tmp_path):
+    import torch
+
+    from canonical_exports import padded_attention_module
+
+    dynamic = {"x": {0: "N", 2: "H", 3: "W"}, "v": {0: "B", 1: "T"}}
+    model = export(padded_attention_module(), (torch.rand(1, 3, 8, 12), torch.rand(2, 5, 16)), tmp_path / "p.onnx",
+                   input_names=["x", "v"], output_names=["y", "h"], dynamic_axes=dynamic)
+    feeds = [{"x": rand(1, 3, 8, 12), "v": rand(2, 5, 16, seed=1)}]
+    result = fix_model(model, [], feeds, auto=True, emit="mixed", keep_io_types=True)
+    rep = result.report
+    assert rep.exit_code == 0 and rep.canonical.specialised and rep.canonical.emitted_dynamic
+    assert rep.canonical.folded == 36 and rep.canonical.casts_removed == ["/Cast_2"]
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in result.model.graph.initializer)
+    other = [{"x": rand(2, 3, 20, 36, seed=5), "v": rand(3, 9, 16, seed=6)}]
+    got, want = run_model(result.model, other)[0], run_model(model, other)[0]
+    for name in ("y", "h"):  # FP16 weights and activations: FP16-level agreement on a new shape
+        assert got[name].shape == want[name].shape
+        rel = np.linalg.norm(got[name] - want[name]) / np.linalg.norm(want[name])
+        assert rel < 2e-3, (name, rel)
