@@ -133,7 +133,11 @@ def canonicalize(model: onnx.ModelProto, feeds: Sequence[Feed], *, specialise: S
         report.notes.append("model past 2 GiB: not folded")
         candidate = work
     else:
-        candidate = fold_dynamic(work)
+        try:
+            candidate = fold_dynamic(work)
+        except Exception as exc:  # graphsurgeon or ORT cannot fold this graph: leave it as it is
+            report.notes.append(f"not folded: {type(exc).__name__}: {one_line(exc)}")
+            candidate = work
         if len(candidate.graph.node) == len(work.graph.node):
             candidate = work  # nothing folded: keep the graph as it was, no graphsurgeon round trip
     candidate, removed, kept = remove_noop_casts(_copy(candidate))
@@ -232,7 +236,11 @@ def _checked(candidate: onnx.ModelProto, fallback: onnx.ModelProto, lazy: _LazyV
     except Exception as exc:  # a fold that breaks the checker is not used
         report.notes.append(f"{what} not used: the checker rejects it ({one_line(exc)})")
         return fallback
-    validator = lazy.get()
+    try:
+        validator = lazy.get()
+    except Exception as exc:  # the original itself does not run here: nothing can be proven
+        report.notes.append(f"{what} not used: the original does not run in ONNX Runtime ({one_line(exc)})")
+        return fallback
     if validator is None:
         return candidate
     result = validator.validate(candidate)
