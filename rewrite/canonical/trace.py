@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from onnx_fp16_rewrite.io.ort_runner import Feed, make_session
+from onnx_fp16_rewrite.io.ort_runner import Feed, infer_types, make_session
 
 __all__ = ["trace_shapes", "feed_signature"]
 
@@ -29,6 +29,10 @@ def trace_shapes(model: onnx.ModelProto, feed: Feed) -> dict[str, tuple[int, ...
     shapes: dict[str, tuple[int, ...]] = {k: tuple(np.shape(v)) for k, v in feed.items()}
     for init in model.graph.initializer:
         shapes[init.name] = tuple(init.dims)
+    try:  # only tensors get a Shape (a Sequence output would make the session fail)
+        typed: set[str] | None = set(infer_types(model)[0])
+    except Exception:  # no inference: try every output
+        typed = None
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
@@ -36,7 +40,7 @@ def trace_shapes(model: onnx.ModelProto, feed: Feed) -> dict[str, tuple[int, ...
     traced: dict[str, str] = {}
     for node in list(g.node):
         for out in node.output:
-            if not out or out in shapes or out in traced:
+            if not out or out in shapes or out in traced or (typed is not None and out not in typed):
                 continue
             name = f"{_PREFIX}_{len(traced)}"
             while name in taken:
