@@ -20,7 +20,6 @@ are rewritten; a site is skipped, with the measured numbers, where no channel ca
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 
 import numpy as np

@@ -20,11 +20,11 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from onnx_fp16_rewrite.patterns.norm_patterns import NORM_OPS, NormMatch, const_value, consumers, find_norms, measured_absmax
-from onnx_fp16_rewrite.patterns.scale_region import LINEAR, Refused, Region, find_region
+from onnx_fp16_rewrite.patterns.scale_region import LINEAR, Refused, Region
+from onnx_fp16_rewrite.patterns.scale_search import find_region
 from onnx_fp16_rewrite.errors import BadInputError
 from onnx_fp16_rewrite.emulation.fp16_emulation import FP16_MAX
 from onnx_fp16_rewrite.io.ort_runner import infer_types
@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 class RescaleResidual(Pass):
     name = "rescale-residual"
-    summary = "scale an overflowing stream by 2^-k where norms, ratios of equally scaled tensors or a Log absorb it (exact)"
+    summary = "scale an overflowing stream by 2^-k where norms, ratios, next weights or a Log absorb it (exact; a Log: rounding-level)"
     auto_cost = 16  # bit-exact weight rescaling; before fuse-normalization
 
     def __init__(self, *, trigger_absmax: float = FP16_MAX, target_absmax: float = 16384.0,

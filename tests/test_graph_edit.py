@@ -1,7 +1,6 @@
 """graph_edit.const_value: literal constants, and small constant subgraphs folded with onnx.reference."""
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from conftest import parse_named
