@@ -1,15 +1,23 @@
 """``fix --auto``: find the FP16 failure sites and give each the smallest fix that holds.
 
-1. Profile FP32 ranges: one run per sample (graph outputs ride along as the reference).
-2. Diagnose: one emulation run per sample with an FP32 shadow names the sites where FP16 error
-   is born (overflow, cancellation, underflow, precision).
+Each fact is computed once (issue 11):
+1. Profile FP32 ranges: one run per sample; its graph outputs are the FP32 reference (the
+   validator of every rewrite reuses them instead of running the model again).
+2. Diagnose: one emulation run per search sample with an FP32 shadow (three reductions a tensor)
+   names the sites where FP16 error is born (overflow, cancellation, underflow, precision). This
+   first diagnosis is also the "before" check report.
 3. Rewrites first (when given): each candidate pass is applied through the PassManager (FP32
-   validated, rolled back on failure) and kept when it removes sites without adding any.
+   validated, rolled back on failure) and kept when it removes sites without adding any; its
+   diagnosis re-measures ranges only where the rewrite changed how tensors are computed.
 4. Pin what is left: each site gets a region grown from it on measured ranges (forward until
    values are back in range, back to where inputs are safe), then the emulation verifies; a site
    that still fails grows further.
 5. Shrink greedily: region nodes whose values would fit FP16 are released where the emulation
    stays clean (a bounded number of runs).
+6. Verdict: the last accepted run when the search saw every sample; else one emulation run on
+   all samples (cached sessions: the last accepted graph), and a failure there sends the pinning
+   on with every sample. The search uses the first ``SEARCH_SAMPLES`` samples; each sample past
+   them costs one profiling and one verdict run.
 """
 
 from __future__ import annotations
