@@ -66,7 +66,8 @@ def survey(name: str, exporter: str) -> dict:
     row: dict = {"model": name, "exporter": exporter, "control": exported.is_control(name),
                  "nodes": len(model.graph.node), "opset": next(o.version for o in model.opset_import if not o.domain)}
     passed, rel, bad = _worst(check_fp16(model, feeds))
-    row["before"] = {"passed": passed, "rel_l2": rel, "nonfinite": bad, "printed": fp16_flop_fraction(model, None, feeds),
+    row["before"] = {"passed": passed, "rel_l2": rel, "nonfinite": bad,
+                     "printed": fp16_flop_fraction(model, None, feeds),  # on the run's shapes, as check prints it
                      "traced": traced_fp16_fraction(model, feeds[0], set())}
     for key, rewrites in (("auto", auto_rewrites()), ("pin", [])):
         try:
