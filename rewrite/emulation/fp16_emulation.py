@@ -32,6 +32,7 @@ from onnx_fp16_rewrite.emulation.fp16_graph_edits import (
     error_nodes,
     read_by_subgraph,
     retype_fp16_as_fp32,
+    SHADOW,
     round_nodes,
     shadow_nodes,
     strict_cumsum_nodes,
@@ -41,6 +42,7 @@ from onnx_fp16_rewrite.emulation.fp16_graph_edits import (
 from onnx_fp16_rewrite.io import weights
 from onnx_fp16_rewrite.io.ort_runner import Feed, infer_types, run_model
 from onnx_fp16_rewrite.io.sessions import run_cached
+from onnx_fp16_rewrite.emulation.reductions import two_step
 from onnx_fp16_rewrite.emit.index_arithmetic import index_arithmetic_nodes
 from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 from onnx_fp16_rewrite.emit.schema_types import fixed_type_inputs, inline_constants
@@ -233,15 +235,18 @@ def build_emulation(
             if raw != out:
                 new_nodes.extend(round_nodes(raw, out))
             if with_stats:
-                sites.append(_stat_nodes(out, raw, node, emulate, new_nodes))
+                stats: list[onnx.NodeProto] = []
+                sites.append(_stat_nodes(out, raw, node, emulate, stats))
+                new_nodes.extend(two_step(stats, {raw: ranks.get(out)}, opset, new_inits))
         if fp32_shadow:
             # The FP32 twin right after its node, and the error reductions right after it, so
             # each pair of tensors is freed early (all at the end kept every activation alive).
             new_nodes.append(shadows[i])
             for out in float_outs:
                 ranged = shadow_ranges is None or out in shadow_ranges
-                new_nodes.extend(n for n in error_nodes(out) if ranged or n.output[0] not in
-                                 (out + "__fmax", out + "__fmin"))
+                errs = [n for n in error_nodes(out) if ranged or n.output[0] not in (out + "__fmax", out + "__fmin")]
+                rank = ranks.get(out)
+                new_nodes.extend(two_step(errs, {out + SHADOW: rank, out + "__e_diff": rank}, opset, new_inits))
                 if with_stats:
                     site = sites[-len(float_outs) + float_outs.index(out)]
                 else:
