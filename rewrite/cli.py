@@ -388,7 +388,11 @@ def _cmd_trtexec(args: argparse.Namespace) -> int:
                         "every dynamic dim set to 1")
     argv = trtexec_command(args.model, PrecisionPlan.from_model(model), mode=mode, engine_path=args.engine,
                            shapes=profiles)
-    print(format_command(argv) + (f"  # {TRT10_LABEL}" if mode == "weak" else ""))
+    # stdout stays the bare command (scripts run it); the TensorRT 10 label goes to stderr with the warnings.
+    if mode == "weak":
+        warnings.insert(0, f"{TRT10_LABEL}: weakly typed (--fp16, --precisionConstraints, --layerPrecisions were "
+                           "removed in TensorRT 11); for TensorRT 11 build a mixed model (fix --emit mixed)")
+    print(format_command(argv))
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return EXIT_OK

@@ -202,7 +202,7 @@ def test_trtexec_command_for_fixed_fp32_model(fixed_models, capsys):
     assert argv[:4] == ["trtexec", f"--onnx={path}", "--fp16", "--precisionConstraints=obey"]
     spec = argv[4].removeprefix("--layerPrecisions=")
     assert parse_layer_precision_spec(spec) == {name: "fp32" for name in plan.fp32_nodes}
-    assert err == ""
+    assert err.splitlines() == [err.splitlines()[0]] and err.startswith("warning: TensorRT 10 only")  # issue 12
 
 
 def test_trtexec_auto_mode_is_strong_for_the_mixed_model(fixed_models, capsys):
