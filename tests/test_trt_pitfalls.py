@@ -145,5 +145,5 @@ def test_check_prints_pitfalls_and_reports_them(tmp_path, capsys):
     assert main(["check", "--demo", "nafnet", "--report", str(tmp_path / "r.json")]) == 4
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 1 and warnings[0].startswith("warning: TensorRT >= 10.8: 4 CumSum nodes")
-    (reported,) = json.loads((tmp_path / "r.json").read_text())["trt_pitfalls"]
+    (reported,) = json.loads((tmp_path / "r.json").read_text())["details"]["trt_pitfalls"]
     assert reported["code"] == "cumsum-axes" and reported["since"] == [10, 8] and reported["until"] is None
