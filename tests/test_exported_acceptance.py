@@ -33,9 +33,15 @@ pytestmark = pytest.mark.corpus
 
 # Overflowing exports where fix --auto still pins FP32 nodes, with the site and why (survey of 2026-12-01).
 NOT_YET = {
+    "t5-encoder-dynamic": "overflow fixed exactly (rescale-residual), but with symbolic dims the relative-position "
+                          "bucket math (Log, Div, Mul, Cast -> Gather -> Transpose, Unsqueeze: 8-9 nodes, ~0.1 % "
+                          "of FLOPs) stays in the graph and is pinned FP32 (99.85 % FP16)",
+    "gpt2-eager-dynamic": "overflow fixed exactly (prescale-attention), but with symbolic dims the position-embedding "
+                          "Gather (/model/wpe/Gather) is pinned FP32 (99.98 % FP16)",
     "paddle-bn-detector/torchscript": "BN precision site: balance-conv-bn rolled back by FP32 validation on the "
-                                      "opset-11 export (max abs 1.76e-5 > atol 1e-5 on an output whose own FP32 "
-                                      "noise is 7.8e-2: ORT vs onnx.reference summation order); 1 node pinned "
+                                      "opset-11 export (max abs 1.76e-5 > atol 1e-5; the float64 rule then judges "
+                                      "against a float64 reference that is 7.8e-2 off, because onnx.reference's "
+                                      "BatchNormalization-9 uses batch statistics: onnx/onnx#8442); 1 node pinned "
                                       "(99.9 %)",
 }
 

@@ -15,6 +15,10 @@ logit (~4e4) fits FP16, so ``gpt2-sdpa`` is a control that shares its weights wi
 ``attention_mask`` (all ones) as HF exports do: without it transformers' packed-sequence check calls
 ``torch.diff``, which the TorchScript exporter cannot export ("aten::diff ... not supported").
 
+``t5-encoder-dynamic`` / ``gpt2-eager-dynamic``: the same modules exported with dynamic batch and sequence dims
+(TorchScript ``dynamic_axes``, dynamo ``Dim.DYNAMIC``) as optimum exports them: shapes computed in the graph from
+symbolic dims.
+
 ``bert`` (control): ``BertModel`` with a padding mask, ordinary random weights.
 """
 
@@ -32,8 +36,9 @@ _GPT2_SEQ, _GPT2_VOCAB, _GPT2_MASSIVE_DIM, _GPT2_MASSIVE, _GPT2_QK = 32, 128, 7,
 _BERT_SEQ, _BERT_VOCAB = 24, 128
 
 
-def _last_hidden_state(model, names: tuple[str, ...] = ("input_ids",)):
-    """The model as a module of positional tensors (``names`` are its keyword inputs) returning one tensor."""
+def _last_hidden_state(model, with_mask: bool = False):
+    """The model as a module of named tensor inputs (``input_ids`` and, with ``with_mask``, ``attention_mask``)
+    returning one tensor; named parameters let dynamo's ``dynamic_shapes`` refer to them by name."""
     torch = import_torch()
 
     class LastHiddenState(torch.nn.Module):
@@ -41,10 +46,14 @@ def _last_hidden_state(model, names: tuple[str, ...] = ("input_ids",)):
             super().__init__()
             self.model = model
 
-        def forward(self, *args):
-            return self.model(**dict(zip(names, args)), return_dict=True).last_hidden_state
+        def forward(self, input_ids):
+            return self.model(input_ids=input_ids, return_dict=True).last_hidden_state
 
-    return LastHiddenState().eval()
+    class LastHiddenStateMasked(LastHiddenState):
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+
+    return (LastHiddenStateMasked if with_mask else LastHiddenState)().eval()
 
 
 def _t5_encoder():
@@ -95,7 +104,7 @@ def _gpt2(attn: str):
                 for head in range(config.n_head):
                     w[_GPT2_MASSIVE_DIM, head * d] = _GPT2_QK          # -> a q channel of every head
                     w[_GPT2_MASSIVE_DIM, c + head * d] = _GPT2_QK      # -> the same k channel
-        return _last_hidden_state(model, ("input_ids", "attention_mask"))
+        return _last_hidden_state(model, with_mask=True)
 
     return make
 
@@ -114,7 +123,7 @@ def _bert():
     config = BertConfig(vocab_size=_BERT_VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
                         attention_probs_dropout_prob=0.0, attn_implementation="eager")
-    return _last_hidden_state(BertModel(config, add_pooling_layer=False).eval(), ("input_ids", "attention_mask"))
+    return _last_hidden_state(BertModel(config, add_pooling_layer=False).eval(), with_mask=True)
 
 
 def _bert_feeds() -> list[Feed]:
@@ -132,6 +141,12 @@ SPECS = [
     Spec("gpt2-sdpa", _gpt2("sdpa"), _gpt2_feeds, ("input_ids", "attention_mask"), ("last_hidden_state",),
          control=True, about="transformers GPT2Model (sdpa attention), gpt2-eager's weights; the exporters scale "
                              "q and k by sqrt(1/sqrt(d)) each before the MatMul, so no logit passes 65504"),
+    Spec("t5-encoder-dynamic", _t5_encoder, _t5_feeds, ("input_ids",), ("last_hidden_state",),
+         dynamic={"input_ids": {0: "batch", 1: "sequence"}},
+         about="t5-encoder exported with dynamic batch and sequence dims, as optimum exports it"),
+    Spec("gpt2-eager-dynamic", _gpt2("eager"), _gpt2_feeds, ("input_ids", "attention_mask"), ("last_hidden_state",),
+         dynamic={"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}},
+         about="gpt2-eager exported with dynamic batch and sequence dims, as optimum exports it"),
     Spec("bert", _bert, _bert_feeds, ("input_ids", "attention_mask"), ("last_hidden_state",), control=True,
          about="transformers BertModel with a padding mask (control)"),
 ]
