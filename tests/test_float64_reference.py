@@ -217,3 +217,24 @@ def test_subgraph_constants_are_converted():
 def test_bad_engine_name():
     with pytest.raises(BadInputError):
         run_float64(onnx.parser.parse_model(CONV), {}, engine="gpu")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("opset", [9, 11, 14])
+def test_reference_batch_norm_uses_running_statistics(opset):
+    """onnx.reference's opset 9-13 BatchNormalization uses batch statistics when the node carries
+    momentum (TorchScript exports do); a one-output BN is inference mode, as the spec says."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    c = 4
+    inits = [numpy_helper.from_array(rng.uniform(0.5, 2, c).astype(np.float32), n) for n in ("s", "b", "m", "v")]
+    node = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], epsilon=1e-5, momentum=0.9)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, c, 3, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, c, 3, 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    x = rng.normal(size=(2, c, 3, 3)).astype(np.float32)
+    got = run_float64(model, {"x": x}, engine="reference")["y"]
+    s, b, mu, v = (numpy_helper.to_array(i).astype(np.float64).reshape(-1, 1, 1) for i in inits)
+    np.testing.assert_allclose(got, s * (x - mu) / np.sqrt(v + 1e-5) + b, rtol=1e-12, atol=1e-12)
+    ort = run_float64(model, {"x": x}, engine="onnxruntime")["y"]
+    np.testing.assert_allclose(got, ort, rtol=1e-12, atol=1e-12)
