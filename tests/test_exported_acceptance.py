@@ -38,11 +38,6 @@ NOT_YET = {
                           "of FLOPs) stays in the graph and is pinned FP32 (99.85 % FP16)",
     "gpt2-eager-dynamic": "overflow fixed exactly (prescale-attention), but with symbolic dims the position-embedding "
                           "Gather (/model/wpe/Gather) is pinned FP32 (99.98 % FP16)",
-    "paddle-bn-detector/torchscript": "BN precision site: balance-conv-bn rolled back by FP32 validation on the "
-                                      "opset-11 export (max abs 1.76e-5 > atol 1e-5; the float64 rule then judges "
-                                      "against a float64 reference that is 7.8e-2 off, because onnx.reference's "
-                                      "BatchNormalization-9 uses batch statistics: onnx/onnx#8442); 1 node pinned "
-                                      "(99.9 %)",
 }
 
 
@@ -216,10 +211,8 @@ def test_old_opset_exports_check_and_fix(opset, tmp_path):
                  "--inputs", str(tmp_path / "x.npz")]) == 0
 
 
-FLOAT64_WRONG = {
-    "paddle-bn-detector/torchscript": "onnx.reference's BatchNormalization for opsets 6-13 normalises with the batch "
-                                      "statistics (momentum defaults to 0.9, is_test to 0): the float64 reference of "
-                                      "an opset-11 BN model is 7.8e-2 off, which decides the float64 rule",
+# Float64 references known to be wrong (none since the inference-mode BatchNormalization fix).
+FLOAT64_WRONG: dict[str, str] = {
 }
 
 
