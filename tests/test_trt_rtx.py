@@ -211,3 +211,33 @@ def test_fp32_model_is_not_built_weakly(tmp_path):
     assert "no weakly typed FP16 mode" in report.notes[0] and "fix --emit mixed" in report.notes[0]
     assert "parsed: ok" in report.notes[1]
     shlex.join(result.report.trtexec_argv)  # the printed line is still well-formed
+
+
+def _carried_models() -> list[Path]:
+    folder = os.environ.get("TRT_RTX_MODELS")
+    return sorted(Path(folder).glob("*.onnx")) if folder else []
+
+
+@pytest.mark.parametrize("path", _carried_models(), ids=lambda p: p.name)
+def test_corpus_mixed_emission_parses_and_builds(path):
+    """The corpus of library exports, fixed (fix --auto --emit mixed) where the exporters are installed
+    (benchmarks/trt_rtx_corpus.py) and carried here: each emitted model parses and builds."""
+    built = build_engine(str(path), fp16_flag=False, strongly_typed=True, plan=None, shapes=_static_or_feed_shapes(path))
+    half = sum("HALF" in layer.output_types for layer in built.layers)
+    _record({"corpus": path.name, "parsed": True, "built": True, "layers": len(built.layers), "half_layers": half,
+             "parse_s": built.parse_seconds, "build_s": built.build_seconds})
+    assert built.layers and len(built.engine) > 0 and half > 0
+
+
+def _static_or_feed_shapes(path: Path) -> dict:
+    """A one-shape profile for dynamic inputs: the dims declared, 1 for batch-like unknowns, else 64."""
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    shapes = {}
+    for vi in model.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        if vi.name in inits or all(d.HasField("dim_value") for d in dims):
+            continue
+        shape = tuple(d.dim_value if d.HasField("dim_value") else (1 if i == 0 else 64) for i, d in enumerate(dims))
+        shapes[vi.name] = (shape, shape, shape)
+    return shapes
