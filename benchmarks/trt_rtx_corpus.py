@@ -32,13 +32,15 @@ def main() -> None:
             continue
         start = time.perf_counter()
         model = exported.build(name, exporter)
-        result = fix_model(model, [], exported.feeds(name, model), auto=True, emit="mixed")
+        feeds = exported.feeds(name, model)
+        result = fix_model(model, [], feeds, auto=True, emit="mixed")
         path = out / f"{name}.{exporter}.mixed.onnx"
         save_model(result.model, path)
         rep = result.report
         summary[path.name] = {"exit": rep.exit_code, "fp16_flop_fraction": rep.fp16_flop_fraction,
                               "emulation_passed": rep.fp16_after.passed, "seconds": round(time.perf_counter() - start, 1),
-                              "bytes": path.stat().st_size}
+                              "bytes": path.stat().st_size,
+                              "shapes": {k: list(getattr(v, "shape", ())) for k, v in feeds[0].items()}}
         print(path.name, summary[path.name], flush=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
 

@@ -230,7 +230,9 @@ def test_corpus_mixed_emission_parses_and_builds(path):
 
 
 def _static_or_feed_shapes(path: Path) -> dict:
-    """A one-shape profile for dynamic inputs: the dims declared, 1 for batch-like unknowns, else 64."""
+    """A one-shape profile for dynamic inputs, from the feed shapes the fix was validated on
+    (summary.json beside the models)."""
+    summary = json.loads((path.parent / "summary.json").read_text()).get(path.name, {})
     model = onnx.load(str(path), load_external_data=False)
     inits = {i.name for i in model.graph.initializer}
     shapes = {}
@@ -238,6 +240,6 @@ def _static_or_feed_shapes(path: Path) -> dict:
         dims = vi.type.tensor_type.shape.dim
         if vi.name in inits or all(d.HasField("dim_value") for d in dims):
             continue
-        shape = tuple(d.dim_value if d.HasField("dim_value") else (1 if i == 0 else 64) for i, d in enumerate(dims))
+        shape = tuple(summary["shapes"][vi.name])
         shapes[vi.name] = (shape, shape, shape)
     return shapes
