@@ -29,7 +29,8 @@ class Spec:
     ``dynamo_options`` to ``dynamo=True`` (``optimize=False`` keeps BatchNormalization); ``post`` edits the
     exported ModelProto (e.g. Paddle's -1 dims); ``script`` maps the module to the ScriptModule the TorchScript
     exporter gets (data-dependent control flow: dynamo exports ``torch.cond``, TorchScript needs
-    ``torch.jit.script``).
+    ``torch.jit.script``). ``opset`` is TorchScript's ``opset_version``; dynamo exports at its default (20 with
+    torch 2.13).
     """
 
     name: str
