@@ -392,10 +392,15 @@ def test_rtx_is_requested_the_way_polygraphy_reads_it(monkeypatch, value, wanted
 
 
 @pytest.mark.parametrize(("lines", "reason"), [
-    (["[E] IRuntime::deserializeCudaEngine: Error Code 1: Serialization (The engine cannot run on this GPU, which "
-      "has compute capability 9.0. Supported compute capabilities: 8.0 8.6 8.9 12.0 12.1 >12.0)",
+    # TensorRT-RTX 1.7.1.116 on an H200, as logged through Polygraphy (the location after "In" cut here).
+    (["[E] IRuntime::deserializeCudaEngine: Error Code 6: API Usage Error (The engine cannot run on this GPU, which "
+      "has compute capability 9.0. Supported compute capabilities: 8.0 8.6 8.9 12.0 12.1 >12.0. TensorRT-RTX does "
+      "not support this compute capability, so the engine cannot be rebuilt for it. In throwUnlessSupported at "
+      "runtime.cpp:123)",
       "[E] Could not deserialize engine. See log for details."],
-     "compute capability 9.0"),
+     "The engine cannot run on this GPU, which has compute capability 9.0. Supported compute capabilities: 8.0 8.6 "
+     "8.9 12.0 12.1 >12.0. TensorRT-RTX does not support this compute capability, so the engine cannot be rebuilt "
+     "for it."),
     (["[E] Could not deserialize engine. See log for details.", "[E] CUDA initialization failure with error: 35"],
      "CUDA initialization failure"),
 ])
@@ -405,4 +410,4 @@ def test_the_reason_an_engine_did_not_run_is_tensorrts_own_line(lines, reason):
     errors = _ErrorLines()
     errors.lines = lines
     got = errors.reason()
-    assert reason in got and not got.startswith("[E]") and "\n" not in got
+    assert reason in got and not got.startswith("[E]") and "\n" not in got and "Error Code" not in got

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -214,10 +215,15 @@ class _ErrorLines(logging.Handler):
 
 
 def _strip_prefix(line: str) -> str:
-    """Polygraphy's ``[E] `` marks and TensorRT's ``IRuntime::deserializeCudaEngine: Error Code 1: ...`` framing."""
+    """TensorRT's sentence without Polygraphy's ``[E] `` mark, the ``IRuntime::deserializeCudaEngine:
+    Error Code 6: API Usage Error (...)`` framing and the source location (``In throw...``) after it."""
     line = line.strip()
     if line.startswith("[") and "]" in line[:6]:
         line = line.split("]", 1)[1].strip()
+    framed = re.match(r"^\S+::\S+: Error Code \d+: [^(]*\((.*)$", line)
+    if framed:
+        line = framed[1]
+    line = re.split(r"\s+In \w+ at |\s+In throw", line)[0].rstrip(" )")
     return line[:300]
 
 
