@@ -113,7 +113,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
         with progress.phase(f"{trt_library.label}: build and run") as phase:
             report = check_trt(model, feeds, model_path=args.model, rel_l2_tolerance=args.rel_l2, library=trt_library)
-            phase.done("PASS" if report.passed else "FAIL")
+            phase.done("NOT VERIFIED" if report.not_verified else ("PASS" if report.passed else "FAIL"))
         _say(args, render_fp16(report, trt_library.label))
     else:
         from onnx_fp16_rewrite.canonical import canonicalize
@@ -130,6 +130,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
             print(canon.summary())
     pitfalls = _print_pitfalls(model, trt_library, quiet=args.quiet)
     code = EXIT_NOT_VERIFIED if report.not_verified else (EXIT_OK if report.passed else EXIT_FP16_FAILS)
+    if report.not_verified:  # built, not run: one line on stderr, the verdict says NOT VERIFIED
+        print(f"onnx-rewrite: not verified: {report.not_verified}", file=sys.stderr)
     if args.report or args.html:
         from onnx_fp16_rewrite.report.outputs import check_reports
 
@@ -216,6 +218,8 @@ def _cmd_fix(args: argparse.Namespace) -> int:
     _say(args, render_fp16(rep.fp16_after, f"after ({args.emit}): FP16 emulation"))
     if rep.trt_after is not None:
         _say(args, render_fp16(rep.trt_after, f"after ({args.emit}): TensorRT"))
+        if rep.trt_after.not_verified:
+            print(f"onnx-rewrite: not verified: {rep.trt_after.not_verified}", file=sys.stderr)
     args.tx.write_model("--output", result.model)  # renamed into place with the reports at the end
     print(f"wrote {out}")
     _print_build_line(rep)
