@@ -75,7 +75,7 @@ def reattach(fixed: onnx.ModelProto, dynamic: onnx.ModelProto, folded: set[str])
     have = {i.name for i in g.initializer}
     g.initializer.extend(dyn_inits[n] for n in sorted(needed) if n not in have)
     g.node.extend(cone)
-    _pin_float_nodes(out, cone)
+    _pin_float_nodes(out, cone, set(present))
     del g.value_info[:]  # the traced concrete shapes no longer hold
     declared = {v.name: v for v in (*dynamic.graph.input, *dynamic.graph.output)}
     for vi in (*g.input, *g.output):
@@ -93,7 +93,17 @@ def reattach(fixed: onnx.ModelProto, dynamic: onnx.ModelProto, folded: set[str])
     return sorted_model, f"{len(cone)} shape node(s) restored for {len(present)} specialised constant(s)"
 
 
-def _pin_float_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> None:
+# Ops that only select, move or convert values: where such a node makes one of the folded constants
+# the analysis checked (the emulation stores a constant in FP16 like any weight), FP16 gives exactly
+# that constant's FP16 rounding, so it needs no pin -- GPT-2's position-embedding Gather(wpe, Range(Shape));
+# likewise a chain that only moves weight values (T5's Gather(relative_attention_bias, buckets) ->
+# Transpose). Arithmetic (T5's bucket Log/Div/Mul) computes differently in FP16 than its rounded
+# result and stays pinned.
+_DATA_MOVEMENT = frozenset({"Gather", "GatherElements", "GatherND", "Slice", "Reshape", "Transpose", "Squeeze",
+                            "Unsqueeze", "Concat", "Expand", "Tile", "Identity", "Flatten", "Cast", "Split"})
+
+
+def _pin_float_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto], constants: set[str]) -> None:
     from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
     from onnx_fp16_rewrite.io.ort_runner import infer_types
 
@@ -107,7 +117,14 @@ def _pin_float_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> Non
     # Only values computed from shapes: a data Slice that merely feeds a Shape keeps its precision.
     from_shapes = set(shape_dependent(model)[0])
     plan = PrecisionPlan.from_model(model)
-    for node in nodes:
+    weights_moved = {i.name for i in model.graph.initializer if i.data_type in floats}
+    for node in nodes:  # topological order (the dynamic graph's)
+        float_inputs = [i for i in node.input if i and types.get(i, onnx.TensorProto.FLOAT) in floats]
+        if node.op_type in _DATA_MOVEMENT and float_inputs and all(i in weights_moved for i in float_inputs):
+            weights_moved.update(o for o in node.output if o)
+            continue  # it only moves weight values: FP16 rounds them as it rounds the weights themselves
+        if node.op_type in _DATA_MOVEMENT and all(o in constants for o in node.output if o):
+            continue  # it makes exactly a tensor the analysis saw as a constant (stored FP16 like a weight)
         if node.name in from_shapes and any(types.get(o, onnx.TensorProto.FLOAT) in floats for o in node.output if o):
             plan.pin(node.name, "shape arithmetic restored after specialisation (computed from shapes only)")
     plan.store_in(model)
