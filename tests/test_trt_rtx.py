@@ -31,7 +31,12 @@ from onnx_fp16_rewrite.io.model_io import save_model  # noqa: E402
 from onnx_fp16_rewrite.models import DEMO_MODELS, failure_patterns  # noqa: E402
 from onnx_fp16_rewrite.passes import ProtectFp32  # noqa: E402
 from onnx_fp16_rewrite.pipeline.registry import auto_rewrites  # noqa: E402
-from onnx_fp16_rewrite.tensorrt.trt_backend import check_trt, has_fp16_tensors, require_tensorrt  # noqa: E402
+from onnx_fp16_rewrite.tensorrt.trt_backend import (  # noqa: E402
+    check_trt,
+    has_fp16_tensors,
+    profile_shapes,
+    require_tensorrt,
+)
 from onnx_fp16_rewrite.tensorrt.trt_build import build_engine, parse_layers  # noqa: E402
 
 # Where the survey of parse/build results goes (the GPU run writes it under $OUT for the notes).
@@ -235,12 +240,4 @@ def _static_or_feed_shapes(path: Path) -> dict:
     (summary.json beside the models)."""
     summary = json.loads((path.parent / "summary.json").read_text()).get(path.name, {})
     model = onnx.load(str(path), load_external_data=False)
-    inits = {i.name for i in model.graph.initializer}
-    shapes = {}
-    for vi in model.graph.input:
-        dims = vi.type.tensor_type.shape.dim
-        if vi.name in inits or all(d.HasField("dim_value") for d in dims):
-            continue
-        shape = tuple(summary["shapes"][vi.name])
-        shapes[vi.name] = (shape, shape, shape)
-    return shapes
+    return profile_shapes(model, [{k: np.empty(s, np.float32) for k, s in summary["shapes"].items()}])
