@@ -88,7 +88,10 @@ def _load(args: argparse.Namespace):
     if not args.demo:
         preflight(model, feeds[0], f"input model {args.model}")  # ORT's refusals are the input's (exit 2)
     if args.save_inputs:  # staged: lands with the other outputs when the run succeeds (io.paths)
-        save_inputs(feeds, args.tx.stage("--save-inputs") if getattr(args, "tx", None) else args.save_inputs)
+        if getattr(args, "tx", None):
+            args.tx.write_with("--save-inputs", lambda path: save_inputs(feeds, path))
+        else:
+            save_inputs(feeds, args.save_inputs)
     return model, feeds
 
 

@@ -144,3 +144,22 @@ def test_interrupted_fix_leaves_nothing(tmp_path, monkeypatch, capfd):
                  "--save-inputs", str(out / "inputs.json")])
     assert code == 130 and "interrupted" in capfd.readouterr().err
     assert _files(out) == []
+
+
+def test_a_library_writer_failing_mid_write_is_one_line_exit_2(tmp_path):
+    """--save-inputs is written by Polygraphy's own JSON writer through tx.write_with: an OSError
+    there (full disk) is the environment's doing, exit 2, and nothing is left."""
+    from onnx_fp16_rewrite.errors import BadInputError
+    from onnx_fp16_rewrite.io.paths import plan_outputs
+
+    target = tmp_path / "inputs.json"
+    plan = plan_outputs(inputs=[], outputs={"--save-inputs": target})
+
+    def full_disk(path):
+        path.write_text("[")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(BadInputError, match=r"cannot write --save-inputs .*No space left on device"):
+        with plan.transaction() as tx:
+            tx.write_with("--save-inputs", full_disk)
+    assert list(tmp_path.iterdir()) == []

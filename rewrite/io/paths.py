@@ -174,6 +174,14 @@ class _Transaction:
             os.fsync(f.fileno())
         return self.target(option)
 
+    def write_with(self, option: str, writer) -> Path:
+        """Stage ``option`` by calling ``writer(temp_path)`` (a library's own save function); an
+        OSError there is one line, exit 2, like any other staged write."""
+        tmp = self.stage(option)
+        with _writing(option, self.target(option)):
+            writer(tmp)
+        return self.target(option)
+
     def write_text(self, option: str, text: str) -> Path:
         return self.write_bytes(option, text.encode("utf-8"))
 
