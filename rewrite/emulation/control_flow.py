@@ -26,7 +26,7 @@ from onnx import helper, numpy_helper
 
 from onnx_fp16_rewrite.emit.schema_types import fixed_type_inputs
 from onnx_fp16_rewrite.io import weights
-from onnx_fp16_rewrite.emulation.fp16_graph_edits import SHADOW, rename_outer_refs, round_nodes, subgraphs
+from onnx_fp16_rewrite.emulation.fp16_graph_edits import SHADOW, round_nodes, shadow_node, subgraphs
 
 _FLOAT, _FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
 _HANDLED = ("If", "Loop", "Scan")
@@ -157,7 +157,7 @@ class ControlFlowEmulator:
                 if out in raw:
                     nodes += round_nodes(raw[out], out)
             if self.shadow:
-                nodes.append(_shadow_copy(original, twin))
+                nodes.append(shadow_node(original, twin))
             for out in float_outs if self.with_stats or self.shadow else ():
                 sites.append(self._stats(out, raw.get(out, out), original, node_fp16, nodes, recurrent))
         del g.node[:]
@@ -262,20 +262,6 @@ class ControlFlowEmulator:
     def _name(self, base: str) -> str:
         self._count += 1
         return f"{base}__cf{self._count}"
-
-
-def _shadow_copy(node: onnx.NodeProto, twin: set[str]) -> onnx.NodeProto:
-    copy = _copy(node)
-    copy.name = node.name + SHADOW
-    for k, name in enumerate(copy.input):
-        if name in twin:
-            copy.input[k] = name + SHADOW
-    for k, name in enumerate(copy.output):
-        if name:
-            copy.output[k] = name + SHADOW
-    for sub in subgraphs(copy):
-        rename_outer_refs(sub, {t: t + SHADOW for t in twin})
-    return copy
 
 
 def _copy(node: onnx.NodeProto) -> onnx.NodeProto:

@@ -115,21 +115,24 @@ def shadow_nodes(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
     inputs and weights are shared (the copy reads the original, unrounded weights). Bodies of
     control-flow copies read the FP32 twins of outer tensors too."""
     produced = {o for n in nodes for o in n.output if o}
-    shadow = []
-    for node in nodes:
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        copy.name = node.name + SHADOW
-        for i, name in enumerate(copy.input):
-            if name in produced:
-                copy.input[i] = name + SHADOW
-        for i, name in enumerate(copy.output):
-            if name:
-                copy.output[i] = name + SHADOW
-        for sub in subgraphs(copy):
-            rename_outer_refs(sub, {t: t + SHADOW for t in produced})
-        shadow.append(copy)
-    return shadow
+    return [shadow_node(node, produced) for node in nodes]
+
+
+def shadow_node(node: onnx.NodeProto, twin: set[str]) -> onnx.NodeProto:
+    """An FP32 copy of ``node`` named ``<name>__fp32``: its outputs, and the inputs in ``twin``
+    (tensors that have an FP32 twin), renamed ``<name>__fp32``, in its bodies' outer reads too."""
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    copy.name = node.name + SHADOW
+    for i, name in enumerate(copy.input):
+        if name in twin:
+            copy.input[i] = name + SHADOW
+    for i, name in enumerate(copy.output):
+        if name:
+            copy.output[i] = name + SHADOW
+    for sub in subgraphs(copy):
+        rename_outer_refs(sub, {t: t + SHADOW for t in twin})
+    return copy
 
 
 def error_nodes(tensor: str) -> list[onnx.NodeProto]:
