@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnx_fp16_rewrite.pipeline.graph_edit import const_value
+
 __all__ = ["fresh_tensor_name", "unshare_constant"]
 
 
@@ -32,7 +34,7 @@ def unshare_constant(graph: gs.Graph, tensor: gs.Tensor, consumer: gs.Node) -> g
     Raises ValueError when ``tensor`` is not a constant or ``consumer`` does not read it."""
     if not any(t is tensor for t in consumer.inputs):
         raise ValueError(f"{consumer.name!r} does not read {tensor.name!r}")
-    value = _constant_value(tensor)
+    value = const_value(tensor, fold=False)
     if value is None:
         raise ValueError(f"{tensor.name!r} is not a constant")
     readers = [n for n in tensor.outputs if n is not consumer]
@@ -45,12 +47,3 @@ def unshare_constant(graph: gs.Graph, tensor: gs.Tensor, consumer: gs.Node) -> g
             consumer.inputs[i] = copy
     return copy
 
-
-def _constant_value(tensor: gs.Tensor) -> np.ndarray | None:
-    if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
-    if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
-        value = tensor.inputs[0].attrs.get("value")
-        if isinstance(value, gs.Constant):
-            return np.asarray(value.values)
-    return None
