@@ -40,6 +40,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_fp16_rewrite.models.embedding_table import table_nodes
+
 DIM = 1024
 
 _JOB = r"""
@@ -73,14 +75,7 @@ def build(folder: Path, rows: int, seed: int = 0) -> Path:
         e = table.external_data.add()
         e.key, e.value = k, v
     w = (rng.standard_normal((DIM, 64)) * 30).astype(np.float32)
-    nodes = [
-        helper.make_node("Gather", ["table", "ids"], ["emb"], name="gather"),
-        helper.make_node("MatMul", ["emb", "w"], ["h"], name="matmul"),
-        helper.make_node("Mul", ["h", "h"], ["sq"], name="square"),
-        helper.make_node("ReduceSum", ["sq", "axes"], ["ss"], name="sumsq", keepdims=1),
-        helper.make_node("Sqrt", ["ss"], ["norm"], name="sqrt"),
-        helper.make_node("Div", ["h", "norm"], ["y"], name="normalize"),
-    ]
+    nodes = table_nodes()
     g = helper.make_graph(nodes, "large", [helper.make_tensor_value_info("ids", TensorProto.INT64, [8, 128])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 128, 64])],
                           [table, numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([-1], np.int64), "axes")])

@@ -18,6 +18,7 @@ from onnx_fp16_rewrite.emulation.fp16_emulation import build_emulation
 from onnx_fp16_rewrite.io import weights
 from onnx_fp16_rewrite.io.model_io import load_model, save_model
 from onnx_fp16_rewrite.io.ort_runner import infer_types, run_model
+from onnx_fp16_rewrite.models.embedding_table import table_nodes
 
 LIMIT = 4096  # bytes: stands in for the 16 MiB default so the 2 GiB code paths run in a second
 
@@ -28,14 +29,7 @@ def table_model(rows: int = 3000, dim: int = 64) -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     table = rng.standard_normal((rows, dim)).astype(np.float32)
     w = (rng.standard_normal((dim, dim)) * 30).astype(np.float32)
-    nodes = [
-        helper.make_node("Gather", ["table", "ids"], ["emb"], name="gather"),
-        helper.make_node("MatMul", ["emb", "w"], ["h"], name="matmul"),
-        helper.make_node("Mul", ["h", "h"], ["sq"], name="square"),
-        helper.make_node("ReduceSum", ["sq", "axes"], ["ss"], name="sumsq", keepdims=1),
-        helper.make_node("Sqrt", ["ss"], ["norm"], name="sqrt"),
-        helper.make_node("Div", ["h", "norm"], ["y"], name="normalize"),
-    ]
+    nodes = table_nodes()
     g = helper.make_graph(nodes, "table", [helper.make_tensor_value_info("ids", TensorProto.INT64, [4, 16])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16, dim])],
                           [numpy_helper.from_array(table, "table"), numpy_helper.from_array(w, "w"),
