@@ -13,6 +13,12 @@ with that many calibration samples on ``--samples-model``.
 
 Run by hand (from the repository root, in the venv):
     python benchmarks/auto_fix_cost.py [--models nafnet9,vae,t5,t5-torchscript] [--samples 1,4,16] [--json out.json]
+Models (one plain inference on 2 cores): ``nafnet9`` (NAFNet-Local 512^2, ~1 s), ``vae`` (diffusers AutoencoderKL
+decoder, latent 32 -> 256^2, TorchScript export, ~1 s), ``t5`` (our T5 v1.1-style builder, seq 256),
+``t5-torchscript`` (transformers T5EncoderModel, t5-small-like, seq 256, TorchScript export, ~1 s); the earlier
+``vae-small`` (our builder, 0.1 s) and ``t5-torchscript-small`` (the corpus' tiny T5, 0.02 s) stay for comparison.
+Each prints its nodes, weight MB, plain-inference seconds and whether ``check`` fails before any fix.
+The models are always built by this checkout's code; only the jobs run against ``--pythonpath``.
 ``--pythonpath DIR`` runs the jobs against another copy of the package (the "before" numbers):
 DIR holds an ``onnx_fp16_rewrite`` folder laid out as installed (rewrite/ with passes/ and models/ inside).
 """
@@ -69,16 +75,18 @@ print(json.dumps({"seconds": seconds, "peak_mb": peak / 1024, "delta_mb": (peak 
 """
 
 MODELS = ("nafnet9", "vae", "t5", "t5-torchscript")
+SMALL = ("vae-small", "t5-torchscript-small")  # the models of earlier runs: too small for the targets to mean much
 JOBS = ("check", "fix-fp32", "fix-mixed")
 
 
 def build(name: str, samples: int) -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
-    """The benchmark models, sized so one plain inference takes a fraction of a second to a second."""
+    """The benchmark models, sized so one plain inference takes about a second on 2 cores (``*-small``: the
+    earlier, smaller ones, 0.02-0.1 s, where fixed Python overhead dominates any ratio)."""
     if name == "nafnet9":  # NAFNet-Local 512x512, width 16, 9 blocks: the largest NAFNet-style model we build
         from onnx_fp16_rewrite.models.nafnet import build_nafnet, demo_inputs
 
         model = build_nafnet(height=512, width=512, channels=16, blocks=9)
-    elif name == "vae":
+    elif name == "vae-small":
         from onnx_fp16_rewrite.models.sd_vae_decoder import build_sd_vae_decoder, demo_inputs
 
         model = build_sd_vae_decoder(latent_size=32, channels=128)
@@ -86,15 +94,33 @@ def build(name: str, samples: int) -> tuple[onnx.ModelProto, list[dict[str, np.n
         from onnx_fp16_rewrite.models.t5_encoder import build_t5_encoder, demo_inputs
 
         model = build_t5_encoder(seq_len=256, d_model=512, heads=8, d_ff=1024, layers=6)
-    elif name == "t5-torchscript":  # transformers' T5EncoderModel through torch.onnx.export(dynamo=False)
+    elif name in ("vae", "t5-torchscript", "t5-torchscript-small"):
+        # vae: diffusers AutoencoderKL decoder, latent 32 -> 256x256; t5-torchscript: transformers
+        # T5EncoderModel, t5-small-like at seq 256; -small: the corpus' tiny t5-encoder. All through
+        # torch.onnx.export(dynamo=False), cached on disk (the first run exports them: ~20 s each).
         from onnx_fp16_rewrite.models import exported
+        from onnx_fp16_rewrite.models.exported import sized
 
-        model = exported.build("t5-encoder", "torchscript")
-        feeds = exported.feeds("t5-encoder", model)
+        if name == "vae":
+            spec = sized.vae_decoder()
+        elif name == "t5-torchscript":
+            spec = sized.t5_encoder()
+        else:
+            spec = exported.spec("t5-encoder")
+        model = exported.build(spec, "torchscript")
+        feeds = spec.feeds()
         return model, [feeds[i % len(feeds)] for i in range(samples)]
     else:
-        raise SystemExit(f"unknown model {name!r} (known: {', '.join(MODELS)})")
+        raise SystemExit(f"unknown model {name!r} (known: {', '.join(MODELS + SMALL)})")
     return model, [demo_inputs(model, seed=i) for i in range(samples)]
+
+
+def describe(model: onnx.ModelProto) -> dict:
+    """Size of the model: nodes of the main graph and weight megabytes."""
+    weights = sum(onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+    weights += sum(onnx.numpy_helper.to_array(n.attribute[0].t).nbytes for n in model.graph.node
+                   if n.op_type == "Constant" and n.attribute and n.attribute[0].type == onnx.AttributeProto.TENSOR)
+    return {"nodes": len(model.graph.node), "weights_mb": round(weights / 2**20, 1)}
 
 
 def run_job(job: str, folder: Path, samples: int, pythonpath: str | None) -> dict:
@@ -115,13 +141,16 @@ def save(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], folder: Pat
 
 def measure(name: str, jobs: list[str], samples: int, pythonpath: str | None, tmp: Path) -> dict:
     folder = Path(tempfile.mkdtemp(prefix=f"{name}-{samples}-", dir=tmp))
-    save(*build(name, samples), folder)
+    model, feeds = build(name, samples)
+    size = describe(model)
+    save(model, feeds, folder)
+    del model
     plain = [run_job("plain", folder, 1, pythonpath)]
     results = {job: run_job(job, folder, samples, pythonpath) for job in jobs}
     plain += [run_job("plain", folder, 1, pythonpath) for _ in range(2)]
     base_s = statistics.median(p["seconds"] for p in plain)
     base_mb = statistics.median(p["peak_mb"] for p in plain)
-    row = {"model": name, "samples": samples, "plain_s": [round(p["seconds"], 3) for p in plain],
+    row = {"model": name, "samples": samples, **size, "plain_s": [round(p["seconds"], 3) for p in plain],
            "plain_peak_mb": round(base_mb), "load": os.getloadavg()}
     for job, r in results.items():
         if "error" in r:
@@ -132,8 +161,10 @@ def measure(name: str, jobs: list[str], samples: int, pythonpath: str | None, tm
 
 
 def show(row: dict) -> None:
-    print(f"{row['model']} (N={row['samples']}): plain ORT {row['plain_s']} s, peak {row['plain_peak_mb']} MB, "
-          f"load {row['load'][0]:.1f}", flush=True)
+    check = row.get("check", {}).get("passed")
+    verdict = "" if check is None else f", check before fix: {'passes' if check else 'FAILS'}"
+    print(f"{row['model']} (N={row['samples']}): {row['nodes']} nodes, {row['weights_mb']} MB weights; plain ORT "
+          f"{row['plain_s']} s, peak {row['plain_peak_mb']} MB{verdict}; load {row['load'][0]:.1f}", flush=True)
     for job in JOBS:
         r = row.get(job)
         if r is None:

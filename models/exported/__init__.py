@@ -55,8 +55,9 @@ def feeds(name: str, model: onnx.ModelProto | None = None) -> list[Feed]:
     return result
 
 
-def _entry(name: str, exporter: str, cache_root=None, use_cache: bool = True) -> tuple[onnx.ModelProto, list[Feed]]:
-    s = spec(name)
+def _entry(name: str | Spec, exporter: str, cache_root=None,
+           use_cache: bool = True) -> tuple[onnx.ModelProto, list[Feed]]:
+    s = name if isinstance(name, Spec) else spec(name)
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}: {exporter!r}")
     if use_cache:
@@ -74,8 +75,10 @@ def _entry(name: str, exporter: str, cache_root=None, use_cache: bool = True) ->
     return model, ref
 
 
-def build(name: str, exporter: str = "torchscript", *, cache_root=None, use_cache: bool = True) -> onnx.ModelProto:
-    """The exported model (from the disk cache when its key matches)."""
+def build(name: str | Spec, exporter: str = "torchscript", *, cache_root=None,
+          use_cache: bool = True) -> onnx.ModelProto:
+    """The exported model (from the disk cache when its key matches). ``name`` may be a Spec outside the
+    corpus (``sized``: the benchmark's realistic sizes)."""
     return _entry(name, exporter, cache_root, use_cache)[0]
 
 

@@ -1,0 +1,39 @@
+"""Corpus builders at a realistic size, for ``benchmarks/auto_fix_cost.py``; not in the corpus (no test builds them).
+
+Each function returns a ``Spec`` whose name carries every size parameter, so the disk cache (``cache``: keyed on
+name, exporter, library versions and the builder's source) keeps one export per size; build it with
+``exported.build(spec, exporter)`` and feed it ``spec.feeds()``. They overflow FP16 as their corpus models do.
+
+- ``t5_encoder``: transformers ``T5EncoderModel``, T5 v1.1 config, t5-small-like by default (d_model 512, 6
+  layers, 8 heads of 64, gated-GELU d_ff 1024, vocabulary 32128, sequence 256): ~0.3-1 s per ORT inference on 2
+  cores. Residual stream past 65504 in the last block, NaN after the final RMSNorm in FP16.
+- ``vae_decoder``: diffusers ``AutoencoderKL`` decoder (latent 32 -> 256x256 image by default, widths 128, 128,
+  64, 32, two resnets per up block, GroupNorm of 32 groups): ~1 s per inference on 2 cores. Two massive channels
+  push the stream past 65504; GroupNorm turns the FP16 inf into NaN.
+"""
+
+from __future__ import annotations
+
+from onnx_fp16_rewrite.models.exported.hf_text import t5_encoder_maker
+from onnx_fp16_rewrite.models.exported.spec import Spec
+from onnx_fp16_rewrite.models.exported.vae import vae_decoder_maker
+
+__all__ = ["t5_encoder", "vae_decoder"]
+
+
+def t5_encoder(*, seq: int = 256, vocab: int = 32128, d_model: int = 512, d_kv: int = 64, d_ff: int = 1024,
+               layers: int = 6, heads: int = 8) -> Spec:
+    module, feeds = t5_encoder_maker(seq=seq, vocab=vocab, d_model=d_model, d_kv=d_kv, d_ff=d_ff, layers=layers,
+                                     heads=heads)
+    name = f"t5-encoder-seq{seq}-v{vocab}-d{d_model}-kv{d_kv}-ff{d_ff}-l{layers}-h{heads}"
+    return Spec(name, module, feeds, ("input_ids",), ("last_hidden_state",),
+                about="transformers T5EncoderModel at a realistic size, residual stream past 65504")
+
+
+def vae_decoder(*, latent: int = 32, channels: tuple[int, ...] = (32, 64, 128, 128), layers_per_block: int = 1,
+                groups: int = 32) -> Spec:
+    module, feeds = vae_decoder_maker(latent=latent, channels=channels, layers_per_block=layers_per_block,
+                                      groups=groups)
+    name = f"vae-decoder-lat{latent}-c{'x'.join(map(str, channels))}-lpb{layers_per_block}-g{groups}"
+    return Spec(name, module, feeds, ("latent",), ("sample",),
+                about="diffusers AutoencoderKL decoder at a realistic size, residual stream past 65504")
