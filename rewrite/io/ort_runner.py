@@ -103,8 +103,9 @@ def run_model(
     return results
 
 
-def infer_types(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int]]:
-    """Element type (onnx.TensorProto enum) and rank of every tensor shape inference can type."""
+def infer_types(model: onnx.ModelProto, sizes: dict[str, int] | None = None) -> tuple[dict[str, int], dict[str, int]]:
+    """Element type (onnx.TensorProto enum) and rank of every tensor shape inference can type;
+    ``sizes``, when given, gets the element count of every tensor whose dims are all known."""
     # Shapes are inferred on a weight-less skeleton (the caller's model is never touched).
     skel, _ = weights.skeleton(model)
     inferred = onnx.shape_inference.infer_shapes(skel)
@@ -117,6 +118,8 @@ def infer_types(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int]]
             types[vi.name] = tt.elem_type
             if tt.HasField("shape"):
                 ranks[vi.name] = len(tt.shape.dim)
+                if sizes is not None and all(d.HasField("dim_value") for d in tt.shape.dim):
+                    sizes[vi.name] = int(np.prod([d.dim_value for d in tt.shape.dim], dtype=np.int64))
     for init in graph.initializer:
         types[init.name] = init.data_type
         ranks[init.name] = len(init.dims)
