@@ -103,3 +103,167 @@ def test_nafnet_is_convolution_dominated():
     per_pixel = sum(flops.values()) / (512 * 512)
     conv = sum(v for k, v in flops.items() if k.endswith("Conv")) / (512 * 512)
     assert 10_000 < per_pixel < 12_000 and conv / per_pixel > 0.8
+
+
+# --- The static shortcut (shapes inferred for the feed's input shapes) against the traced path ---------------------
+
+def _every_third_pinned(model: onnx.ModelProto) -> PrecisionPlan:
+    from onnx_fp16_rewrite.pipeline.pass_manager import name_nodes
+
+    named = onnx.ModelProto()
+    named.CopyFrom(model)
+    name_nodes(named)
+    return PrecisionPlan({n.name: "test" for i, n in enumerate(named.graph.node) if i % 3 == 0})
+
+
+def _assert_same_as_traced(model, feeds, plan=None) -> tuple[float, int]:
+    """The default path's per-node FLOPs and FP16 fraction equal the always-traced path's exactly;
+    returns the fraction and how many traces the default path ran."""
+    import onnx_fp16_rewrite.canonical.trace as trace
+
+    calls: list[int] = []
+    real = trace.trace_shapes
+    trace.trace_shapes = lambda m, f: (calls.append(1), real(m, f))[1]
+    try:
+        flops = node_flops(model, feeds)
+        fraction = fp16_flop_fraction(model, plan, feeds)
+    finally:
+        trace.trace_shapes = real
+    assert flops == node_flops(model, feeds, trace=True)
+    assert fraction == fp16_flop_fraction(model, plan, feeds, trace=True)
+    return fraction, len(calls) // 2
+
+
+def _builder(name: str):
+    from onnx_fp16_rewrite.models import gpt2_attention, nafnet, sd_vae_decoder, t5_encoder
+
+    return {"nafnet-demo": (nafnet.build_nafnet, nafnet.demo_inputs),
+            "t5": (t5_encoder.build_t5_encoder, t5_encoder.demo_inputs),
+            "vae": (sd_vae_decoder.build_sd_vae_decoder, sd_vae_decoder.demo_inputs),
+            "gpt2-attention": (gpt2_attention.build_gpt2_attention, gpt2_attention.demo_inputs)}[name]
+
+
+@pytest.mark.parametrize("name", ["nafnet-demo", "t5", "vae", "gpt2-attention"])
+def test_static_models_are_not_traced_and_count_the_same(name):
+    build, inputs = _builder(name)
+    model = build()
+    fraction, traces = _assert_same_as_traced(model, [inputs(model)], _every_third_pinned(model))
+    assert traces == 0 and 0.0 < fraction < 1.0
+
+
+def test_emitted_mixed_model_with_fp16_inputs_counts_the_same():
+    from onnx_fp16_rewrite.fix import fix_model
+
+    model = build_nafnet(height=64, width=64, kernel=(48, 48))
+    feeds = [{"input": np.random.default_rng(0).uniform(0, 1, (1, 3, 64, 64)).astype(np.float32)}]
+    emitted = fix_model(model, [ProtectFp32(match="sca")], feeds, emit="mixed").model
+    assert emitted.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    fraction, traces = _assert_same_as_traced(emitted, feeds)
+    assert traces == 0 and 0.85 < fraction < 0.95  # the pinned sca regions, as in the weak-plan test above
+
+
+DYNAMIC = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,16] x) => (float[N,32] y, float[N,1] r) {
+  one = Constant<value=int64[1] {1}>()
+  m = MatMul(x, w)
+  y = Relu(m)
+  r = ReduceSum<keepdims=1>(y, one)
+}"""
+
+
+def _dynamic() -> onnx.ModelProto:
+    model = parse_named(DYNAMIC)
+    # A whole weight (a one-value Constant would be a tensor ORT refuses, and the trace would fail).
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.ones((16, 32), np.float32), "w"))
+    return model
+
+
+def test_dynamic_dims_take_the_feeds_shapes_without_a_trace():
+    model = _dynamic()
+    feeds = [{"x": np.ones((5, 16), np.float32)}]
+    fraction, traces = _assert_same_as_traced(model, feeds, PrecisionPlan({"matmul1": "test"}))
+    assert traces == 0
+    flops = node_flops(model, feeds)
+    assert flops["matmul1"] == 2 * 5 * 32 * 16 and flops["relu2"] == 5 * 32 and flops["reducesum3"] == 5 * 32
+    assert fraction == pytest.approx(1 - 2 * 5 * 32 * 16 / (2 * 5 * 32 * 16 + 2 * 5 * 32))
+    # ONNX's "-1" dims (Paddle exports) are free dims to ORT: also fed, not traced.
+    model.graph.input[0].type.tensor_type.shape.dim[0].Clear()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
+    assert _assert_same_as_traced(model, feeds)[1] == 0
+
+
+def test_stale_value_info_and_output_shapes_are_not_believed():
+    # Declared [2,8] where the run makes [3,8]: inference would keep the declared shape, ORT does not.
+    model = parse_named("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,8] x) => (float[2,8] y) <float[2,8] h> {
+  h = Relu(x)
+  y = Sigmoid(h)
+}""")
+    feeds = [{"x": np.ones((3, 8), np.float32)}]
+    fraction, traces = _assert_same_as_traced(model, feeds, PrecisionPlan({"relu0": "test"}))
+    assert traces == 0 and node_flops(model, feeds) == {"relu0": 24.0, "sigmoid1": 24.0} and fraction == 0.5
+
+
+def test_a_data_dependent_shape_is_traced():
+    # Range's length is a fed value: inference cannot know it, the trace can (k = 6 -> 6 elements).
+    model = parse_named("""<ir_version: 8, opset_import: ["" : 17]>
+g (int64 k, float[4] x) => (float[K] y, float[4] z) {
+  zero = Constant<value=int64 {0}>()
+  step = Constant<value=int64 {1}>()
+  r = Range(zero, k, step)
+  f = Cast<to=1>(r)
+  y = Relu(f)
+  z = Sigmoid(x)
+}""")
+    feeds = [{"k": np.array(6, np.int64), "x": np.ones(4, np.float32)}]
+    fraction, traces = _assert_same_as_traced(model, feeds, PrecisionPlan({"relu4": "test"}))
+    assert traces == 1
+    assert node_flops(model, feeds)["relu4"] == 6.0 and fraction == pytest.approx(10 / 16)  # Cast 6, Relu 6, Sigmoid 4
+    assert node_flops(model, feeds, trace=False)["relu4"] == 0.0  # unknown without the run
+
+
+def test_a_feed_ort_refuses_keeps_todays_fallback():
+    # An input the model lacks: ORT refuses the feed, so both paths keep shape inference's (symbolic) counts.
+    model = _dynamic()
+    feeds = [{"x": np.ones((5, 16), np.float32), "extra": np.ones(2, np.float32)}]
+    assert _assert_same_as_traced(model, feeds)[1] == 1
+    assert node_flops(model, feeds)["relu2"] == 0.0
+
+
+# Exports as the libraries write them: some static (inferred), some with shape arithmetic inference cannot follow
+# or dynamic dims (traced); the emitted (canonical, FP16-input) models of two of them.
+CORPUS = [("t5-encoder", "torchscript"), ("t5-encoder", "dynamo"), ("vae-decoder", "torchscript"),
+          ("guided-filter", "torchscript"), ("bert", "torchscript"), ("vit", "torchscript"),
+          ("gpt2-eager-dynamic", "dynamo"), ("paddle-bn-detector", "dynamo")]
+
+
+@pytest.fixture(scope="module")
+def cache_root(request) -> str:
+    import os
+
+    return os.environ.get("ONNX_FP16_REWRITE_CACHE") or str(request.config.cache.mkdir("onnx-fp16-rewrite"))
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize("name,exporter", [pytest.param(n, e, id=f"{n}-{e}") for n, e in CORPUS])
+def test_corpus_exports_count_the_same(name, exporter, cache_root):
+    pytest.importorskip("torch")
+    from onnx_fp16_rewrite.models import exported
+
+    model = exported.build(name, exporter, cache_root=cache_root)
+    fraction, _ = _assert_same_as_traced(model, exported.feeds(name, model), _every_third_pinned(model))
+    assert 0.0 < fraction < 1.0
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize("name,exporter,traces", [("t5-encoder", "torchscript", 0), ("gpt2-eager-dynamic", "dynamo", 1)])
+def test_corpus_emitted_mixed_models_count_the_same(name, exporter, traces, cache_root):
+    pytest.importorskip("torch")
+    from onnx_fp16_rewrite.fix import fix_model
+    from onnx_fp16_rewrite.models import exported
+
+    model = exported.build(name, exporter, cache_root=cache_root)
+    feeds = exported.feeds(name, model)
+    emitted = fix_model(model, [], feeds, emit="mixed").model
+    # Static after canonicalisation: inferred; the dynamic dims restored on the emitted model: traced.
+    assert _assert_same_as_traced(emitted, feeds)[1] == traces

@@ -12,10 +12,13 @@ plan keeps out of FP16, which is what the reports need. Counting rules (one mult
 - Ops that only relabel memory (Reshape, Squeeze, Unsqueeze, Flatten, Identity, Shape, Size,
   Constant): 0.
 - Everything else (elementwise, CumSum, Slice, Pad, Concat, Transpose, Cast ...): output elements.
-Shapes are those of a run when ``feeds`` are given (every tensor's shape traced from one ORT run
-on the first feed: dynamic, ``-1`` and symbolic dims then count as what the model computed),
-else ONNX shape inference's (with data propagation). A node whose shape is still unknown counts
-0; ``fp16_flop_fraction`` names such nodes in one warning.
+Shapes are those of a run when ``feeds`` are given (dynamic, ``-1`` and symbolic dims count as
+what the model computed on the first feed), else ONNX shape inference's (with data propagation).
+With feeds, static inference runs first on a copy whose inputs take the feed's shapes (its
+value_info and output shapes dropped, so nothing stale is believed); only when a tensor of a
+counted node is still not fully known is every tensor's shape traced from one ORT run
+(``canonical.trace``), which then stands for all of them. A node whose shape is still unknown
+counts 0; ``fp16_flop_fraction`` names such nodes in one warning.
 """
 
 from __future__ import annotations
@@ -43,14 +46,68 @@ _REDUCE_OPS = {"ArgMax", "ArgMin", "GlobalAveragePool", "GlobalMaxPool", "Global
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 
 
-def tensor_shapes(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]] | None = None
-                  ) -> tuple[dict[str, Shape], dict[str, int]]:
+def tensor_shapes(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]] | None = None, *,
+                  trace: bool | None = None) -> tuple[dict[str, Shape], dict[str, int]]:
     """Shape (None for unknown dims) and element type of every tensor shape inference can type;
-    with ``feeds``, shapes traced from a run on the first feed take precedence."""
+    with ``feeds``, the shapes of a run on the first feed take precedence: inferred for the feed's
+    input shapes where that fixes every tensor a FLOP count reads, else traced from an ORT run.
+    ``trace``: True always traces (no static shortcut), False never does."""
     shapes, types = _inferred_shapes(model)
-    if feeds:
-        shapes.update(_traced(model, feeds[0]))
+    if not feeds:
+        return shapes, types
+    if trace is not True:
+        static = _fed_shapes(model, feeds[0])
+        if static is not None and _complete(model, static):
+            shapes.update(static)
+            return shapes, types
+        if trace is False:
+            return shapes, types
+    shapes.update(_traced(model, feeds[0]))
     return shapes, types
+
+
+def _fed_shapes(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> dict[str, Shape] | None:
+    """Shapes inferred with the graph inputs set to ``feed``'s shapes; None where ORT would refuse
+    the feed (a missing or unknown name, another rank or fixed dim): the trace decides those."""
+    skel = weights.skeleton(model)[0]
+    g = skel.graph
+    inits = {i.name for i in g.initializer}
+    names = {i.name for i in g.input}
+    # A fed initializer-input: trace_shapes lets the initializer's dims win; leave that to it.
+    if not set(feed) <= names - inits or any(i.name not in feed for i in g.input if i.name not in inits):
+        return None
+    for vi in g.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        want = np.shape(feed[vi.name])
+        if not vi.type.HasField("tensor_type") or not tt.HasField("shape") or len(tt.shape.dim) != len(want):
+            return None
+        for d, n in zip(tt.shape.dim, want):
+            if d.HasField("dim_value") and d.dim_value >= 0 and d.dim_value != n:  # ORT: -1 is free
+                return None
+            d.Clear()
+            d.dim_value = int(n)
+    # Only what inputs, weights and op semantics imply: a stale value_info or output shape
+    # would be believed by inference but not by ORT.
+    del g.value_info[:]
+    for vi in g.output:
+        if vi.type.HasField("tensor_type"):
+            vi.type.tensor_type.ClearField("shape")
+    shapes, _ = _shapes_of(onnx.shape_inference.infer_shapes(skel, data_prop=True))
+    return shapes
+
+
+def _complete(model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> bool:
+    """Every input and output of every counted (non-view) main-graph node has a fully known shape
+    (a superset of what ``op_flops`` reads, so the counts cannot depend on anything unknown)."""
+    for node in model.graph.node:
+        if node.op_type in _VIEW_OPS:
+            continue
+        for name in (*node.input, *node.output):
+            if name and _numel(shapes.get(name)) is None:
+                return False
+    return True
 
 
 def _traced(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> dict[str, Shape]:
@@ -70,7 +127,10 @@ def _traced(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> dict[str,
 def _inferred_shapes(model: onnx.ModelProto) -> tuple[dict[str, Shape], dict[str, int]]:
     # On a weight-less skeleton (io.weights): never a >2 GiB proto, never the caller's model
     # saved as external data (that emptied it in place).
-    inferred = onnx.shape_inference.infer_shapes(weights.skeleton(model)[0], data_prop=True)
+    return _shapes_of(onnx.shape_inference.infer_shapes(weights.skeleton(model)[0], data_prop=True))
+
+
+def _shapes_of(inferred: onnx.ModelProto) -> tuple[dict[str, Shape], dict[str, int]]:
     g = inferred.graph
     shapes: dict[str, Shape] = {}
     types: dict[str, int] = {}
@@ -185,18 +245,19 @@ def _einsum_flops(equation: str, ins: Sequence[Shape | None], out0: int | None) 
 
 
 def node_flops(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]] | None = None, *,
-               shapes: Mapping[str, Shape] | None = None, unknown: list[str] | None = None) -> dict[str, float]:
+               shapes: Mapping[str, Shape] | None = None, unknown: list[str] | None = None,
+               trace: bool | None = None) -> dict[str, float]:
     """Estimated FLOPs of every node of the main graph, keyed by node name (unnamed or duplicate
     names get the names ``PassManager`` would give them), on the shapes of a run on ``feeds`` when
-    given (or on ``shapes``). Nodes with unknown shapes count 0; their names go to ``unknown``
-    when given, else to an info log line."""
+    given (or on ``shapes``; ``trace`` as in ``tensor_shapes``). Nodes with unknown shapes count
+    0; their names go to ``unknown`` when given, else to an info log line."""
     from onnx_fp16_rewrite.pipeline.pass_manager import name_nodes
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
     name_nodes(m)
     if shapes is None:
-        shapes, _ = tensor_shapes(m, feeds)
+        shapes, _ = tensor_shapes(m, feeds, trace=trace)
     result: dict[str, float] = {}
     missing: list[str] = []
     for node in m.graph.node:
@@ -220,9 +281,11 @@ def _names(names: list[str]) -> str:
 
 
 def fp16_flop_fraction(model: onnx.ModelProto, plan: PrecisionPlan | None = None,
-                       feeds: Sequence[Mapping[str, np.ndarray]] | None = None) -> float:
+                       feeds: Sequence[Mapping[str, np.ndarray]] | None = None, *,
+                       trace: bool | None = None) -> float:
     """Share of the estimated FLOPs in nodes that run in FP16, on the shapes of a run on ``feeds``
-    when given (see the module docstring); one warning names nodes whose shapes stay unknown.
+    when given (see the module docstring; ``trace`` as in ``tensor_shapes``); one warning names
+    nodes whose shapes stay unknown.
 
     A weakly typed model (no FLOAT16 tensor): a node is FP16 unless ``plan`` pins it (``plan`` None:
     the plan stored in the model). A mixed-precision model: a node is FP16 when its float outputs
@@ -234,7 +297,7 @@ def fp16_flop_fraction(model: onnx.ModelProto, plan: PrecisionPlan | None = None
     m = onnx.ModelProto()
     m.CopyFrom(model)
     name_nodes(m)
-    shapes, types = tensor_shapes(m, feeds)
+    shapes, types = tensor_shapes(m, feeds, trace=trace)
     unknown: list[str] = []
     flops = node_flops(m, shapes=shapes, unknown=unknown)
     if unknown:
