@@ -16,6 +16,7 @@ import onnx
 from onnx_fp16_rewrite.analysis.flops import fp16_flop_fraction
 from onnx_fp16_rewrite.canonical import CanonReport, canonicalize, restore_dynamic
 from onnx_fp16_rewrite.emulation.fp16_emulation import Fp16Report, check_fp16
+from onnx_fp16_rewrite.io import weights
 from onnx_fp16_rewrite.io.ort_runner import Feed, run_model
 from onnx_fp16_rewrite.io.sessions import graph_key
 from onnx_fp16_rewrite.pipeline.pass_base import Pass
@@ -124,6 +125,9 @@ def fix_model(
 
         trt_library = require_tensorrt()
 
+    # Weights shared, each held once however often the analysis copies the model (io.weights.share);
+    # the result gets them back into its proto (unshare, at the return).
+    model = weights.share(model)
     # Canonical form first (onnx_fp16_rewrite.canonical): folded shape arithmetic, no no-op Casts;
     # the passes, the analysis and the FP32 reference all work on it.
     canon_report = None
@@ -131,9 +135,10 @@ def fix_model(
         with progress.phase("canonicalisation", total=None) as phase:
             model, canon_report = canonicalize(model, feeds, tolerance=tolerance)
             phase.done(canon_report.summary())
-    # fix --auto alone: one profiling run per sample gives the ranges and the FP32 reference, and
-    # the fixer's first diagnosis is the "before" check (no run of its own).
-    profile = _profile_first(model, feeds, progress) if auto and not passes else None
+    # fix --auto alone: the fixer's first diagnosis (one emulation run with an FP32 shadow per
+    # sample) gives the ranges, the FP32 reference and the "before" check.
+    first = _first_diagnosis(model, feeds, strict_cumsum, rel_l2_tolerance, progress) if auto and not passes else None
+    profile = first.profile if first is not None else None
     with progress.phase("passes" if passes else "FP32 reference", total=None) as phase:
         manager = PassManager(passes, feeds, tolerance=tolerance, per_output=per_output,
                               reference=profile.outputs if profile is not None else None)
@@ -159,7 +164,7 @@ def fix_model(
         # auto_fix reports its own phases (diagnosis, each rewrite tried, shrinking) inside this one.
         with progress.phase("automatic fix", total=None) as phase:
             fixed, auto_report = auto_fix(fixed, feeds, tolerance=rel_l2_tolerance, strict_cumsum=strict_cumsum,
-                                          rewrites=rewrites, profile=profile, progress=progress)
+                                          rewrites=rewrites, first=first, progress=progress)
             phase.done(f"{len(auto_report.sites)} site(s), kept {', '.join(auto_report.passes_kept) or 'no rewrite'}, "
                        f"{auto_report.fp32_nodes} FP32 node(s)")
         if fp16_before is None:
@@ -210,21 +215,20 @@ def fix_model(
         with progress.phase("TensorRT verification", total=None) as phase:
             _verify_trt(report, fixed, feeds, reference, plan, trt_library, rel_l2_tolerance)
             phase.done(_verdict(report.trt_after))
-    return FixResult(fixed, report)
+    return FixResult(weights.unshare(fixed), report)
 
 
-def _profile_first(model: onnx.ModelProto, feeds: Sequence[Feed], progress: Progress):
-    """The FP32 range profile of ``model`` (its outputs: the reference), when its node names are
-    final (the plan and the profile are keyed by them); else None and the fixer profiles."""
-    from onnx_fp16_rewrite.analysis.range_profile import profile_ranges
+def _first_diagnosis(model: onnx.ModelProto, feeds: Sequence[Feed], strict_cumsum: bool, tolerance: float,
+                     progress: Progress):
+    """The fixer's first diagnosis of ``model`` (its profile's outputs: the FP32 reference),
+    when its node names are final (the plan and the profile are keyed by them); else None and
+    the fixer diagnoses."""
+    from onnx_fp16_rewrite.analysis.auto_fix import first_diagnosis
 
     names = [n.name for n in model.graph.node]
     if not all(names) or len(set(names)) != len(names):
         return None
-    with progress.phase("profiling ranges", total=len(feeds)) as phase:
-        profile = profile_ranges(model, feeds, progress=lambda done, total: phase.advance())
-        phase.done(f"{profile.runs} FP32 run(s), {len(profile.ranges)} tensors")
-    return profile
+    return first_diagnosis(model, feeds, tolerance=tolerance, strict_cumsum=strict_cumsum, progress=progress)
 
 
 def _verdict(report: Fp16Report) -> str:

@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from onnx_fp16_rewrite.analysis.diagnosis import CANCELLATION_RATIO, FailureSite, diagnose
+from onnx_fp16_rewrite.analysis.diagnosis import CANCELLATION_RATIO, Diagnosis, FailureSite, diagnose
 from onnx_fp16_rewrite.emulation.fp16_emulation import FP16_MAX, Fp16Report, check_fp16, compare_output
 from onnx_fp16_rewrite.io.ort_runner import Feed
 from onnx_fp16_rewrite.pipeline.pass_base import Pass
 from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
-from onnx_fp16_rewrite.analysis.range_profile import RangeProfile, profile_ranges
+from onnx_fp16_rewrite.analysis.range_profile import RangeProfile
 from onnx_fp16_rewrite.analysis.regions import GraphIndex, grow_region
 from onnx_fp16_rewrite.progress import NULL_PROGRESS, Progress
 
@@ -95,14 +95,16 @@ def auto_fix(
     max_shrink_runs: int = 4,
     search_samples: int = SEARCH_SAMPLES,
     profile: RangeProfile | None = None,
+    first: Diagnosis | None = None,
     progress: Progress = NULL_PROGRESS,
 ) -> tuple[onnx.ModelProto, AutoFixReport]:
     """Returns the model with its precision plan (and any kept rewrites) and the report.
 
-    ``profile``: the FP32 range profile of ``model`` on ``feeds`` when the caller already has it
-    (``fix_model`` does: its outputs are the FP32 reference). The search diagnoses, validates and
-    pins on the first ``search_samples`` feeds; ranges come from all of them, and the verdict is
-    an emulation run on all of them (a failure there sends the search on with every sample)."""
+    ``first``: the first diagnosis of ``model`` when the caller already has it (``fix_model``
+    does: ``first_diagnosis``, whose profile's outputs are its FP32 reference); ``profile``: only
+    the FP32 range profile. The search diagnoses, validates and pins on the first
+    ``search_samples`` feeds; ranges come from all of them, and the verdict is an emulation run
+    on all of them (a failure there sends the search on with every sample)."""
     from onnx_fp16_rewrite.pipeline.pass_manager import PassManager, name_nodes
 
     from onnx_fp16_rewrite.canonical import canonicalize, restore_dynamic
@@ -111,19 +113,25 @@ def auto_fix(
     # The canonical form (a no-op on a model fix_model already canonicalised): literals for the rewrites.
     model, canon = canonicalize(model, feeds)
     renamed = name_nodes(model)
-    if profile is None or renamed or not canon.skipped:
-        with progress.phase("profiling ranges", total=len(feeds)) as phase:
-            profile = profile_ranges(model, feeds, progress=lambda done, total: phase.advance())
-            phase.done(f"{profile.runs} FP32 run(s), {len(profile.ranges)} tensors")
+    k = max(1, min(search_samples, len(feeds)))
+    if renamed or not canon.skipped:
+        profile = first = None
+    if first is None:
+        if profile is None:
+            first = first_diagnosis(model, feeds, search_samples=k, tolerance=tolerance, exit_absmax=exit_absmax,
+                                    strict_cumsum=strict_cumsum, progress=progress)
+            profile = first.profile
+    elif profile is None:
+        profile = first.profile
     measured = profile
     profile_runs = profile.runs
     reference = profile.outputs
-    k = max(1, min(search_samples, len(feeds)))
     search = _Search(list(feeds[:k]), reference[:k], tolerance, exit_absmax, strict_cumsum, progress)
     search.subset = k < len(feeds)
     with progress.phase("FP16 check of the original", total=None) as phase:
         # The first diagnosis is the check of the original: its emulation run gives both.
-        diag = search.diagnose(model, profile, None, None)
+        diag = first if first is not None else search.diagnose(model, profile, None, None)
+        search.emulation += k * (first is not None)
         before = diag.fp16_report(search.reference, tolerance, strict_cumsum=strict_cumsum,
                                   max_findings=MAX_FINDINGS)
         if k < len(feeds):
@@ -139,15 +147,23 @@ def auto_fix(
         with progress.phase(f"rewrite {rewrite.name}", total=None) as phase:
             # The pass reads the ranges already measured, and the validator the FP32 outputs
             # already known, instead of running the model again.
-            manager = PassManager([rewrite], search.feeds, initial_absmax=profile.absmax(), reference=current_ref)
+            # The candidate's diagnosis runs first: its FP32 shadow's outputs are what the FP32
+            # validation compares (no validation run of its own).
+            diagnosed: list[Diagnosis] = []
+
+            def shadow_outputs(cand, diag=diag):
+                diagnosed.append(search.diagnose(cand, profile, None, None, refresh_profile=True, previous=diag))
+                return diagnosed[-1].reference
+
+            manager = PassManager([rewrite], search.feeds, initial_absmax=profile.absmax(), reference=current_ref,
+                                  outputs_of=shadow_outputs)
             candidate, report = manager.run(model)
             record = report.passes[0]
-            search.validation += k * (record.validation is not None)
             tried.append(record)
             if record.status != "kept":
                 phase.done(record.status)
                 continue
-            cand_diag = search.diagnose(candidate, profile, None, None, refresh_profile=True, previous=diag)
+            cand_diag = diagnosed[-1]
             fixed = [s for s in diag.sites if not _still_failing(s, cand_diag.sites)]
             # Also kept: a rewrite after which nothing needs pinning (outputs pass, no non-finite site), even where
             # a finite site is left or newly named (a Log whose scaled input now crosses 1 shows a large relative
@@ -197,6 +213,20 @@ def auto_fix(
         model = restore_dynamic(model, canon)
         report.canonical = canon
     return model, report
+
+
+def first_diagnosis(model: onnx.ModelProto, feeds: Sequence[Feed], *, search_samples: int = SEARCH_SAMPLES,
+                    tolerance: float = 1e-2, exit_absmax: float = 2048.0, strict_cumsum: bool = False,
+                    progress: Progress = NULL_PROGRESS) -> Diagnosis:
+    """The fixer's first diagnosis of ``model``, which also profiles its FP32 ranges and gives
+    its FP32 reference (``.profile``, ``.profile.outputs``): one emulation run with an FP32 shadow
+    per search sample, a plain profiling run for each further sample."""
+    k = max(1, min(search_samples, len(feeds)))
+    with progress.phase("profiling ranges and diagnosing", total=None) as phase:
+        diag = diagnose(model, list(feeds[:k]), None, None, tolerance=tolerance, exit_absmax=exit_absmax,
+                        strict_cumsum=strict_cumsum, profile_feeds=list(feeds[k:]))
+        phase.done(f"{len(feeds)} run(s), {len(diag.profile.ranges)} tensors, {len(diag.sites)} failure site(s)")
+    return diag
 
 
 class _Search:

@@ -63,6 +63,7 @@ class Diagnosis:
     model: onnx.ModelProto | None = None  # the diagnosed model (its value signatures on demand)
     seconds: float = 0.0
     _signatures: dict[str, str] | None = field(default=None, repr=False)
+    reference: list[Feed] | None = None  # the FP32 outputs of ``model`` on the diagnosed feeds (the shadow's)
 
     def signatures(self) -> dict[str, str]:
         """``value_signatures`` of the diagnosed model (hashing the weights only when a rewrite asks)."""
@@ -98,7 +99,7 @@ class Diagnosis:
 def diagnose(
     model: onnx.ModelProto,
     feeds: Sequence[Feed],
-    profile: RangeProfile,
+    profile: RangeProfile | None,
     plan: PrecisionPlan | None = None,
     *,
     tolerance: float = 1e-2,
@@ -106,21 +107,39 @@ def diagnose(
     strict_cumsum: bool = False,
     refresh_profile: bool = False,
     previous: Diagnosis | None = None,
+    profile_feeds: Sequence[Feed] = (),
 ) -> Diagnosis:
     """One emulation run per feed (with an FP32 shadow), then classification from ``profile``.
+    ``profile=None``: the same run profiles the FP32 ranges (the shadow carries the profile's
+    statistics; ``profile_feeds``, more samples, are profiled after it in plain FP32 runs) and
+    its shadow's outputs are the FP32 reference (``Diagnosis.reference``): one run per sample
+    for the profile, the reference and the diagnosis.
     ``refresh_profile``: ``model`` was rewritten since ``profile`` was taken; its ranges are
     refreshed from the shadow (no extra profiling run), measured there only for tensors the
     rewrite changed when ``previous`` (the diagnosis ``profile`` belongs to) says how they were
     computed; elsewhere the shadow measures only what the profile lacks."""
     start = time.perf_counter()
-    keep = set(profile.ranges)
+    twin = profile is None and not any(subgraphs(n) for n in model.graph.node)
+    if profile is None and not twin:  # control flow: the shadow has no body profile (range_profile has)
+        from onnx_fp16_rewrite.analysis.range_profile import profile_ranges
+
+        profile = profile_ranges(model, [*feeds, *profile_feeds])
+    keep = set(profile.ranges) if profile is not None else set()
     if refresh_profile:
         keep &= unchanged(previous.signatures(), value_signatures(model)) if previous is not None else set()
-    run = error_run(model, feeds, plan, strict_cumsum=strict_cumsum, shadow_ranges=_Except(keep))
+    run = error_run(model, feeds, plan, strict_cumsum=strict_cumsum, shadow_ranges=() if twin else _Except(keep),
+                    twin_profile=twin)
+    if twin:
+        profile = _twin_profile(model, run, profile_feeds)
+        keep = set(profile.ranges)
     errors, outputs = run.errors, run.outputs
     for e in errors:  # the profile's absmax where the shadow did not measure it
         if e.tensor in keep and math.isnan(e.fp32_absmax):
             e.fp32_absmax = profile.ranges[e.tensor].absmax
+        r = profile.ranges.get(e.tensor)
+        if e.sampled and r is not None and r.fp32_nonfinite and not e.nonfinite:
+            # A sampled error can miss FP32's own inf/NaN; exact statistics make it non-finite.
+            e.rel_error, e.nonfinite = float("inf"), True
     if refresh_profile:
         profile = profile.refreshed(errors)
     by_tensor = {e.tensor: e for e in errors}
@@ -144,7 +163,19 @@ def diagnose(
         sites.append(FailureSite(e.tensor, e.node, e.op, kind, r.absmax, in_absmax, e.rel_error,
                                  _back_in_range(index, e.tensor, absmax, exit_absmax)))
     logger.info("diagnosis: %d failure sites", len(sites))
-    return Diagnosis(sites, errors, outputs, profile, run, model, time.perf_counter() - start)
+    return Diagnosis(sites, errors, outputs, profile, run, model, time.perf_counter() - start,
+                     reference=run.reference)
+
+
+def _twin_profile(model: onnx.ModelProto, run: ErrorRun, more: Sequence[Feed]) -> RangeProfile:
+    """The range profile from the shadow's statistics, plus plain profiling runs on ``more``."""
+    if not more:
+        return run.profile.profile(run.reference)
+    from onnx_fp16_rewrite.analysis.range_profile import profile_ranges
+
+    profile = profile_ranges(model, more, into=run.profile)
+    profile.outputs = [*run.reference, *profile.outputs]
+    return profile
 
 
 class _Except:

@@ -34,6 +34,7 @@ FP16_MIN_NORMAL = 2.0**-14
 SENTINEL_ABS = 1e30
 SAMPLE = 16384  # values drawn per tensor and sample for the percentile and subnormal share
 _NO_SAMPLE = np.zeros(0, np.float32)
+_FLAT, _FRAC = "__prof_flat", "__prof_frac"
 
 
 @dataclass
@@ -87,45 +88,68 @@ def profile_ranges(
     *,
     progress: Callable[[int, int], None] | None = None,
     seed: int = 0,
+    into: "ProfileAccumulator | None" = None,
 ) -> RangeProfile:
     """Profile every float tensor a node produces over ``feeds`` (one run each); the graph
     outputs of each run come back too, as the FP32 reference. ``progress(done, total)`` is
-    called after each run (the CLI draws a counter with it)."""
+    called after each run (the CLI draws a counter with it). ``into``: statistics of earlier
+    runs (the fixer's first emulation run) that these runs add to."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     weights_not_inputs(m)
     inline_constants(m.graph)
-    types, _ = infer_types(m)
+    types, ranks = infer_types(m)
     producers = {o: n for n in m.graph.node for o in n.output if o and types.get(o) == TensorProto.FLOAT}
     out_names = [o.name for o in m.graph.output]
     opset = next((i.version for i in m.opset_import if i.domain in ("", "ai.onnx")), 17)
-    stats = _add_statistics(m, list(producers), np.random.default_rng(seed), empty_safe=opset >= 10)
+    stats = _add_statistics(m, list(producers), np.random.default_rng(seed), ranks, opset)
     body = _add_body_statistics(m)
     session = make_session(m)
-    ranges = {t: TensorRange(t, producers[t].name, producers[t].op_type) for t in producers}
-    ranges.update({s.tensor: TensorRange(s.tensor, s.node, s.op) for s in body})
-    samples: dict[str, list[np.ndarray]] = {t: [] for t in producers}
+    acc = into or ProfileAccumulator({t: (producers[t].name, producers[t].op_type) for t in producers},
+                                     {s.tensor: (s.node, s.op) for s in body})
     outputs: list[Feed] = []
     for done, feed in enumerate(feeds, 1):
         values = dict(zip([o.name for o in m.graph.output], session.run(None, feed)))
         outputs.append({o: values[o] for o in out_names})
-        for t, (hi, lo, total, sample) in stats.items():
-            _accumulate(ranges[t], float(values[hi]), float(values[lo]), float(values[total]), values[sample])
-            samples[t].append(np.abs(values[sample]))
-        for s in body:
-            _accumulate(ranges[s.tensor], *(float(values[s.outs[k]]) for k in ("max", "min", "sum")), _NO_SAMPLE)
+        acc.add_run(values, stats, {s.tensor: tuple(s.outs[k] for k in ("max", "min", "sum")) for s in body})
         if progress:
             progress(done, len(feeds))
-    for t, r in ranges.items():
-        clean = _clean(np.concatenate(samples[t])) if samples.get(t) else _NO_SAMPLE
-        if clean.size:
-            r.p999 = float(np.quantile(clean, 0.999))
-            r.subnormal_fraction = float(np.count_nonzero((clean < FP16_MIN_NORMAL) & (clean > 0)) / clean.size)
-            if r.fp32_nonfinite or r.sentinels:
-                r.absmax = max(r.absmax, float(clean.max()))
-    for s in body:  # no sample inside bodies: the percentile is bounded by the absmax
-        ranges[s.tensor].p999 = ranges[s.tensor].absmax
-    return RangeProfile(ranges, runs=len(feeds), outputs=outputs)
+    return acc.profile(outputs)
+
+
+class ProfileAccumulator:
+    """Turns per-run statistics (max, min, sum and the random sample of each tensor) into
+    TensorRanges; shared by ``profile_ranges`` and the fixer's first emulation run, whose FP32
+    twin carries the same statistics (so both give the same profile, bit for bit)."""
+
+    def __init__(self, tensors: dict[str, tuple[str, str]], body: dict[str, tuple[str, str]] | None = None) -> None:
+        self.ranges = {t: TensorRange(t, node, op) for t, (node, op) in tensors.items()}
+        self.body = set(body or {})
+        self.ranges.update({t: TensorRange(t, node, op) for t, (node, op) in (body or {}).items()})
+        self.samples: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
+        self.runs = 0
+
+    def add_run(self, values: dict[str, np.ndarray], stats: dict[str, tuple[str, ...]],
+                body_stats: dict[str, tuple[str, ...]] | None = None) -> None:
+        """``stats``: tensor -> names of its (max, min, sum, sample) outputs in ``values``."""
+        self.runs += 1
+        for t, (hi, lo, total, sample) in stats.items():
+            _accumulate(self.ranges[t], float(values[hi]), float(values[lo]), float(values[total]), values[sample])
+            self.samples[t].append(np.abs(values[sample]))
+        for t, names in (body_stats or {}).items():
+            _accumulate(self.ranges[t], *(float(values[n]) for n in names), _NO_SAMPLE)
+
+    def profile(self, outputs: list[Feed]) -> RangeProfile:
+        for t, r in self.ranges.items():
+            clean = _clean(np.concatenate(self.samples[t])) if self.samples.get(t) else _NO_SAMPLE
+            if clean.size:
+                r.p999 = float(np.quantile(clean, 0.999))
+                r.subnormal_fraction = float(np.count_nonzero((clean < FP16_MIN_NORMAL) & (clean > 0)) / clean.size)
+                if r.fp32_nonfinite or r.sentinels:
+                    r.absmax = max(r.absmax, float(clean.max()))
+        for t in self.body:  # no sample inside bodies: the percentile is bounded by the absmax
+            self.ranges[t].p999 = self.ranges[t].absmax
+        return RangeProfile(self.ranges, runs=self.runs, outputs=outputs)
 
 
 def profile_absmax(model: onnx.ModelProto, feeds: Sequence[Feed]) -> dict[str, float]:
@@ -171,30 +195,27 @@ def _clean(a: np.ndarray) -> np.ndarray:
 
 
 def _add_statistics(m: onnx.ModelProto, tensors: list[str], rng: np.random.Generator,
-                    empty_safe: bool = True) -> dict[str, tuple[str, ...]]:
+                    ranks: dict[str, int], opset: int) -> dict[str, tuple[str, ...]]:
     """Per tensor, max/min/sum reductions and a random sample as graph outputs, placed right
     after the tensor's producer so the tensor can be freed early (at the end of the graph they
-    kept every activation alive: 1.2 GB instead of 0.2 GB on the 512x512 NAFNet demo)."""
+    kept every activation alive: 1.2 GB instead of 0.2 GB on the 512x512 NAFNet demo). The
+    reductions run in two steps (emulation.reductions: spread over threads; max and min exact)."""
+    from onnx_fp16_rewrite.emulation.reductions import two_step
+
     g = m.graph
     wanted = set(tensors)
-    flat = numpy_helper.from_array(np.array([-1], np.int64), "__prof_flat")
-    # Sample positions as fractions of the size: floor(u * size) needs only Cast/Mul/Floor,
-    # legal from opset 7 (Mod is opset >= 10, Max on int64 >= 12). u < 1 - 1e-9 keeps the
-    # double product below size for any size under 2**40.
-    frac = numpy_helper.from_array(rng.uniform(0.0, 1.0 - 1e-9, SAMPLE), "__prof_frac")
-    g.initializer.extend([flat, frac])
-    if empty_safe:  # a [1] shape and a cap for the sample length (see _stat_nodes)
-        g.initializer.extend([numpy_helper.from_array(np.array([1], np.int64), "__prof_one_d"),
-                              numpy_helper.from_array(np.array(1.0), "__prof_one"),
-                              numpy_helper.from_array(np.array([0], np.int64), "__prof_zero_d"),
-                              numpy_helper.from_array(np.array(float(SAMPLE)), "__prof_n")])
+    empty_safe = opset >= 10
+    new_inits = stat_initializers(rng, empty_safe)
     stats = {}
     nodes = []
     for node in g.node:
         nodes.append(node)
         for t in node.output:
             if t in wanted:
-                stats[t] = _stat_nodes(t, nodes, flat.name, frac.name, empty_safe)
+                added: list[onnx.NodeProto] = []
+                stats[t] = stat_nodes(t, added, empty_safe)
+                nodes += two_step(added, {t: ranks.get(t)}, opset, new_inits)
+    g.initializer.extend(new_inits)
     del g.node[:]
     g.node.extend(nodes)
     for names in stats.values():
@@ -202,10 +223,28 @@ def _add_statistics(m: onnx.ModelProto, tensors: list[str], rng: np.random.Gener
     return stats
 
 
-def _stat_nodes(t: str, nodes: list[onnx.NodeProto], flat: str, frac: str, empty_safe: bool) -> tuple[str, ...]:
-    """Reductions over all axes (no ``axes`` given: the same form at every opset). With
-    ``empty_safe`` (Slice with input bounds: opset >= 10) an empty tensor gets an empty sample
-    (SAMPLE * min(size, 1) positions) instead of a Gather out of bounds."""
+def stat_initializers(rng: np.random.Generator, empty_safe: bool = True) -> list[onnx.TensorProto]:
+    """The constants ``stat_nodes`` reads (added once per graph)."""
+    flat = numpy_helper.from_array(np.array([-1], np.int64), _FLAT)
+    # Sample positions as fractions of the size: floor(u * size) needs only Cast/Mul/Floor,
+    # legal from opset 7 (Mod is opset >= 10, Max on int64 >= 12). u < 1 - 1e-9 keeps the
+    # double product below size for any size under 2**40.
+    frac = numpy_helper.from_array(rng.uniform(0.0, 1.0 - 1e-9, SAMPLE), _FRAC)
+    inits = [flat, frac]
+    if empty_safe:  # a [1] shape and a cap for the sample length (see stat_nodes)
+        inits += [numpy_helper.from_array(np.array([1], np.int64), "__prof_one_d"),
+                  numpy_helper.from_array(np.array(1.0), "__prof_one"),
+                  numpy_helper.from_array(np.array([0], np.int64), "__prof_zero_d"),
+                  numpy_helper.from_array(np.array(float(SAMPLE)), "__prof_n")]
+    return inits
+
+
+def stat_nodes(t: str, nodes: list[onnx.NodeProto], empty_safe: bool) -> tuple[str, ...]:
+    """Appends to ``nodes`` the statistics of ``t``; returns the names of its (max, min, sum,
+    sample) outputs. Reductions over all axes (no ``axes`` given: the same form at every opset).
+    With ``empty_safe`` (Slice with input bounds: opset >= 10) an empty tensor gets an empty
+    sample (SAMPLE * min(size, 1) positions) instead of a Gather out of bounds."""
+    flat, frac = _FLAT, _FRAC
     p = t + "__prof"
     names = (p + "_max", p + "_min", p + "_sum", p + "_sample")
     nodes.extend([

@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 
 from onnx_fp16_rewrite.emulation.fp16_emulation import build_emulation, emu_feed, site_stats
-from onnx_fp16_rewrite.io.ort_runner import Feed
-from onnx_fp16_rewrite.io.sessions import run_cached
+from onnx_fp16_rewrite.analysis.range_profile import ProfileAccumulator
+from onnx_fp16_rewrite.io.ort_runner import Feed, make_session
 from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 
 
@@ -31,6 +31,7 @@ class TensorError:
     rel_error: float
     nonfinite: bool
     fp32_absmax: float  # from the FP32 shadow (NaN where FP32 itself has NaN)
+    sampled: bool = False  # the error is estimated from a sample (emulation.shadow_errors)
 
 
 
@@ -45,6 +46,9 @@ class ErrorRun:
     fp32_nodes: int
     notes: list[str]
     unhandled_bodies: list[str]
+    reference: list[Feed] | None = None  # the FP32 twin's graph outputs (the model's FP32 outputs)
+    # ``twin_profile``: the twin's statistics (a range_profile.ProfileAccumulator; ``.profile(reference)``).
+    profile: object | None = None
 
 
 def tensor_errors(
@@ -69,19 +73,40 @@ def error_run(
     *,
     strict_cumsum: bool = False,
     shadow_ranges: Container[str] | None = None,
+    twin_profile: bool = False,
 ) -> ErrorRun:
     """``tensor_errors`` with the emulation's mode, node counts and notes.
 
     Only the error reductions are in the graph (no FP16 statistics: a non-finite FP16 value makes
     the squared error's sum non-finite); the FP32 absmax is measured only for ``shadow_ranges``
-    (None: all; NaN for the others; the fixer reads the rest from its range profile)."""
+    (None: all; NaN for the others; the fixer reads the rest from its range profile).
+    ``twin_profile``: the run also profiles every FP32 twin tensor (``ErrorRun.profile``, the same
+    statistics ``profile_ranges`` takes; the graph outputs' twins are ``ErrorRun.reference``)."""
     emu = build_emulation(model, plan, strict_cumsum=strict_cumsum, fp32_shadow=True, with_stats=False,
-                          shadow_ranges=shadow_ranges)
+                          shadow_ranges=shadow_ranges, twin_profile=twin_profile)
     out_names = [o.name for o in model.graph.output]
-    runs = run_cached(emu.model, [emu_feed(f, emu.fp16_inputs) for f in feeds], optimize=True, cache=False)
+    # Optimizations off: the twin's outputs are the reference and must equal a plain FP32 run's
+    # (ORT's basic level fuses Conv+Add in the twin), and it ran faster without them here.
+    session = make_session(emu.model)
+    names = [o.name for o in emu.model.graph.output]
+    stats = {s.tensor: s.profile_outs for s in emu.sites if s.profile_outs}
+    acc = ProfileAccumulator({s.tensor: (s.node, s.op) for s in emu.sites if s.profile_outs}) if stats else None
+    arrays = set(out_names) | set(emu.twin_outputs.values())
+    runs, reference = [], []
+    for feed in feeds:
+        # One run at a time: only scalars and the graph outputs are kept (the samples are
+        # reduced into the profile at once), so memory stays that of one run.
+        values = dict(zip(names, session.run(names, emu_feed(feed, emu.fp16_inputs))))
+        if acc is not None:
+            acc.add_run(values, stats)
+        reference.append({k: values[t] for k, t in emu.twin_outputs.items()})
+        runs.append({k: (v if k in arrays else float(v)) for k, v in values.items() if k in arrays or v.ndim == 0})
+        del values
     errors = []
     for s in emu.sites:
         nonfinite = site_stats(s, runs)[1] if s.sum_out else False
+        if s.nonfinite_out:
+            nonfinite |= not all(np.isfinite(float(r[s.nonfinite_out])) for r in runs)
         err = sum(float(r[s.err_out]) for r in runs)
         ref = sum(float(r[s.ref_out]) for r in runs)
         if nonfinite or not np.isfinite(err):
@@ -94,6 +119,7 @@ def error_run(
             hi = max(float(r[s.shadow_max_out]) for r in runs)
             lo = min(float(r[s.shadow_min_out]) for r in runs)
             absmax = max(abs(hi), abs(lo))
-        errors.append(TensorError(s.tensor, s.node, s.op, s.fp16, rel, nonfinite, absmax))
+        errors.append(TensorError(s.tensor, s.node, s.op, s.fp16, rel, nonfinite, absmax, s.nonfinite_out is not None))
     return ErrorRun(errors, [{k: r[k] for k in out_names} for r in runs], emu.mode, emu.fp16_nodes, emu.fp32_nodes,
-                    emu.notes, emu.unhandled_bodies)
+                    emu.notes, emu.unhandled_bodies, reference, acc)
+

@@ -29,7 +29,6 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_fp16_rewrite.emulation.control_flow import ControlFlowEmulator, body_types
 from onnx_fp16_rewrite.emulation.fp16_graph_edits import (
     copy_node,
-    error_nodes,
     read_by_subgraph,
     retype_fp16_as_fp32,
     SHADOW,
@@ -43,6 +42,7 @@ from onnx_fp16_rewrite.io import weights
 from onnx_fp16_rewrite.io.ort_runner import Feed, infer_types, run_model
 from onnx_fp16_rewrite.io.sessions import run_cached
 from onnx_fp16_rewrite.emulation.reductions import two_step
+from onnx_fp16_rewrite.emulation.shadow_errors import shadow_statistics
 from onnx_fp16_rewrite.emit.index_arithmetic import index_arithmetic_nodes
 from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 from onnx_fp16_rewrite.emit.schema_types import fixed_type_inputs, inline_constants
@@ -110,10 +110,15 @@ class _StatSite:
     ref_out: str | None = None
     shadow_max_out: str | None = None
     shadow_min_out: str | None = None
+    # Sampled error statistics (emulation.shadow_errors): the exact sum that shows non-finiteness.
+    nonfinite_out: str | None = None
+    # ``twin_profile``: the FP32 twin's range statistics (max, min, sum, sample; analysis.range_profile).
+    profile_outs: tuple[str, ...] = ()
 
     def outputs(self) -> tuple[str, ...]:
         extra = (self.err_out, self.ref_out, self.shadow_max_out, self.shadow_min_out) if self.err_out else ()
-        return tuple(n for n in (self.max_out, self.min_out, self.sum_out) + extra if n)
+        return tuple(n for n in (self.max_out, self.min_out, self.sum_out) + extra + (self.nonfinite_out,)
+                     + self.profile_outs if n)
 
 
 @dataclass
@@ -128,6 +133,8 @@ class EmulationModel:
     fp32_nodes: int
     notes: list[str]
     unhandled_bodies: list[str] = field(default_factory=list)  # control flow not emulated: no PASS
+    # With an FP32 shadow: graph output -> the graph output carrying its FP32 value (the reference).
+    twin_outputs: dict[str, str] = field(default_factory=dict)
 
 
 def build_emulation(
@@ -139,6 +146,8 @@ def build_emulation(
     with_stats: bool = True,
     fp32_shadow: bool = False,
     shadow_ranges: Container[str] | None = None,
+    shadow_errors: bool = True,
+    twin_profile: bool = False,
 ) -> EmulationModel:
     """Rewrite ``model`` into the emulation graph (see the module docstring).
 
@@ -150,13 +159,19 @@ def build_emulation(
     graph the FP16 result departs from FP32, precision failures included. With a shadow and
     ``with_stats=False`` a tensor gets only its error reductions (the squared error's sum is
     non-finite exactly when the FP16 value or its twin is), and the twin's max/min only where
-    ``shadow_ranges`` (None: every tensor) names it: three reductions a tensor instead of eight.
+    ``shadow_ranges`` (None: every tensor) names it: three reductions a tensor instead of eight;
+    large tensors get sampled error statistics (emulation.shadow_errors). A shadow also returns
+    the FP32 values of the graph outputs (``twin_outputs``: the reference, no separate FP32 run);
+    ``shadow_errors=False`` leaves out the error statistics (the twin gives only the reference),
+    ``twin_profile`` adds the range profile's statistics of every twin tensor
+    (``profile_outs``: the profile comes from this run).
     """
     m = onnx.ModelProto()
     m.CopyFrom(model)
     weights_not_inputs(m)
     inline_constants(m.graph)
-    types, ranks = infer_types(m)
+    sizes: dict[str, int] = {}
+    types, ranks = infer_types(m, sizes)
     sub_types = body_types(m)  # If/Loop/Scan bodies: emulated like the main graph (control_flow)
     mode = "strong" if any(t == _FLOAT16 for t in (*types.values(), *sub_types.values())) else "weak"
     notes: list[str] = []
@@ -243,18 +258,14 @@ def build_emulation(
             # each pair of tensors is freed early (all at the end kept every activation alive).
             new_nodes.append(shadows[i])
             for out in float_outs:
-                ranged = shadow_ranges is None or out in shadow_ranges
-                errs = [n for n in error_nodes(out) if ranged or n.output[0] not in (out + "__fmax", out + "__fmin")]
-                rank = ranks.get(out)
-                new_nodes.extend(two_step(errs, {out + SHADOW: rank, out + "__e_diff": rank}, opset, new_inits))
                 if with_stats:
                     site = sites[-len(float_outs) + float_outs.index(out)]
                 else:
                     site = _StatSite(out, node.name, node.op_type, emulate, None, None, None)
                     sites.append(site)
-                site.err_out, site.ref_out = out + "__err", out + "__ref"
-                if ranged:
-                    site.shadow_max_out, site.shadow_min_out = out + "__fmax", out + "__fmin"
+                new_nodes.extend(shadow_statistics(site, ranks.get(out), sizes.get(out), opset, new_inits,
+                                                   errors=shadow_errors, profile=twin_profile,
+                                                   ranged=shadow_ranges is None or out in shadow_ranges))
     del g.node[:]
     g.node.extend(new_nodes)
     g.initializer.extend(new_inits)
@@ -265,10 +276,21 @@ def build_emulation(
     g.initializer.extend(kept)
     del g.value_info[:]
     for site in sites:
-        g.output.extend(helper.make_tensor_value_info(name, _FLOAT, []) for name in site.outputs())
+        g.output.extend(helper.make_tensor_value_info(name, _FLOAT, []) for name in site.outputs()
+                        if name not in site.profile_outs[3:])
+        g.output.extend(helper.make_tensor_value_info(name, _FLOAT, None) for name in site.profile_outs[3:])
+    twin_outputs = {}
+    if fp32_shadow:
+        for o in list(g.output[:len(model.graph.output)]):
+            twin_outputs[o.name] = o.name + SHADOW if o.name in produced else o.name
+            if o.name in produced:
+                twin = g.output.add()
+                twin.CopyFrom(o)
+                twin.name = o.name + SHADOW
     for why in unhandled:
         logger.warning("FP16 emulation incomplete: %s", why)
-    return EmulationModel(m, mode, sites, fp16_inputs, fp16_nodes, fp32_nodes, notes + unhandled, unhandled)
+    return EmulationModel(m, mode, sites, fp16_inputs, fp16_nodes, fp32_nodes, notes + unhandled, unhandled,
+                          twin_outputs)
 
 
 def check_fp16(
@@ -290,6 +312,7 @@ def check_fp16(
     FP16-rounded weights). A model with no precision plan given uses the plan stored in it.
     """
     start = time.perf_counter()
+    model = weights.share(model)  # each weight held once by the emulation and its sessions (io.weights)
     if plan is None:
         plan = PrecisionPlan.from_model(model)
     emu = build_emulation(model, plan, strict_cumsum=strict_cumsum)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import onnx
@@ -72,11 +72,15 @@ class PassManager:
         per_output: Mapping[str, Tolerance] | None = None,
         initial_absmax: Mapping[str, float] | None = None,
         reference: Sequence[Feed] | None = None,
+        outputs_of: Callable[[onnx.ModelProto], Sequence[Feed]] | None = None,
     ) -> None:
         """``initial_absmax``: FP32 ranges already measured on ``feeds`` for the model ``run``
         will get, so the first pass need not measure them again; ``reference``: that model's FP32
-        outputs on ``feeds``, likewise (the validator then runs only the rewritten models)."""
+        outputs on ``feeds``, likewise (the validator then runs only the rewritten models);
+        ``outputs_of``: gives a rewritten model's FP32 outputs on ``feeds`` instead of a
+        validation run (the fixer's candidate diagnosis computes them anyway)."""
         self.reference = reference
+        self.outputs_of = outputs_of
         self.passes = list(passes)
         self.initial_absmax = dict(initial_absmax) if initial_absmax is not None else None
         self.feeds = list(feeds)
@@ -124,7 +128,7 @@ class PassManager:
             record.seconds = _since(start)
             logger.warning("%s rolled back: %s", p.name, record.error)
             return record, snapshot
-        record.validation = self.validator.validate(candidate)
+        record.validation = self.validator.validate(candidate, outputs_of=self.outputs_of)
         record.seconds = _since(start)
         if not record.validation.ok:
             record.status = "rolled-back"
