@@ -17,28 +17,27 @@ cancels ~1e4-sized FP16 numbers down to a small window sum (the notes measure re
 for 3x3 windows on 256x256). So every site is judged in the FP16 emulation before it is kept: the
 chain is cut out (inputs = its entries, outputs = its exits), emulated with every tensor FP16,
 and compared with FP32; above ``max_rel_l2`` the site is skipped with the numbers (box-filter or
-protect-fp32 are the fixes there).
+protect-fp32 are the fixes there). All chains of a run are judged together, in one cut-out
+(``analysis.cutout_judge``: the same scores as judging each alone, at the cost of about one).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
-from onnx import helper
 
+from onnx_fp16_rewrite.analysis.cutout_judge import Cutout, fetch_values, judge_cutouts
 from onnx_fp16_rewrite.errors import BadInputError, one_line
-from onnx_fp16_rewrite.emulation.fp16_emulation import FP16_MAX, check_fp16
+from onnx_fp16_rewrite.emulation.fp16_emulation import FP16_MAX
 from onnx_fp16_rewrite.pipeline.graph_edit import Emitter, const_value
-from onnx_fp16_rewrite.io.ort_runner import run_model
 from onnx_fp16_rewrite.pipeline.pass_base import Pass, PassResult, Site
 from onnx_fp16_rewrite.pipeline.pass_context import PassContext
-from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 
 logger = logging.getLogger(__name__)
 
@@ -107,16 +106,21 @@ class RescaleAccumulation(Pass):
             chains.append(chain)
         if not chains:
             return result
-        values = _tensor_values(ctx, [t for c in chains for t in c.entries])
-        inferred = onnx.shape_inference.infer_shapes(ctx.model)  # the extractor needs every tensor's type
-        for chain in chains:
-            k = max(1, math.ceil(math.log2(chain.absmax / self.target_absmax)))
+        # One FP32 run for every chain's entries (the scale's inputs) and exits (the judge's reference).
+        values = fetch_values(ctx.model, ctx.feeds, [t for c in chains for t in c.entries + c.exits])
+        ks = [max(1, math.ceil(math.log2(c.absmax / self.target_absmax))) for c in chains]
+        underflow = [self._underflow(c, k, values) for c, k in zip(chains, ks)]
+        scores = judge_cutouts(ctx.model, [Cutout(c.seed, c.entries, c.exits, functools.partial(_apply, chain=c, k=k))
+                                           for c, k, u in zip(chains, ks, underflow) if u is None], values)
+        for chain, k, reason in zip(chains, ks, underflow):
             seed = next(n for n in graph.nodes if n.name == chain.seed)
-            reason, judged = self._decide(chain, k, values, inferred)
+            judged = ""
+            if reason is None:
+                reason, judged = self._decide(chain, k, scores[chain.seed])
             if reason:
                 result.skipped.append(Site(chain.seed, seed.op, reason))
                 continue
-            _apply(graph, chain, k)
+            _apply(graph, chain=chain, k=k)
             logger.debug("rescale-accumulation %s: %d nodes by 2^-%d; %s", chain.seed, len(chain.nodes), k, judged)
             result.modified = True
             result.rewritten.append(Site(chain.seed, seed.op, (
@@ -125,23 +129,28 @@ class RescaleAccumulation(Pass):
                 f"{len(chain.unscaled)} undone by Mul(2^{k}); {judged}")))
         return result
 
-    def _decide(self, chain: _Chain, k: int, values: list[dict[str, np.ndarray]],
-                inferred: onnx.ModelProto) -> tuple[str | None, str]:
-        """(why not, or None; the FP16 judgement) for scaling ``chain`` by 2^-k."""
+    def _underflow(self, chain: _Chain, k: int, values: list[dict[str, np.ndarray]]) -> str | None:
+        """Why scaling ``chain`` by 2^-k loses too much to FP16 underflow, or None."""
         mass = lost = 0.0
         for feed in values:
             for name in chain.entries:
-                v = np.abs(feed[name].astype(np.float64)) * 2.0**-k
-                mass += float(v.sum())
-                lost += float(v[v < FP16_MIN_SUBNORMAL].sum())
+                # |x| * 2^-k summed in float64 is sum(|x|) * 2^-k bit for bit (a power of two, no
+                # float64 under/overflow), and |x| * 2^-k < 2^-24 exactly when |x| < 2^(k-24).
+                v = feed[name].astype(np.float64)
+                np.abs(v, out=v)
+                mass += float(v.sum()) * 2.0**-k
+                lost += float(v[v < FP16_MIN_SUBNORMAL * 2.0**k].sum()) * 2.0**-k
         share = lost / mass if mass > 0 else 0.0
         if share > self.max_underflow_share:
             return (f"scaling by 2^-{k} would push {share:.3g} of the chain inputs' magnitude (L1) below FP16's "
-                    f"smallest subnormal 2^-24 (> max_underflow_share {self.max_underflow_share:g})"), ""
-        try:
-            before, after = _judge(inferred, chain, k, values)
-        except Exception as exc:  # an unextractable chain cannot be judged, so it is not rewritten
-            return f"cannot judge the chain in FP16 emulation: {type(exc).__name__}: {one_line(exc)}", ""
+                    f"smallest subnormal 2^-24 (> max_underflow_share {self.max_underflow_share:g})")
+        return None
+
+    def _decide(self, chain: _Chain, k: int, score: tuple[float, float] | Exception) -> tuple[str | None, str]:
+        """(why not, or None; the FP16 judgement) for scaling ``chain`` by 2^-k, given its judged score."""
+        if isinstance(score, Exception):  # an unextractable chain cannot be judged, so it is not rewritten
+            return f"cannot judge the chain in FP16 emulation: {type(score).__name__}: {one_line(score)}", ""
+        before, after = score
         judged = f"FP16 rel L2 at the exits {before:.3g} -> {after:.3g} (emulated, every tensor FP16)"
         if after > self.max_rel_l2:
             return (f"scaling by 2^-{k} brings the chain in range (absmax {chain.absmax:.4g} -> "
@@ -221,7 +230,7 @@ def _fold_index(c: gs.Node, t: gs.Tensor) -> int | None:
     return idx if ok else None
 
 
-def _apply(graph: gs.Graph, chain: _Chain, k: int) -> None:
+def _apply(graph: gs.Graph, *, chain: _Chain, k: int) -> None:
     """Scale ``chain`` by 2^-k in ``graph`` (the full graph, or the judge's cut-out of it: every name
     is looked up, so both work)."""
     nodes = {n.name: n for n in graph.nodes}
@@ -254,34 +263,3 @@ def _apply(graph: gs.Graph, chain: _Chain, k: int) -> None:
                     if inp is t:
                         c.inputs[i] = scaled
         e.op("Mul", [scaled, e.const(np.float32(up))], out=t)
-
-
-def _tensor_values(ctx: PassContext, names: list[str]) -> list[dict[str, np.ndarray]]:
-    """FP32 values of intermediate tensors of the original model, one dict per feed."""
-    inputs = {i.name for i in ctx.model.graph.input}
-    inner = [n for n in dict.fromkeys(names) if n not in inputs]
-    m = onnx.ModelProto()
-    m.CopyFrom(ctx.model)
-    known = {o.name for o in m.graph.output}
-    m.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
-                          for n in inner if n not in known)
-    runs = run_model(m, ctx.feeds, inner) if inner else [{} for _ in ctx.feeds]
-    return [{**{n: np.asarray(f[n]) for n in names if n in inputs}, **r} for f, r in zip(ctx.feeds, runs)]
-
-
-def _judge(inferred: onnx.ModelProto, chain: _Chain, k: int,
-           values: list[dict[str, np.ndarray]]) -> tuple[float, float]:
-    """Worst FP16 relative L2 over the chain's exits, before and after scaling, every tensor FP16.
-    ``inferred``: the original model with inferred value_info (the extractor needs every type)."""
-    sub = onnx.utils.Extractor(inferred).extract_model(chain.entries, chain.exits)
-    feeds = [{n: v[n] for n in chain.entries} for v in values]
-    reference = run_model(sub, feeds)
-    graph = gs.import_onnx(sub)
-    _apply(graph, chain, k)
-    graph.cleanup().toposort()
-    scaled = gs.export_onnx(graph)
-    scores = []
-    for candidate in (sub, scaled):
-        report = check_fp16(candidate, feeds, reference, plan=PrecisionPlan())
-        scores.append(max(o.rel_l2 for o in report.outputs))
-    return scores[0], scores[1]

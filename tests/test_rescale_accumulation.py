@@ -1,13 +1,18 @@
 """rescale-accumulation: bit-exact in FP32, and kept only where the FP16 emulation says it helps."""
 
+import functools
+
 import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
 import pytest
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from onnx_fp16_rewrite.models import build_cumsum_chain, build_integral_box_filter, build_nafnet
 from onnx_fp16_rewrite.models.nafnet import demo_inputs
 from onnx_fp16_rewrite.passes import ProtectFp32
-from onnx_fp16_rewrite.passes.rescale_accumulation import RescaleAccumulation
+from onnx_fp16_rewrite.passes.rescale_accumulation import RescaleAccumulation, _apply, _grow
+from onnx_fp16_rewrite.analysis.cutout_judge import Cutout, fetch_values, judge_alone, judge_cutouts
 from onnx_fp16_rewrite.errors import BadInputError
 from onnx_fp16_rewrite.emulation.fp16_emulation import check_fp16
 from onnx_fp16_rewrite.io.ort_runner import run_model
@@ -133,3 +138,85 @@ def test_bad_options():
         RescaleAccumulation(max_rel_l2=0)
     with pytest.raises(BadInputError, match="linear accumulations, not Softmax"):
         RescaleAccumulation(seed_ops=("CumSum", "Softmax"))
+
+
+SERIES = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[1,4096] x, float[1,4096] y) => (float[1,4096] e, float[1,4096] f) {
+  ax = Constant<value=int64 {1}>()
+  n = Constant<value=float {4096.0}>()
+  c = CumSum(x, ax)
+  d = Div(c, n)
+  cd = CumSum(d, ax)
+  e = Div(cd, n)
+  cy = CumSum(y, ax)
+  f = Div(cy, n)
+}"""
+
+
+def _cutouts(model):
+    """The pass's chains as the judge's cut-outs (every chain, whatever its range)."""
+    graph = gs.import_onnx(model)
+    graph.toposort()
+    taken, cuts = set(), []
+    for node in [n for n in graph.nodes if n.op in ("CumSum", "ReduceSum")]:
+        if node.name not in taken:
+            chain = _grow(node, graph, taken)
+            cuts.append(Cutout(chain.seed, chain.entries, chain.exits, functools.partial(_apply, chain=chain, k=4)))
+    return cuts
+
+
+@pytest.mark.parametrize("case", ["nafnet-demo", "nafnet-64", "series"])
+def test_chains_judged_together_score_as_each_alone(case):
+    """One cut-out for all chains, its exits' reference from the model's own FP32 run: every
+    chain's (before, after) is bit for bit what judging it alone (its own cut-out, FP32 run and
+    check_fp16 twice) gives. In ``series`` the first chain's exit is the second one's entry: its
+    nodes would be missing from the union, so it is judged alone."""
+    rng = np.random.default_rng(1)
+    model = {"nafnet-demo": lambda: build_nafnet(),
+             "nafnet-64": lambda: build_nafnet(height=64, width=64, kernel=(48, 48), blocks=3),
+             "series": lambda: parse_named(SERIES)}[case]()
+    feeds = [demo_inputs(model)] if case != "series" else \
+        [{n: rng.uniform(20, 40, (1, 4096)).astype(np.float32) for n in "xy"} for _ in range(2)]
+    cuts = _cutouts(model)
+    assert len(cuts) >= 2
+    values = fetch_values(model, feeds, [t for c in cuts for t in c.entries + c.exits])
+    together = judge_cutouts(model, cuts, values)
+    extractor = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(model))
+    for c in cuts:
+        alone = judge_alone(extractor, c, values)
+        assert together[c.key] == alone, (c.key, together[c.key], alone)
+    if case == "nafnet-64":  # in FP16 range: a power-of-two scale changes no FP16 rounding either
+        assert all(before == after < 1e-3 for before, after in together.values())
+    else:  # the overflowing chains are fixed in the union too, each by its own edit
+        assert any(before == np.inf and after < 1e-3 for before, after in together.values())
+
+
+def test_a_chain_that_cannot_be_judged_is_refused_alone():
+    """A cut-out missing an entry (its exit reads ``y``, not given) fails by itself; the others keep
+    the scores they have alone."""
+    model = parse_named(SERIES)
+    feeds = [{n: np.random.default_rng(3).uniform(20, 40, (1, 4096)).astype(np.float32) for n in "xy"}]
+    cuts = _cutouts(model)
+    broken = next(c for c in cuts if c.entries == ["y"])
+    broken.entries = []
+    values = fetch_values(model, feeds, ["x", "y"] + [t for c in cuts for t in c.exits])
+    scores = judge_cutouts(model, cuts, values)
+    assert isinstance(scores[broken.key], Exception)
+    extractor = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(model))
+    for c in cuts:
+        if c is not broken:
+            assert scores[c.key] == judge_alone(extractor, c, values)
+
+
+def test_fetched_values_are_those_of_the_whole_model():
+    """The FP32 values come from the nodes they need alone, bit for bit those of a whole-model run."""
+    model = build_nafnet(height=64, width=64, kernel=(48, 48), blocks=3)
+    feeds = [demo_inputs(model), demo_inputs(model, seed=1)]
+    names = [n.output[0] for n in model.graph.node if n.op_type in ("CumSum", "Mul")][:6] + ["input"]
+    whole = onnx.ModelProto()
+    whole.CopyFrom(model)
+    whole.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names[:-1])
+    for got, want, feed in zip(fetch_values(model, feeds, names), run_model(whole, feeds), feeds):
+        assert sorted(got) == sorted(names)
+        assert all(np.array_equal(got[n], want[n]) for n in names[:-1]) and got["input"] is not None
+        assert np.array_equal(got["input"], feed["input"])
