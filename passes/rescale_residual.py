@@ -10,7 +10,9 @@ LayerNorm, GroupNorm, RMSNorm, decomposed ones included: eps times ``s**2p``) or
 scaled value, gets a ``Mul(s**p)``. Anything else reading a scaled tensor (SiLU's Sigmoid before the norm, a
 graph output) refuses the region, with the reason. A power-of-two factor commutes with every FP32 rounding, so
 the result is bit-identical in FP32 (barring subnormals) except after a Log (one rounding of ``p*k*ln2``); k is
-chosen from measured ranges so the largest scaled tensor is <= target_absmax.
+chosen from measured ranges so the largest scaled tensor is <= target_absmax. Scale invariance is exact in FP32
+only: in FP16 a norm's squares keep both ends only where the norm pre-scales them, down where they would still
+pass 65504, back up where the scale would flush its eps (and the rows near it) to zero.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ class RescaleResidual(Pass):
         absmax <= ``target_absmax`` (4x headroom below 65504 for inputs beyond the calibration set). ``nodes``:
         only seeds produced by these nodes (to try sites one at a time). ``norm_prescale``: how a decomposed norm
         that absorbs the scale but would still square values past FP16 pre-scales its square (``static``: one
-        power of two, its eps stays a constant; ``dynamic``: per row, as fuse-normalization; ``off``)."""
+        power of two, its eps stays a constant; ``dynamic``: per row, as fuse-normalization; ``off``: neither this nor
+        the restore of a norm whose scaled eps would flush to zero in FP16)."""
         if not 0 < target_absmax < trigger_absmax:
             raise BadInputError(f"rescale-residual: need 0 < target_absmax < trigger_absmax, got {target_absmax}, "
                                 f"{trigger_absmax}")
@@ -88,7 +91,8 @@ class RescaleResidual(Pass):
             before = max(absmax.get(name, 0.0) for name in region.tensors)
             detail = _apply(graph, region, k)
             if self.norm_prescale != "off":
-                detail += _prescale_norms(graph, region, k, ctx, absmax, seen, self.norm_prescale)
+                detail += _prescale_norms(graph, region, k, ctx, absmax, seen, self.norm_prescale,
+                                          self.target_absmax)
             for name in region.tensors:
                 seen[name] = "applied"
             result.modified = True
@@ -99,11 +103,12 @@ class RescaleResidual(Pass):
 
 
 def _prescale_norms(graph: gs.Graph, region: Region, k: int, ctx: PassContext, absmax: dict[str, float],
-                    seen: dict[str, str], mode: str) -> str:
-    """A decomposed norm absorbs the scale but still squares its input. Where the scaled input's square would
-    still pass FP16 (T5's final RMSNorm reads the whole stream: no one k fits both the stream's small start and
-    the squares of its end), the square is pre-scaled as fuse-normalization does (exact), in the same rewrite:
-    either fix alone leaves a failure site, so neither would be kept alone."""
+                    seen: dict[str, str], mode: str, target_absmax: float) -> str:
+    """A decomposed norm absorbs the scale but still squares its input, in FP16. Where the scaled input's square
+    would still pass FP16 (T5's final RMSNorm reads the whole stream: no one k fits both the stream's small start
+    and the squares of its end), the square is pre-scaled as fuse-normalization does (exact), in the same rewrite:
+    either fix alone leaves a failure site, so neither would be kept alone. Where instead the scale would flush
+    the norm's eps to zero in FP16, its small end is restored (``_restore_small_end``)."""
     from onnx_fp16_rewrite.passes.fuse_normalization import FuseNormalization
 
     fuse = FuseNormalization(prescale=mode)
@@ -112,15 +117,56 @@ def _prescale_norms(graph: gs.Graph, region: Region, k: int, ctx: PassContext, a
         if not isinstance(sink, NormMatch) or sink.kind == "group" or sink.square_input is None:
             continue
         scaled = absmax.get(sink.square_input.name, 0.0) * 2.0 ** (-k * p)
-        if scaled <= fuse.target_absmax:
-            continue
-        _, changed = fuse._prescale(graph, sink, ctx, scaled, "it absorbs the rescaled stream")
+        if scaled > fuse.target_absmax:
+            changed = fuse._prescale(graph, sink, ctx, scaled, "it absorbs the rescaled stream")[1]
+            note = f"{sink.kind} norm {sink.anchor.name} squares values up to {scaled:.4g}: {mode} pre-scale"
+        else:
+            note = _restore_small_end(graph, sink, k * p, scaled, math.sqrt(target_absmax), ctx)
+            changed = bool(note)
         if changed:
-            notes.append(f"{sink.kind} norm {sink.anchor.name} squares values up to {scaled:.4g}: {mode} pre-scale")
+            notes.append(note)
             for n in sink.nodes:
                 for o in n.outputs:
                     seen[o.name] = "applied"
     return f"; {'; '.join(notes)}" if notes else ""
+
+
+def _restore_small_end(graph: gs.Graph, sink: NormMatch, kp: int, scaled: float, bound: float,
+                       ctx: PassContext) -> str:
+    """A norm that absorbs ``2^-kp`` squares its scaled input, and its small rows lose the most: where FP16 flushes
+    the scaled eps (``eps * 2^-2kp``) to zero, rows near eps flush with it (T5's tiny-embedding token: mean square
+    3e-8 at k=6), and ``1/sqrt(0)`` makes a NaN that attention spreads to every token. Here the squared tensor is
+    multiplied back by ``2^j`` where the pattern reads it, ``j <= kp`` as large as keeps its absmax <= ``bound``
+    (the square <= the pass's target_absmax), and eps by ``2^2j``: exact in FP32 (the norm is scale invariant)."""
+    eps = sink.eps * 2.0 ** (-2 * kp)
+    if np.float16(eps) != 0 or scaled <= 0:
+        return ""
+    j = min(kp, math.floor(math.log2(bound / scaled)))
+    if j < 1:
+        return ""
+    assert sink.eps_node is not None and sink.square_input is not None  # layer and rms matches have both
+    names = NameSource(graph)
+    sq = sink.square_input
+    scope = sink.anchor.name.rsplit("/", 1)[0] if "/" in sink.anchor.name else sink.anchor.name
+    restored = gs.Variable(names(f"{sq.name}_x2^{j}"), dtype=sq.dtype, shape=sq.shape)
+    mul = gs.Node("Mul", names(f"{scope}/restore/Mul"), inputs=[sq, gs.Constant(
+        names(f"{scope}/restore.s"), np.asarray(2.0**j, np.float32))], outputs=[restored])
+    # Where the pattern reads the squared tensor, as fuse-normalization's pre-scale: the square and the final
+    # Div/Mul (a LayerNorm's mean path is left alone, so a constant row stays exactly 0).
+    for reader in (consumers(sq) if sink.kind == "layer" else sink.readers):
+        for i, t in enumerate(reader.inputs):
+            if t is sq:
+                reader.inputs[i] = restored
+    graph.nodes.append(mul)
+    i = 0 if const_value(sink.eps_node.inputs[0]) is not None else 1
+    old = sink.eps_node.inputs[i]
+    values = const_value(old)
+    sink.eps_node.inputs[i] = gs.Constant(names(f"{old.name}_x2^{2 * j}"),
+                                          np.asarray(values * np.float64(4.0) ** j, values.dtype))
+    if ctx.plan.is_fp32(sink.anchor.name):
+        ctx.plan.pin(mul.name, "restores the small end of an FP32-pinned normalization")
+    return (f"{sink.kind} norm {sink.anchor.name}: eps x 2^-{2 * kp} would flush to 0 in FP16, so its squared "
+            f"tensor x 2^{j} (absmax {scaled:.4g} -> {scaled * 2.0**j:.4g}), eps x 2^{2 * j}")
 
 
 def _powers(region: Region, k: int) -> str:

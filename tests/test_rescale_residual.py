@@ -159,3 +159,58 @@ def test_nothing_to_do_and_bad_options():
     assert record.status == "unchanged" and "no tensor above" in record.skipped[0].detail
     with pytest.raises(BadInputError, match="target_absmax"):
         RescaleResidual(target_absmax=1e5)
+
+
+def tiny_row_model():
+    """T5's first RMSNorm in small: ``a = x @ w1`` (absmax ~40) is read by an RMSNorm and joins ``b = a + z @ w2``
+    (~1e6, T5's FFN overflow), which a second RMSNorm reads. Row 3 of x is tiny (T5's tiny-embedding token)."""
+    rng = np.random.default_rng(5)
+    b = GraphBuilder(17)
+
+    def rms(scope, x, out):
+        var = b.reduce_mean(scope, b.op(scope, "Pow", [x, b.const(scope, np.float32(2.0))]), [-1])
+        std = b.op(scope, "Sqrt", [b.op(scope, "Add", [var, b.const(scope, np.float32(1e-6))])])
+        return b.op(scope, "Mul", [x, b.op(scope, "Div", [b.const(scope, np.float32(1.0)), std])], out_names=[out])
+
+    a = b.op("/a", "MatMul", ["x", b.const("/a", rng.standard_normal((64, 64)).astype(np.float32) * 1.5,
+                                           name="a.weight")])
+    rms("/norm1", a, "y1")
+    big = b.op("/big", "MatMul", ["z", b.const("/big", rng.standard_normal((64, 64)).astype(np.float32) * 5e4,
+                                               name="big.weight")])
+    rms("/norm2", b.op("/res", "Add", [a, big]), "y2")
+    model = b.model(graph_name="tiny_row", inputs=[("x", [1, 16, 64]), ("z", [1, 16, 64])],
+                    outputs=[("y1", [1, 16, 64]), ("y2", [1, 16, 64])])
+    x = rng.standard_normal((1, 16, 64)).astype(np.float32)
+    x[0, 3] *= 4e-4  # a's row 3: rms ~5e-3, mean square 2.5e-5 >> eps; x 2^-6 its squares flush to 0 in FP16
+    return model, [{"x": x, "z": rng.uniform(0, 1, (1, 16, 64)).astype(np.float32)}]
+
+
+def test_norm_whose_scaled_eps_flushes_gets_its_small_end_restored(monkeypatch):
+    """k=6 makes eps 1e-6 * 2^-12 (0 in FP16) and flushes row 3's squares: 1/sqrt(0) = inf in the norm's output
+    (in T5 attention spreads it as NaN to every token). Its squared tensor is multiplied back by 2^6 (absmax
+    0.6 -> 40 <= sqrt(16384)), eps by 2^12: bit-exact in FP32 and finite in FP16."""
+    from onnx_fp16_rewrite.passes import rescale_residual
+
+    model, data = tiny_row_model()
+    fixed, record = run_pass(model, RescaleResidual(), data)
+    assert record.status == "kept"
+    detail = record.rewritten[0].detail
+    assert "scaled 3 tensors by 2^-6" in detail
+    assert "rms norm /norm1/Pow: eps x 2^-12 would flush to 0 in FP16, so its squared tensor x 2^6" in detail
+    assert "rms norm /norm2/Pow squares values up to" in detail  # the large end: static pre-scale, as before
+    mul = next(n for n in fixed.graph.node if n.name == "/norm1/restore/Mul")
+    assert weights(fixed)[mul.input[1]] == np.float32(64.0)
+    readers = {n.name for n in fixed.graph.node if mul.output[0] in n.input}
+    assert readers == {"/norm1/Pow", "/norm1/Mul"}
+    add = next(n for n in fixed.graph.node if n.name == "/norm1/Add")
+    assert weights(fixed)[add.input[1]] == np.float32(1e-6)  # 1e-6 * 2^-12 * 2^12
+    assert_bit_exact(model, fixed, data)
+    after = check_fp16(fixed, data)
+    assert after.passed, after.outputs
+    y1 = next(o for o in after.outputs if o.name == "y1")
+    assert y1.nan == 0 and y1.inf == 0 and y1.rel_l2 < 2e-3
+
+    monkeypatch.setattr(rescale_residual, "_restore_small_end", lambda *args: "")
+    unrestored, _ = run_pass(model, RescaleResidual(), data)
+    y1 = next(o for o in check_fp16(unrestored, data).outputs if o.name == "y1")
+    assert y1.nan + y1.inf > 0  # row 3 divided by an FP16 zero
