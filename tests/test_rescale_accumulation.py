@@ -208,6 +208,21 @@ def test_a_chain_that_cannot_be_judged_is_refused_alone():
             assert scores[c.key] == judge_alone(extractor, c, values)
 
 
+def test_cut_outs_sharing_nodes_are_judged_alone():
+    """Two cut-outs of one region (x -> d, and x -> e through d): judged together the second would
+    lose the nodes it shares with the first, so it is judged alone; both score as alone."""
+    model = parse_named(SERIES)
+    feeds = [{n: np.random.default_rng(4).uniform(20, 40, (1, 4096)).astype(np.float32) for n in "xy"}]
+    first, second = (Cutout(key, ["x"], [out], lambda g: None) for key, out in (("d", "d"), ("e", "e")))
+    other = next(c for c in _cutouts(model) if c.entries == ["y"])
+    cuts = [first, other, second]
+    values = fetch_values(model, feeds, ["x", "y", "d", "e"] + other.exits)
+    scores = judge_cutouts(model, cuts, values)
+    extractor = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(model))
+    assert all(scores[c.key] == judge_alone(extractor, c, values) for c in cuts)
+    assert scores["e"][0] == scores["e"][1] == np.inf and scores[other.key][0] == np.inf
+
+
 def test_fetched_values_are_those_of_the_whole_model():
     """The FP32 values come from the nodes they need alone, bit for bit those of a whole-model run."""
     model = build_nafnet(height=64, width=64, kernel=(48, 48), blocks=3)

@@ -7,10 +7,11 @@ FP32 for the sites' entry *and* exit values (the exits are the reference: the sa
 the same inputs, graph optimizations off, give the same bits in the cut-out), then one cut-out
 holds every site and is emulated once before and once after all edits. A site's score is the worst
 relative L2 over its own exits, bit-identical to judging it alone (tests/test_rescale_accumulation.py
-compares the two), provided its cut-out is the same in the union: a site whose cone (walking back
-from its exits to its entries) meets another site's entry would lose nodes there, so it is judged
-alone, as is every site of a union that cannot be extracted or emulated (each then fails, or not,
-with its own reason).
+compares the two), provided the union is the disjoint union of the cut-outs: a site whose cone
+(walking back from its exits to its entries) meets another site's entry would lose nodes there,
+and one sharing a node with an earlier site's cone would be emulated with that site's consumers
+around it, so each is judged alone, as is every site of a union that cannot be extracted or
+emulated (each then fails, or not, with its own reason).
 """
 
 from __future__ import annotations
@@ -63,9 +64,18 @@ def judge_cutouts(model: onnx.ModelProto, cutouts: Sequence[Cutout],
         return {}
     inferred = onnx.shape_inference.infer_shapes(model)  # the extractor needs every tensor's type
     extractor = onnx.utils.Extractor(inferred)
+    # The union is the disjoint union of the cut-outs (and so emulates each as alone) when no
+    # cone passes another cut-out's entry and no two share a node (Constants aside: inlined).
+    producer = {o: k for k, node in enumerate(inferred.graph.node) for o in node.output if o}
     entries = {n for c in cutouts for n in c.entries}
-    alone = [c for c in cutouts if _meets_other_entries(extractor, c, entries)]
-    together = [c for c in cutouts if c not in alone]
+    together, alone, claimed = [], [], set()
+    for c in cutouts:
+        cone = _cone(inferred.graph, producer, c, entries)
+        if cone is None or cone & claimed:
+            alone.append(c)
+        else:
+            together.append(c)
+            claimed |= cone
     out: dict[str, Score | Exception] = {}
     if len(together) > 1:
         try:
@@ -121,26 +131,29 @@ def _rel_l2(model: onnx.ModelProto, feeds: list[Feed], reference: list[Feed], na
     return {n: compare_output(n, [r[n] for r in runs], [ref[n] for ref in reference], 1e-2).rel_l2 for n in names}
 
 
-def _meets_other_entries(extractor: onnx.utils.Extractor, cutout: Cutout, entries: set[str]) -> bool:
-    """Whether the extractor's walk from the exits back to the entries passes another cut-out's
-    entry (or anything with a subgraph, whose outer-scope reads the walk cannot see)."""
+def _cone(graph: onnx.GraphProto, producer: dict[str, int], cutout: Cutout, entries: set[str]) -> set[int] | None:
+    """The nodes (indices, Constants aside) the extractor takes for ``cutout``, walking back from
+    its exits to its entries; None when the walk passes another cut-out's entry or a node with a
+    subgraph (whose outer-scope reads the walk cannot see)."""
     own = set(cutout.entries)
-    producer = {o: node for node in extractor.graph.node for o in node.output if o}
-    stack, seen = list(cutout.exits), set()
+    stack, seen, cone = list(cutout.exits), set(), set()
     while stack:
         name = stack.pop()
         if name in own or name in seen:
             continue
         seen.add(name)
         if name in entries:
-            return True
-        node = producer.get(name)
-        if node is None:
+            return None
+        k = producer.get(name)
+        if k is None:
             continue
+        node = graph.node[k]
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-            return True
+            return None
+        if node.op_type != "Constant":
+            cone.add(k)
         stack += [i for i in node.input if i]
-    return False
+    return cone
 
 
 def _cone_model(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -160,10 +173,11 @@ def _cone_model(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
                 stack += [i for i in g.node[k].input if i]
     nodes = [g.node[k] for k in sorted(keep)]
     used = {i for n in nodes for i in n.input} if not whole else {i.name for i in g.initializer}
+    declared = {i.name for i in g.input}  # an initializer listed as an input (IR < 4) keeps its default
     known = {o.name: o for o in g.output}
     outputs = [known.get(n) or helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names]
     graph = helper.make_graph(nodes, g.name, list(g.input), outputs,
-                              initializer=[t for t in g.initializer if t.name in used])
+                              initializer=[t for t in g.initializer if t.name in used or t.name in declared])
     m = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     m.functions.extend(model.functions)
     return m
