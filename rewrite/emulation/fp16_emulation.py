@@ -315,12 +315,19 @@ def check_fp16(
     model = weights.share(model)  # each weight held once by the emulation and its sessions (io.weights)
     if plan is None:
         plan = PrecisionPlan.from_model(model)
-    emu = build_emulation(model, plan, strict_cumsum=strict_cumsum)
-    if reference is None:
+    # Without a reference, the FP32 model runs as a twin inside the emulation graph (one session,
+    # one run per feed), unless FP16-typed inputs would round the twin's inputs too.
+    names = [n.name for n in model.graph.node]
+    twin = (reference is None and not any(i.type.tensor_type.elem_type == _FLOAT16 for i in model.graph.input)
+            and all(names) and len(set(names)) == len(names) and not any(subgraphs(n) for n in model.graph.node))
+    emu = build_emulation(model, plan, strict_cumsum=strict_cumsum, fp32_shadow=twin, shadow_errors=False)
+    if reference is None and not twin:
         reference = _fp32_outputs(model, feeds)
     out_names = [o.name for o in model.graph.output]
     # Cached: the fixer's last accepted plan and the final verification run the same graph.
-    runs = run_cached(emu.model, [emu_feed(f, emu.fp16_inputs) for f in feeds], optimize=True, cache=cache)
+    runs = run_cached(emu.model, [emu_feed(f, emu.fp16_inputs) for f in feeds], optimize=not twin, cache=cache)
+    if twin:  # optimizations off there: the twin's outputs must be a plain FP32 run's
+        reference = [{k: r[t] for k, t in emu.twin_outputs.items()} for r in runs]
     outputs = [
         compare_output(name, [r[name] for r in runs], [ref[name] for ref in reference], rel_l2_tolerance)
         for name in out_names
