@@ -24,6 +24,7 @@ counts 0; ``fp16_flop_fraction`` names such nodes in one warning.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -39,7 +40,6 @@ logger = logging.getLogger(__name__)
 
 Shape = tuple[int | None, ...]
 
-_PROTO_LIMIT = 2**31 - 1
 _VIEW_OPS = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Shape", "Size", "Constant"}
 _POOL_OPS = {"AveragePool", "MaxPool", "LpPool"}
 _REDUCE_OPS = {"ArgMax", "ArgMin", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
@@ -52,13 +52,16 @@ def tensor_shapes(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarra
     with ``feeds``, the shapes of a run on the first feed take precedence: inferred for the feed's
     input shapes where that fixes every tensor a FLOP count reads, else traced from an ORT run.
     ``trace``: True always traces (no static shortcut), False never does."""
-    shapes, types = _inferred_shapes(model)
+    skel = _inference_skeleton(model)
+    shapes, types = _inferred_shapes(model, skel)
     if not feeds:
         return shapes, types
     if trace is not True:
-        static = _fed_shapes(model, feeds[0])
-        if static is not None and _complete(model, static):
-            shapes.update(static)
+        static = _fed_shapes(skel, feeds[0])
+        if static is not None and trace is None:
+            static = _seeded(model, skel, feeds[0], *static)
+        if static is not None and _complete(model, static[0]):
+            shapes.update(static[0])
             return shapes, types
         if trace is False:
             return shapes, types
@@ -66,10 +69,12 @@ def tensor_shapes(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarra
     return shapes, types
 
 
-def _fed_shapes(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> dict[str, Shape] | None:
-    """Shapes inferred with the graph inputs set to ``feed``'s shapes; None where ORT would refuse
-    the feed (a missing or unknown name, another rank or fixed dim): the trace decides those."""
-    skel = weights.skeleton(model)[0]
+def _fed_shapes(skeleton: onnx.ModelProto, feed: Mapping[str, np.ndarray], seeds: Mapping[str, Shape] | None = None,
+                seed_types: Mapping[str, int] | None = None) -> tuple[dict[str, Shape], dict[str, int]] | None:
+    """Shapes (and types) inferred with the graph inputs set to ``feed``'s shapes and ``seeds``
+    (traced shapes) as value_info; None where ORT would refuse the feed (a missing or unknown
+    name, another rank or fixed dim): the trace decides those."""
+    skel = _copy(skeleton)  # weight-less: a cheap copy
     g = skel.graph
     inits = {i.name for i in g.initializer}
     names = {i.name for i in g.input}
@@ -90,12 +95,55 @@ def _fed_shapes(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> dict[
             d.dim_value = int(n)
     # Only what inputs, weights and op semantics imply: a stale value_info or output shape
     # would be believed by inference but not by ORT.
+    seeds = seeds or {}
     del g.value_info[:]
     for vi in g.output:
         if vi.type.HasField("tensor_type"):
             vi.type.tensor_type.ClearField("shape")
-    shapes, _ = _shapes_of(onnx.shape_inference.infer_shapes(skel, data_prop=True))
-    return shapes
+            if vi.name in seeds:
+                vi.type.tensor_type.shape.dim.extend(onnx.TensorShapeProto.Dimension(dim_value=d)
+                                                     for d in seeds[vi.name])
+    outputs = {vi.name for vi in g.output}
+    g.value_info.extend(helper.make_tensor_value_info(k, seed_types[k], v) for k, v in seeds.items()
+                        if k not in outputs)
+    return _shapes_of(onnx.shape_inference.infer_shapes(skel, data_prop=True))
+
+
+_SEED_ROUNDS = 3
+_SEED_SHARE = 0.25  # of the model's (known) FLOPs the seed traces may run, all rounds together
+
+
+def _seeded(model: onnx.ModelProto, skeleton: onnx.ModelProto, feed: Mapping[str, np.ndarray],
+            shapes: dict[str, Shape], types: dict[str, int]) -> tuple[dict[str, Shape], dict[str, int]]:
+    """Where inference stops (a node's inputs known, an output not: Range over a fed length, Pad
+    by computed pads), trace just those outputs (on the nodes they depend on), give inference
+    the traced shapes and infer again; a few rounds. Unfinished: the full trace decides."""
+    from onnx_fp16_rewrite.canonical.trace import depends_on
+
+    seeds: dict[str, Shape] = {}
+    nodes = model.graph.node
+    spent = 0.0
+    for _ in range(_SEED_ROUNDS):
+        if _complete(model, shapes):
+            break
+        stops = [o for n in nodes if all(not i or _numel(shapes.get(i)) is not None for i in n.input)
+                 for o in n.output if o and _numel(shapes.get(o)) is None and types.get(o)]
+        # Worth it only while the nodes those need are a small part of the model (a Range over a
+        # fed length: its shape arithmetic); else one full trace is cheaper than rounds of them.
+        flops = [_node_cost(n, shapes) or 0.0 for n in nodes]
+        spent += sum(flops[i] for i in depends_on(model.graph, stops))
+        if not stops or spent > _SEED_SHARE * sum(flops):
+            break
+        traced = {k: v for k, v in _traced(model, feed, only=stops).items() if k in stops}
+        if not traced:
+            break
+        seeds.update(traced)
+        fed = _fed_shapes(skeleton, feed, seeds, types)
+        if fed is None:
+            break
+        shapes, new_types = fed
+        types = {**types, **new_types}
+    return shapes, types
 
 
 def _complete(model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> bool:
@@ -110,24 +158,51 @@ def _complete(model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> bool:
     return True
 
 
-def _traced(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> dict[str, Shape]:
+def _traced(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], only: Sequence[str] | None = None
+            ) -> dict[str, Shape]:
     from onnx_fp16_rewrite.canonical.trace import trace_shapes
+    from onnx_fp16_rewrite.pipeline.pass_manager import name_nodes
 
+    names = [n.name for n in model.graph.node]
+    if "" in names or len(set(names)) < len(names):  # ORT refuses duplicate names: PassManager's, as always
+        model = _copy(model)
+        name_nodes(model)
     # A mixed-precision model may take FP16 inputs: feed it what it declares.
     declared = {i.name: helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
                 for i in model.graph.input if i.type.tensor_type.elem_type}
     typed = {k: np.asarray(v).astype(declared.get(k, np.asarray(v).dtype)) for k, v in feed.items()}
     try:
-        return dict(trace_shapes(model, typed))
+        return dict(trace_shapes(model, typed, only=only))
     except Exception as exc:  # a model ORT cannot run keeps the inferred shapes
         logger.info("FLOPs: shapes not traced (%s); using shape inference", exc)
         return {}
 
 
-def _inferred_shapes(model: onnx.ModelProto) -> tuple[dict[str, Shape], dict[str, int]]:
-    # On a weight-less skeleton (io.weights): never a >2 GiB proto, never the caller's model
-    # saved as external data (that emptied it in place).
-    return _shapes_of(onnx.shape_inference.infer_shapes(weights.skeleton(model)[0], data_prop=True))
+def _inferred_shapes(model: onnx.ModelProto, skel: onnx.ModelProto | None = None) -> tuple[dict[str, Shape], dict]:
+    # On a weight-less skeleton: never a >2 GiB proto, never the caller's model saved as external data.
+    return _shapes_of(onnx.shape_inference.infer_shapes(skel or _inference_skeleton(model), data_prop=True))
+
+
+_STUB_BYTES = 64 << 10
+
+
+def _inference_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``weights.skeleton`` whose float weights from 64 KiB up are dims-only references too: shape
+    inference reads a weight's dims, and values only of small shape tensors (axes, pads, scales),
+    so it gets the same shapes without serialising the weights twice (T5-small: 2 s of 2.2)."""
+    skel, stripped = weights.skeleton(model, large_bytes=_STUB_BYTES)
+    for t in skel.graph.initializer:  # anything but a float weight: as the default skeleton keeps it
+        orig = stripped.get(t.name)
+        if (orig is not None and orig.data_type not in _FLOAT_TYPES and not weights.is_ref(orig)
+                and weights.nbytes(orig) < weights.LARGE_TENSOR_BYTES):
+            t.CopyFrom(orig)
+    return skel
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
 
 
 def _shapes_of(inferred: onnx.ModelProto) -> tuple[dict[str, Shape], dict[str, int]]:
@@ -156,7 +231,7 @@ def _shapes_of(inferred: onnx.ModelProto) -> tuple[dict[str, Shape], dict[str, i
 def _numel(shape: Shape | None) -> int | None:
     if shape is None or any(d is None or d < 0 for d in shape):
         return None
-    return int(np.prod(shape, dtype=np.int64)) if shape else 1
+    return math.prod(shape)  # () -> 1
 
 
 def op_flops(op: str, attrs: dict[str, object], ins: Sequence[Shape | None],
@@ -251,29 +326,45 @@ def node_flops(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]]
     names get the names ``PassManager`` would give them), on the shapes of a run on ``feeds`` when
     given (or on ``shapes``; ``trace`` as in ``tensor_shapes``). Nodes with unknown shapes count
     0; their names go to ``unknown`` when given, else to an info log line."""
-    from onnx_fp16_rewrite.pipeline.pass_manager import name_nodes
-
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    name_nodes(m)
+    nodes = _named_nodes(model)
     if shapes is None:
-        shapes, _ = tensor_shapes(m, feeds, trace=trace)
-    result: dict[str, float] = {}
-    missing: list[str] = []
-    for node in m.graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        ins = [shapes.get(i) if i else None for i in node.input]
-        outs = [shapes.get(o) for o in node.output if o]
-        flops = op_flops(node.op_type, attrs, ins, outs)
-        if flops is None:
-            missing.append(node.name)
-            flops = 0.0
-        result[node.name] = flops
+        shapes, _ = tensor_shapes(model, feeds, trace=trace)
+    result, missing = _counts(nodes, shapes)
     if unknown is not None:
         unknown.extend(missing)
     elif missing:
         logger.info("FLOPs: %d node(s) with unknown shapes counted as 0: %s", len(missing), _names(missing))
     return result
+
+
+def _named_nodes(model: onnx.ModelProto) -> Sequence[onnx.NodeProto]:
+    """The main graph's nodes under the names ``PassManager`` would give them (a copy of the nodes
+    alone: copying a whole model copied its weights, 0.3 s of T5-small's count)."""
+    from onnx_fp16_rewrite.pipeline.pass_manager import name_nodes
+
+    named = onnx.ModelProto()
+    named.graph.node.extend(model.graph.node)
+    name_nodes(named)
+    return named.graph.node
+
+
+def _node_cost(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> float | None:
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    ins = [shapes.get(i) if i else None for i in node.input]
+    outs = [shapes.get(o) for o in node.output if o]
+    return op_flops(node.op_type, attrs, ins, outs)
+
+
+def _counts(nodes: Sequence[onnx.NodeProto], shapes: Mapping[str, Shape]) -> tuple[dict[str, float], list[str]]:
+    result: dict[str, float] = {}
+    missing: list[str] = []
+    for node in nodes:
+        flops = _node_cost(node, shapes)
+        if flops is None:
+            missing.append(node.name)
+            flops = 0.0
+        result[node.name] = flops
+    return result, missing
 
 
 def _names(names: list[str]) -> str:
@@ -292,21 +383,16 @@ def fp16_flop_fraction(model: onnx.ModelProto, plan: PrecisionPlan | None = None
     are FLOAT16 (the plan is not consulted). Nodes without float outputs (shape arithmetic) count
     on neither side. Returns 0.0 for a model with no float FLOPs.
     """
-    from onnx_fp16_rewrite.pipeline.pass_manager import name_nodes
-
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    name_nodes(m)
-    shapes, types = tensor_shapes(m, feeds, trace=trace)
-    unknown: list[str] = []
-    flops = node_flops(m, shapes=shapes, unknown=unknown)
+    nodes = _named_nodes(model)
+    shapes, types = tensor_shapes(model, feeds, trace=trace)
+    flops, unknown = _counts(nodes, shapes)
     if unknown:
         logger.warning("FLOPs: %d node(s) with unknown shapes counted as 0: %s", len(unknown), _names(unknown))
     mixed = any(t == TensorProto.FLOAT16 for t in types.values())
     if plan is None:
-        plan = PrecisionPlan.from_model(m)
+        plan = PrecisionPlan.from_model(model)
     fp16 = total = 0.0
-    for node in m.graph.node:
+    for node in nodes:
         float_outs = [types.get(o) for o in node.output if o and types.get(o) in _FLOAT_TYPES]
         if not float_outs:
             continue
