@@ -33,6 +33,10 @@ logger = logging.getLogger(__name__)
 LARGE_TENSOR_BYTES = 16 << 20
 # Chunk size for reading and deriving weights (bounded temporaries).
 CHUNK_BYTES = 16 << 20
+# ``share``: float weights at least this large become in-process references for the analysis
+# (fix, check), so its many model copies, snapshots and ORT sessions share one buffer per weight.
+SHARE_BYTES = 4096
+_FLOATS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 
 _PREFIX = "@onnx-fp16-rewrite/"
 _FILE = _PREFIX + "file:"
@@ -79,6 +83,53 @@ def detach_large(model: onnx.ModelProto, *, large_bytes: int | None = None) -> N
         if not is_ref(t) and t.HasField("raw_data") and len(t.raw_data) >= limit and t.data_type not in _PACKED:
             arr = np.frombuffer(t.raw_data, dtype=_np_dtype(t)).reshape(tuple(t.dims))
             _set_location(t, f"{_MEM}{_keep(arr)}", 0, arr.nbytes)
+
+
+_shared: set[int] = set()  # store keys share() made (unshare puts those back into the proto)
+
+
+def share(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with each float initializer of at least ``SHARE_BYTES`` in its proto moved into
+    this process's store (a copy built field by field; the caller's model is untouched), or
+    ``model`` itself when it has none. Copies, snapshots, hashes and shape inference of the result
+    then cost its graph only, and ORT sessions read the stored buffers (``add_initializer``), so
+    the analysis holds each weight once however many graphs it builds. Non-float tensors (shapes,
+    indices) stay in the proto: shape inference and constant folding read their values.
+    ``unshare`` undoes it on a result before it leaves the tool."""
+    if not any(_shareable(t) for t in model.graph.initializer):
+        return model
+    out = onnx.ModelProto()
+    _copy_fields(out, model, skip="graph")
+    _copy_fields(out.graph, model.graph, skip="initializer")
+    for t in model.graph.initializer:
+        s = out.graph.initializer.add()
+        if not _shareable(t):
+            s.CopyFrom(t)
+            continue
+        _copy_fields(s, t, skip="raw_data")
+        arr = np.frombuffer(t.raw_data, dtype=_np_dtype(t)).reshape(tuple(t.dims))
+        key = _keep(arr)
+        _shared.add(key)
+        _set_location(s, f"{_MEM}{key}", 0, arr.nbytes)
+    return out
+
+
+def unshare(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Put back into ``model`` (in place; returned) the weights ``share`` moved out, and every
+    in-process reference smaller than ``LARGE_TENSOR_BYTES`` (derived from a shared weight):
+    the model then holds references exactly where it would have without ``share``."""
+    for t in all_tensors(model):
+        key = _mem_key(t) if is_ref(t) else None
+        if key is not None:
+            if key in _shared or nbytes(t) < LARGE_TENSOR_BYTES:
+                inline(t)
+    return model
+
+
+def _shareable(t: TensorProto) -> bool:
+    # Sized from the dims: reading raw_data would copy it.
+    return (t.data_type in _FLOATS and not is_ref(t) and t.HasField("raw_data")
+            and int(np.prod(t.dims, dtype=np.int64)) * _np_dtype(t).itemsize >= SHARE_BYTES)
 
 
 def make_tensor(arr: np.ndarray, name: str, *, large_bytes: int | None = None) -> TensorProto:
@@ -277,6 +328,8 @@ def import_graph(model: onnx.ModelProto):
     for t in graph.tensors().values():
         if isinstance(t, gs.Constant) and _is_lazy(t._values) and is_ref(t._values.tensor):
             t._values = _ref_values(t._values.tensor)
+            # graphsurgeon would mark new values a pass sets (``c.values = ...``) external too.
+            t.data_location = None
     return graph
 
 
@@ -285,11 +338,36 @@ def keep_refs(graph) -> None:
     caches them as an array) is exported as its reference again, not inlined into the proto."""
     import onnx_graphsurgeon as gs
 
-    for t in graph.tensors().values():
-        if isinstance(t, gs.Constant) and isinstance(t._values, np.ndarray):
+    constants = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
+    shared = False
+    for t in constants:
+        if isinstance(t._values, np.ndarray):
             entry = _loaded.get(id(t._values))
             if entry is not None and entry[0]() is t._values:
                 t._values = _ref_values(entry[1])
+        if _is_lazy(t._values) and is_ref(t._values.tensor):
+            shared = shared or _mem_key(t._values.tensor) in _shared
+    if not shared:
+        return
+    # A shared model's new weights (a pass scaled one) are shared too: not copied with every
+    # snapshot and emulation graph; unshare puts them back into the result's proto.
+    for t in constants:
+        arr = t._values
+        if (isinstance(arr, np.ndarray) and arr.nbytes >= SHARE_BYTES
+                and arr.dtype in (np.float32, np.float16, np.float64)
+                and (t.export_dtype is None or _onnx_dtype(t.export_dtype) == _onnx_dtype(arr.dtype))):
+            key = _keep(np.ascontiguousarray(arr))
+            _shared.add(key)
+            t._values = _ref_values(_ref_tensor(key, t.name))
+
+
+def _mem_key(t: TensorProto) -> int | None:
+    loc = _info(t).get("location", "")
+    return int(loc[len(_MEM):]) if loc.startswith(_MEM) else None
+
+
+def _onnx_dtype(dtype) -> int:
+    return dtype if isinstance(dtype, int) else helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
 
 
 _loaded: dict[int, tuple] = {}  # id(array a reference loaded to) -> (weakref to it, the tensor)
@@ -331,7 +409,7 @@ def inline(t: TensorProto) -> None:
     """Put a referenced tensor's data into the proto (only for small ones or rare places)."""
     data = np.ascontiguousarray(tensor_array(t)).tobytes()
     del t.external_data[:]
-    t.data_location = TensorProto.DEFAULT
+    t.ClearField("data_location")  # not set to DEFAULT: the tensor serialises as one never detached
     t.raw_data = data
 
 
