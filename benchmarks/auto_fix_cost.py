@@ -14,13 +14,13 @@ with that many calibration samples on ``--samples-model``.
 Run by hand (from the repository root, in the venv):
     python benchmarks/auto_fix_cost.py [--models nafnet9,vae,t5,t5-torchscript] [--samples 1,4,16] [--json out.json]
 Models (one plain inference on 2 cores): ``nafnet9`` (NAFNet-Local 512^2, ~1 s), ``vae`` (diffusers AutoencoderKL
-decoder, latent 32 -> 256^2, TorchScript export, ~1 s), ``t5`` (our T5 v1.1-style builder, seq 256),
+decoder, latent 32 -> 256^2, TorchScript export, 1-1.5 s), ``t5`` (our T5 v1.1-style builder, seq 256),
 ``t5-torchscript`` (transformers T5EncoderModel, t5-small-like, seq 256, TorchScript export, ~1 s); the earlier
 ``vae-small`` (our builder, 0.1 s) and ``t5-torchscript-small`` (the corpus' tiny T5, 0.02 s) stay for comparison.
 Each prints its nodes, weight MB, plain-inference seconds and whether ``check`` fails before any fix.
-The models are always built by this checkout's code; only the jobs run against ``--pythonpath``.
 ``--pythonpath DIR`` runs the jobs against another copy of the package (the "before" numbers):
 DIR holds an ``onnx_fp16_rewrite`` folder laid out as installed (rewrite/ with passes/ and models/ inside).
+The models are always built by this checkout's code (both sides see the same files); only the jobs use DIR.
 """
 
 from __future__ import annotations
