@@ -15,10 +15,11 @@ plan keeps out of FP16, which is what the reports need. Counting rules (one mult
 Shapes are those of a run when ``feeds`` are given (dynamic, ``-1`` and symbolic dims count as
 what the model computed on the first feed), else ONNX shape inference's (with data propagation).
 With feeds, static inference runs first on a copy whose inputs take the feed's shapes (its
-value_info and output shapes dropped, so nothing stale is believed); only when a tensor of a
-counted node is still not fully known is every tensor's shape traced from one ORT run
-(``canonical.trace``), which then stands for all of them. A node whose shape is still unknown
-counts 0; ``fp16_flop_fraction`` names such nodes in one warning.
+value_info and output shapes dropped, so nothing stale is believed). Where it stops, ORT traces
+just the tensors it stopped at, on the nodes they need (``canonical.trace``), and inference goes
+on from their shapes; only when that does not finish cheaply is every tensor's shape traced from
+one full run, which then stands for all of them (the behaviour before: ``trace=True``). A node
+whose shape is still unknown counts 0; ``fp16_flop_fraction`` names such nodes in one warning.
 """
 
 from __future__ import annotations

@@ -91,7 +91,9 @@ def _trace_only(model: onnx.ModelProto, feed: Feed, targets: list[str]) -> dict[
     nodes = [g.node[i] for i in depends_on(g, targets)]
     read = {t for n in nodes for t in (*n.input, *outer_refs(list(subgraphs(n))))} | {i.name for i in g.input}
     names = {t: f"{_PREFIX}_{k}" for k, t in enumerate(t for t in targets if t in producer)}
-    taken = {n.name for n in nodes} | {o for n in nodes for o in n.output}
+    if not names:
+        return {}
+    taken = {n.name for n in nodes} | {o for n in nodes for o in n.output} | read
     for t, name in list(names.items()):
         while name in taken:
             name += "_"
@@ -103,8 +105,6 @@ def _trace_only(model: onnx.ModelProto, feed: Feed, targets: list[str]) -> dict[
         initializer=[i for i in g.initializer if i.name in read])
     m = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     m.functions.extend(model.functions)
-    if not names:
-        return {}
     values = make_session(m).run(list(names.values()), dict(feed))
     return {t: tuple(int(d) for d in v) for t, v in zip(names, values)}
 
