@@ -115,7 +115,8 @@ def worker(folder: Path, out: Path) -> None:
                     r = fix_model(model, [], feeds, auto=True, emit=emit,
                                   auto_rewrites=auto_rewrites() if rw == "rewrites" else ())
                 except Exception as e:  # an answer too: the error is compared like the rest
-                    result[key] = {"error": f"{type(e).__name__}: {e}"[:200]}
+                    msg = f"{type(e).__name__}: {e}"  # ORT puts the reason last, after a long C++ signature
+                    result[key] = {"error": msg if len(msg) <= 400 else f"{msg[:120]} ... {msg[-260:]}"}
                     print(key, "ERROR", result[key]["error"], file=sys.stderr, flush=True)
                     continue
                 rep = r.report
