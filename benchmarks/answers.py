@@ -155,6 +155,8 @@ def record(out: Path, names: list[str], pythonpath: str | None) -> int:
 
 def _differences(key: str, a: dict, b: dict) -> tuple[list[str], bool]:
     """Lines describing how ``b`` differs from ``a``, and whether an answer (not only numerics) differs."""
+    if ("error" in a) != ("error" in b):  # one side failed: its error is the difference
+        return [f"{key}: {a.get('error', 'answered')} -> {b.get('error', 'answered')}"], True
     order = [*ANSWERS, "after_rel"]
     lines, answer = [], False
     for field in sorted(set(a) | set(b), key=lambda f: order.index(f) if f in order else len(order)):
