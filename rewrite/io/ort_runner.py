@@ -52,7 +52,10 @@ def make_session(model: onnx.ModelProto, *, optimize: bool = False):
     # Weights are given to ORT as our own buffers (add_initializer: no copy; file references
     # are read-only memory maps), and the model as a weight-less skeleton whose weights point at
     # an empty placeholder file: the protobuf limit never applies and nothing is written.
-    if not any(weights.is_ref(t) or weights.nbytes(t) >= weights.LARGE_TENSOR_BYTES for t in model.graph.initializer):
+    # Float weights of any real size go that way too (weights.skeleton): ORT parsing them from
+    # the serialized model would hold two more copies while the session is built.
+    if not any(weights.is_ref(t) or weights.nbytes(t) >= weights.LARGE_TENSOR_BYTES or weights.shareable(t)
+               for t in model.graph.initializer):
         return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
     with tempfile.TemporaryDirectory(prefix="onnx-rewrite-ort-") as tmp:
         (Path(tmp) / "placeholder").touch()

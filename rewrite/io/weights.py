@@ -96,14 +96,14 @@ def share(model: onnx.ModelProto) -> onnx.ModelProto:
     the analysis holds each weight once however many graphs it builds. Non-float tensors (shapes,
     indices) stay in the proto: shape inference and constant folding read their values.
     ``unshare`` undoes it on a result before it leaves the tool."""
-    if not any(_shareable(t) for t in model.graph.initializer):
+    if not any(shareable(t) for t in model.graph.initializer):
         return model
     out = onnx.ModelProto()
     _copy_fields(out, model, skip="graph")
     _copy_fields(out.graph, model.graph, skip="initializer")
     for t in model.graph.initializer:
         s = out.graph.initializer.add()
-        if not _shareable(t):
+        if not shareable(t):
             s.CopyFrom(t)
             continue
         _copy_fields(s, t, skip="raw_data")
@@ -126,7 +126,8 @@ def unshare(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _shareable(t: TensorProto) -> bool:
+def shareable(t: TensorProto) -> bool:
+    """Whether ``share`` moves ``t`` out of the proto: a float tensor of ``SHARE_BYTES`` or more in it."""
     # Sized from the dims: reading raw_data would copy it.
     return (t.data_type in _FLOATS and not is_ref(t) and t.HasField("raw_data")
             and int(np.prod(t.dims, dtype=np.int64)) * _np_dtype(t).itemsize >= SHARE_BYTES)
@@ -135,12 +136,19 @@ def _shareable(t: TensorProto) -> bool:
 def make_tensor(arr: np.ndarray, name: str, *, large_bytes: int | None = None) -> TensorProto:
     """``numpy_helper.from_array``, except that a large array is kept here and referenced."""
     limit = LARGE_TENSOR_BYTES if large_bytes is None else large_bytes
-    if arr.nbytes < limit:
+    entry = _fp16_of.get(id(arr))
+    source = entry[1] if entry is not None and entry[0]() is arr else None
+    # The FP16 copy of a shared weight (mixed emission inside fix) is shared too; unshare
+    # puts it back into the result's proto.
+    from_shared = source is not None and _key_of_location(source[0]) in _shared and arr.nbytes >= SHARE_BYTES
+    if arr.nbytes < limit and not from_shared:
         return numpy_helper.from_array(arr, name)
     t = _mem_tensor(np.ascontiguousarray(arr), name)
-    entry = _fp16_of.pop(id(arr), None)
-    if entry is not None and entry[0]() is arr and (entry[1], "round16") in _derived:
-        _derived[(_source_key(t), "f32")] = _derived[(entry[1], "round16")]
+    if from_shared:
+        _shared.add(_mem_key(t))
+    _fp16_of.pop(id(arr), None)
+    if source is not None and (source, "round16") in _derived:
+        _derived[(_source_key(t), "f32")] = _derived[(source, "round16")]
     return t
 
 
@@ -295,7 +303,9 @@ def skeleton(model: onnx.ModelProto, placeholder: str = "placeholder",
              *, large_bytes: int | None = None) -> tuple[onnx.ModelProto, dict[str, TensorProto]]:
     """A weight-less copy of ``model`` for ORT and shape inference: each referenced or large
     top-level initializer points at ``placeholder`` (an empty file ORT checks exists) and is
-    returned by name (the caller's own TensorProto) for ``SessionOptions.add_initializer``.
+    returned by name (the caller's own TensorProto) for ``SessionOptions.add_initializer``; so is
+    every float weight ``share`` would take (shape inference needs no float values, and ORT
+    given the array holds no second copy parsed from serialized bytes).
     Built field by field, so the caller's large weights are never copied. References in
     subgraphs or attributes (rare) are inlined into the copy."""
     limit = LARGE_TENSOR_BYTES if large_bytes is None else large_bytes
@@ -304,7 +314,7 @@ def skeleton(model: onnx.ModelProto, placeholder: str = "placeholder",
     _copy_fields(out.graph, model.graph, skip="initializer")
     stripped: dict[str, TensorProto] = {}
     for t in model.graph.initializer:
-        if is_ref(t) or (t.HasField("raw_data") and nbytes(t) >= limit):
+        if is_ref(t) or (t.HasField("raw_data") and (nbytes(t) >= limit or shareable(t))):
             s = out.graph.initializer.add()
             s.name, s.data_type = t.name, t.data_type
             s.dims.extend(t.dims)
@@ -362,7 +372,10 @@ def keep_refs(graph) -> None:
 
 
 def _mem_key(t: TensorProto) -> int | None:
-    loc = _info(t).get("location", "")
+    return _key_of_location(_info(t).get("location", ""))
+
+
+def _key_of_location(loc: str) -> int | None:
     return int(loc[len(_MEM):]) if loc.startswith(_MEM) else None
 
 
