@@ -251,14 +251,16 @@ class _Search:
     def check(self, model, plan) -> Fp16Report:
         self.emulation += len(self.feeds)
         # Cached when a verdict on more samples follows: the last release kept is its graph.
+        # A screen: a release is kept only when clean, and a clean screen is a clean check.
         return check_fp16(model, self.feeds, self.reference, plan=plan, strict_cumsum=self.strict_cumsum,
-                          rel_l2_tolerance=self.tolerance, max_findings=MAX_FINDINGS, cache=self.subset)
+                          rel_l2_tolerance=self.tolerance, max_findings=MAX_FINDINGS, cache=self.subset,
+                          screen=True, exact_findings=False)
 
     def verdict(self, model, plan, feeds, reference) -> Fp16Report:
         with self.progress.phase("verdict on all samples", total=None) as phase:
             self.emulation += len(feeds)
             report = check_fp16(model, feeds, reference, plan=plan, strict_cumsum=self.strict_cumsum,
-                                rel_l2_tolerance=self.tolerance, max_findings=MAX_FINDINGS, cache=True)
+                                rel_l2_tolerance=self.tolerance, max_findings=MAX_FINDINGS, cache=True, screen=True)
             phase.done("passed" if report.passed else "FAILED")
         return report
 
@@ -267,6 +269,7 @@ def _pin_rounds(search, model, index, diag, plan, sites, absmax, max_rounds, rou
     """Pin a region per site and diagnose again, until no site is left or ``max_rounds``."""
     while _needs_work(model, diag, search.reference, search.tolerance) and rounds < max_rounds:
         rounds += 1
+        before = set(plan.fp32_nodes)
         for site in diag.sites:
             region = _site_region(index, site, absmax, search.exit_absmax, plan)
             for name, reason in region.items():
@@ -276,6 +279,10 @@ def _pin_rounds(search, model, index, diag, plan, sites, absmax, max_rounds, rou
                 previous.pinned_nodes = sorted(set(previous.pinned_nodes) | set(region))
             else:
                 sites.append(_site_fix(site, "fp32-region", sorted(region)))
+        if set(plan.fp32_nodes) == before:
+            # Nothing new pinned: the next diagnosis would repeat this one, and every later
+            # round would grow the same regions (a round is a function of the plan and sites).
+            break
         diag = search.diagnose(model, diag.profile, plan, f"pinning round {rounds}")
     return diag, rounds
 

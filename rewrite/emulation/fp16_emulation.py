@@ -148,6 +148,7 @@ def build_emulation(
     shadow_ranges: Container[str] | None = None,
     shadow_errors: bool = True,
     twin_profile: bool = False,
+    nonfinite_only: bool = False,
 ) -> EmulationModel:
     """Rewrite ``model`` into the emulation graph (see the module docstring).
 
@@ -164,7 +165,9 @@ def build_emulation(
     the FP32 values of the graph outputs (``twin_outputs``: the reference, no separate FP32 run);
     ``shadow_errors=False`` leaves out the error statistics (the twin gives only the reference),
     ``twin_profile`` adds the range profile's statistics of every twin tensor
-    (``profile_outs``: the profile comes from this run).
+    (``profile_outs``: the profile comes from this run). ``nonfinite_only``: a main-graph
+    tensor's statistics are one sum of its stored (FP16-rounded) value, non-finite exactly when
+    it holds inf/NaN, an FP16 overflow included (a screen: no absmax).
     """
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -251,8 +254,8 @@ def build_emulation(
                 new_nodes.extend(round_nodes(raw, out))
             if with_stats:
                 stats: list[onnx.NodeProto] = []
-                sites.append(_stat_nodes(out, raw, node, emulate, stats))
-                new_nodes.extend(two_step(stats, {raw: ranks.get(out)}, opset, new_inits))
+                sites.append(_stat_nodes(out, raw, node, emulate, stats, nonfinite_only))
+                new_nodes.extend(two_step(stats, {raw: ranks.get(out), out: ranks.get(out)}, opset, new_inits))
         if fp32_shadow:
             # The FP32 twin right after its node, and the error reductions right after it, so
             # each pair of tensors is freed early (all at the end kept every activation alive).
@@ -303,6 +306,8 @@ def check_fp16(
     rel_l2_tolerance: float = 1e-2,
     max_findings: int = 5,
     cache: bool = False,
+    screen: bool = False,
+    exact_findings: bool = True,
 ) -> Fp16Report:
     """Emulate an FP16 engine on ``feeds`` and compare every output with ``reference``
     (``cache``: through ``onnx_fp16_rewrite.io.sessions``, for a graph that will run again).
@@ -310,6 +315,11 @@ def check_fp16(
     ``reference`` should be the FP32 outputs of the original FP32 model; when it is None the
     model itself is run in FP32 (for a mixed-precision model that means FP32 compute with its
     FP16-rounded weights). A model with no precision plan given uses the plan stored in it.
+    ``screen``: per tensor only one sum of its stored value (``build_emulation(nonfinite_only=)``,
+    a third of the statistics); when that shows a failure, ``exact_findings`` runs the full
+    statistics for the report's findings (callers that only ask "clean?" skip that run). Clean
+    means the same either way, but for values in (65504, 65520), which FP16 rounds to 65504:
+    the full statistics count them as overflow, the screen does not.
     """
     start = time.perf_counter()
     model = weights.share(model)  # each weight held once by the emulation and its sessions (io.weights)
@@ -320,7 +330,8 @@ def check_fp16(
     names = [n.name for n in model.graph.node]
     twin = (reference is None and not any(i.type.tensor_type.elem_type == _FLOAT16 for i in model.graph.input)
             and all(names) and len(set(names)) == len(names) and not any(subgraphs(n) for n in model.graph.node))
-    emu = build_emulation(model, plan, strict_cumsum=strict_cumsum, fp32_shadow=twin, shadow_errors=False)
+    emu = build_emulation(model, plan, strict_cumsum=strict_cumsum, fp32_shadow=twin, shadow_errors=False,
+                          nonfinite_only=screen)
     if reference is None and not twin:
         reference = _fp32_outputs(model, feeds)
     out_names = [o.name for o in model.graph.output]
@@ -333,6 +344,10 @@ def check_fp16(
         for name in out_names
     ]
     findings = _findings(emu.sites, runs)
+    if screen and exact_findings and (findings or not all(o.ok for o in outputs)):
+        # The screen failed: the full statistics name the failing tensors with their absmax.
+        return check_fp16(model, feeds, reference, plan=plan, strict_cumsum=strict_cumsum,
+                          rel_l2_tolerance=rel_l2_tolerance, max_findings=max_findings, cache=cache)
     report = Fp16Report(
         mode=emu.mode,
         strict_cumsum=strict_cumsum,
@@ -396,6 +411,9 @@ def site_stats(site: _StatSite, runs: list[Feed]) -> tuple[float, bool]:
     """(absmax, non-finite) of a site over all runs; absmax ignores NaN where it can."""
     absmax, nonfinite = 0.0, False
     for r in runs:
+        if site.max_out is None:  # a screen: the sum alone
+            nonfinite |= not np.isfinite(float(r[site.sum_out]))
+            continue
         hi, lo, total = (float(r[name]) for name in (site.max_out, site.min_out, site.sum_out))
         nonfinite |= not np.isfinite(total)
         absmax = max(absmax, float(np.nan_to_num(max(abs(hi), abs(lo)), nan=0.0, posinf=np.inf)))
@@ -437,11 +455,16 @@ def _rounded_edge(
     return rounded
 
 
-def _stat_nodes(out: str, raw: str, node: onnx.NodeProto, fp16: bool, nodes: list[onnx.NodeProto]) -> _StatSite:
+def _stat_nodes(out: str, raw: str, node: onnx.NodeProto, fp16: bool, nodes: list[onnx.NodeProto],
+                nonfinite_only: bool = False) -> _StatSite:
     """Three reductions of the FP32-computed value, no elementwise temporaries (they made the
     emulation 10x slower than a plain run): max and min give the absmax, and the sum is
-    non-finite exactly when some value is (ORT's ReduceMax does not reliably propagate NaN)."""
+    non-finite exactly when some value is (ORT's ReduceMax does not reliably propagate NaN).
+    ``nonfinite_only``: one sum of the stored value (an FP16 overflow is inf there)."""
     p = f"{out}__stat"
+    if nonfinite_only:
+        nodes.append(helper.make_node("ReduceSum", [out], [p + "_sum"], name=p + "_sum", keepdims=0))
+        return _StatSite(out, node.name, node.op_type, fp16, None, None, p + "_sum")
     nodes += [
         helper.make_node("ReduceMax", [raw], [p + "_max"], name=p + "_max", keepdims=0),
         helper.make_node("ReduceMin", [raw], [p + "_min"], name=p + "_min", keepdims=0),
