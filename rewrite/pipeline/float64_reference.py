@@ -140,8 +140,11 @@ def _convert_graph(graph: onnx.GraphProto) -> None:
 
 def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` in which every FLOAT tensor, type and dtype attribute is DOUBLE."""
+    from onnx_fp16_rewrite.io import weights
+
     result = onnx.ModelProto()
     result.CopyFrom(model)
+    weights.unshare(result)  # weights shared in the process (io.weights.share) come back as values
     _convert_graph(result.graph)
     for function in result.functions:
         for node in function.node:
