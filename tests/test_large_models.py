@@ -124,3 +124,26 @@ def test_a_replaced_data_file_is_read_afresh(small_limit, tmp_path):
         outs.append(weights.tensor_array(loaded.graph.initializer[0])[:4].copy())
         run_model(loaded, [feed])
     np.testing.assert_array_equal(outs[1], 2 * outs[0])
+
+
+@pytest.mark.parametrize("emit", ["fp32", "mixed"])
+def test_shared_weights_give_the_same_fixed_model(monkeypatch, emit):
+    """fix_model shares every float weight >= SHARE_BYTES (one buffer for all its copies and
+    sessions) and puts them back into the result: the fixed model's bytes, verdict and plan are
+    those of a run with sharing off, the result holds no reference, the caller's model is intact."""
+    from onnx_fp16_rewrite.fix import fix_model
+
+    model = table_model(rows=300)
+    before = model.SerializeToString()
+    feeds = [{"ids": np.random.default_rng(1).integers(0, 300, (4, 16)).astype(np.int64)}]
+    shared = weights.share(model)
+    assert {t.name for t in shared.graph.initializer if weights.is_ref(t)} == {"table", "w"}
+    runs = []
+    for share_bytes in (weights.SHARE_BYTES, 1 << 62):  # on, then off
+        monkeypatch.setattr(weights, "SHARE_BYTES", share_bytes)
+        res = fix_model(model, [], feeds, auto=True, emit=emit)
+        assert not weights.has_refs(res.model)
+        runs.append((res.model.SerializeToString(), res.report.fp16_after.passed, res.report.auto.fp32_nodes))
+    assert runs[0] == runs[1]
+    assert runs[0][2] > 0  # the fix pinned something: the shared weights were read
+    assert model.SerializeToString() == before
