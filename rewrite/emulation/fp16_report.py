@@ -1,0 +1,108 @@
+"""What an FP16 emulation run reports: per-output comparison with FP32, failing tensors.
+
+The report side of ``emulation.fp16_emulation`` (which builds and runs the emulation graph):
+the dataclasses a check returns and the functions that read a run's outputs and statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from onnx_fp16_rewrite.io.ort_runner import Feed
+
+FP16_MAX = 65504.0
+
+
+@dataclass
+class TensorFinding:
+    """A tensor that overflows FP16 (``overflow``) or holds inf/NaN (``non-finite``)."""
+
+    tensor: str
+    node: str
+    op: str
+    absmax: float
+    kind: str
+
+
+@dataclass
+class OutputCheck:
+    """One graph output of the emulated FP16 run compared with the FP32 reference."""
+
+    name: str
+    nan: int
+    inf: int
+    max_abs_error: float
+    rel_l2: float
+    reference_absmax: float
+    ok: bool
+
+
+@dataclass
+class Fp16Report:
+    mode: str
+    strict_cumsum: bool
+    fp16_nodes: int
+    fp32_nodes: int
+    outputs: list[OutputCheck]
+    first_failures: list[TensorFinding]
+    failing_tensors: int
+    rel_l2_tolerance: float
+    passed: bool
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+    # TensorRT backend only: why a built engine could not be run here (then nothing was verified).
+    not_verified: str | None = None
+
+
+def compare_output(name: str, got: list[np.ndarray], ref: list[np.ndarray], tol: float) -> OutputCheck:
+    g = np.concatenate([np.asarray(a).ravel() for a in got])
+    r = np.concatenate([np.asarray(a).ravel() for a in ref])
+    if not np.issubdtype(r.dtype, np.floating):
+        same = bool(np.array_equal(g, r))
+        return OutputCheck(name, 0, 0, 0.0 if same else float("inf"), 0.0 if same else float("inf"), 0.0, same)
+    g64, r64 = g.astype(np.float64), r.astype(np.float64)
+    nan = int(np.isnan(g64).sum() - np.isnan(r64).sum())
+    inf = int(np.isinf(g64).sum() - np.isinf(r64).sum())
+    both = np.isfinite(g64) & np.isfinite(r64)
+    diff = np.abs(g64[both] - r64[both])
+    max_abs = float(diff.max()) if diff.size else 0.0
+    ref_norm = float(np.linalg.norm(r64[np.isfinite(r64)]))
+    if nan > 0 or inf > 0:
+        rel = float("inf")
+    else:
+        rel = float(np.linalg.norm(diff) / ref_norm) if ref_norm > 0 else float(np.linalg.norm(diff))
+    ref_absmax = float(np.abs(r64[np.isfinite(r64)]).max()) if np.isfinite(r64).any() else 0.0
+    ok = nan <= 0 and inf <= 0 and rel <= tol
+    return OutputCheck(name, max(nan, 0), max(inf, 0), max_abs, rel, ref_absmax, ok)
+
+
+def site_stats(site, runs: list[Feed]) -> tuple[float, bool]:
+    """(absmax, non-finite) of a site over all runs; absmax ignores NaN where it can."""
+    absmax, nonfinite = 0.0, False
+    for r in runs:
+        if site.max_out is None:  # a screen: the sum alone
+            nonfinite |= not np.isfinite(float(r[site.sum_out]))
+            continue
+        hi, lo, total = (float(r[name]) for name in (site.max_out, site.min_out, site.sum_out))
+        nonfinite |= not np.isfinite(total)
+        absmax = max(absmax, float(np.nan_to_num(max(abs(hi), abs(lo)), nan=0.0, posinf=np.inf)))
+    return absmax, nonfinite
+
+
+def findings(sites: list, runs: list[Feed]) -> list[TensorFinding]:
+    found = []
+    for s in sites:
+        absmax, nonfinite = site_stats(s, runs)
+        if s.fp16 and absmax > FP16_MAX:
+            kind = "overflow"
+        elif nonfinite:
+            kind = "non-finite"
+        else:
+            continue
+        found.append(TensorFinding(s.tensor, s.node, s.op, absmax, kind))
+    return found
+
+
+__all__ = ["FP16_MAX", "Fp16Report", "OutputCheck", "TensorFinding", "compare_output", "findings", "site_stats"]
