@@ -127,7 +127,8 @@ def fix_model(
 
     # Weights shared, each held once however often the analysis copies the model (io.weights.share);
     # the result gets them back into its proto (unshare, at the return).
-    model = weights.share(model)
+    given, model = model, weights.share(model)
+    shared = model
     # Canonical form first (onnx_fp16_rewrite.canonical): folded shape arithmetic, no no-op Casts;
     # the passes, the analysis and the FP32 reference all work on it.
     canon_report = None
@@ -216,7 +217,9 @@ def fix_model(
         with progress.phase("TensorRT verification", total=None) as phase:
             _verify_trt(report, fixed, feeds, reference, plan, trt_library, rel_l2_tolerance)
             phase.done(_verdict(report.trt_after))
-    return FixResult(weights.unshare(fixed), report)
+    fixed = weights.unshare(fixed)
+    weights.release(shared, given)  # the result holds its weights again: the shared buffers can go
+    return FixResult(fixed, report)
 
 
 def _first_diagnosis(model: onnx.ModelProto, feeds: Sequence[Feed], strict_cumsum: bool, tolerance: float,

@@ -130,7 +130,8 @@ def test_a_replaced_data_file_is_read_afresh(small_limit, tmp_path):
 def test_shared_weights_give_the_same_fixed_model(monkeypatch, emit):
     """fix_model shares every float weight >= SHARE_BYTES (one buffer for all its copies and
     sessions) and puts them back into the result: the fixed model's bytes, verdict and plan are
-    those of a run with sharing off, the result holds no reference, the caller's model is intact."""
+    those of a run with sharing off, the result holds no reference, the store is released, the
+    caller's model is intact."""
     from onnx_fp16_rewrite.fix import fix_model
 
     model = table_model(rows=300)
@@ -141,8 +142,10 @@ def test_shared_weights_give_the_same_fixed_model(monkeypatch, emit):
     runs = []
     for share_bytes in (weights.SHARE_BYTES, 1 << 62):  # on, then off
         monkeypatch.setattr(weights, "SHARE_BYTES", share_bytes)
+        held = len(weights._store)
         res = fix_model(model, [], feeds, auto=True, emit=emit)
         assert not weights.has_refs(res.model)
+        assert len(weights._store) == held  # released: a loop over many models does not grow
         runs.append((res.model.SerializeToString(), res.report.fp16_after.passed, res.report.auto.fp32_nodes))
     assert runs[0] == runs[1]
     assert runs[0][2] > 0  # the fix pinned something: the shared weights were read

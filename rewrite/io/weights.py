@@ -99,6 +99,7 @@ def share(model: onnx.ModelProto) -> onnx.ModelProto:
     if not any(shareable(t) for t in model.graph.initializer):
         return model
     out = onnx.ModelProto()
+    _share_start[id(out)] = next(_ids)
     _copy_fields(out, model, skip="graph")
     _copy_fields(out.graph, model.graph, skip="initializer")
     for t in model.graph.initializer:
@@ -124,6 +125,28 @@ def unshare(model: onnx.ModelProto) -> onnx.ModelProto:
             if key in _shared or nbytes(t) < LARGE_TENSOR_BYTES:
                 inline(t)
     return model
+
+
+_share_start: dict[int, int] = {}  # id(model share made) -> the first store key of its scope
+
+
+def release(shared: onnx.ModelProto, given: onnx.ModelProto) -> None:
+    """Drop what ``share(given) -> shared`` put in the store since, and what was derived from it
+    (rounded copies, a pass's new weights, FP16 copies): call once no model holding those
+    references is used again (the caller's result unshared). A no-op when ``shared is given``."""
+    start = _share_start.pop(id(shared), None)
+    if shared is given or start is None:
+        return
+    dropped = {k for k in _shared if k >= start}
+    for (source, _op), key in list(_derived.items()):
+        if _key_of_location(source[0]) in dropped:
+            dropped.add(key)
+    for (source, op), key in list(_derived.items()):
+        if key in dropped or _key_of_location(source[0]) in dropped:
+            del _derived[(source, op)]
+    for k in dropped:
+        _store.pop(k, None)
+        _shared.discard(k)
 
 
 def shareable(t: TensorProto) -> bool:
