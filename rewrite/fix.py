@@ -125,17 +125,19 @@ def fix_model(
 
         trt_library = require_tensorrt()
 
-    # Weights shared, each held once however often the analysis copies the model (io.weights.share);
-    # the result gets them back into its proto (unshare, at the return).
-    given, model = model, weights.share(model)
-    shared = model
     # Canonical form first (onnx_fp16_rewrite.canonical): folded shape arithmetic, no no-op Casts;
     # the passes, the analysis and the FP32 reference all work on it.
+    given = model
     canon_report = None
     if canonical:
         with progress.phase("canonicalisation", total=None) as phase:
+            # Before sharing: graphsurgeon's constant folding runs ORT on the weights themselves.
             model, canon_report = canonicalize(model, feeds, tolerance=tolerance)
             phase.done(canon_report.summary())
+    # Weights shared, each held once however often the analysis copies the model (io.weights.share);
+    # the result gets them back into its proto (unshare, at the return).
+    model = weights.share(model)
+    shared = model
     # fix --auto alone: the fixer's first diagnosis (one emulation run with an FP32 shadow per
     # sample) gives the ranges, the FP32 reference and the "before" check.
     first = _first_diagnosis(model, feeds, strict_cumsum, rel_l2_tolerance, progress) if auto and not passes else None
