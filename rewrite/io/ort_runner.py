@@ -62,11 +62,15 @@ def make_session(model: onnx.ModelProto, *, optimize: bool = False):
         (Path(tmp) / "placeholder").touch()
         skel, stripped = weights.skeleton(model, "placeholder")
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", tmp)
-        values = []
-        for name, tensor in stripped.items():
-            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(weights.tensor_array(tensor)))
-            opts.add_initializer(name, value)
-            values.append(value)
+        values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(weights.tensor_array(t)))
+                  for t in stripped.values()]
+        if opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL:
+            # Its fusions read initializer data from the graph: given as the placeholder's
+            # external data instead (add_initializer's overrides they would not see).
+            opts.add_external_initializers(list(stripped), values)
+        else:
+            for name, value in zip(stripped, values):
+                opts.add_initializer(name, value)
         session = ort.InferenceSession(skel.SerializeToString(), opts, providers=providers)
     session._onnx_rewrite_weights = values  # ORT reads these buffers for the session's lifetime
     return session
