@@ -150,3 +150,17 @@ def test_shared_weights_give_the_same_fixed_model(monkeypatch, emit):
     assert runs[0] == runs[1]
     assert runs[0][2] > 0  # the fix pinned something: the shared weights were read
     assert model.SerializeToString() == before
+
+
+def test_check_releases_its_shared_weights():
+    """check_fp16 shares the caller's weights for its run and releases them after: repeated
+    checks give the same numbers and do not grow the store."""
+    from onnx_fp16_rewrite.emulation.fp16_emulation import check_fp16
+
+    model = table_model(rows=300)
+    feeds = [{"ids": np.random.default_rng(1).integers(0, 300, (4, 16)).astype(np.int64)}]
+    held = len(weights._store)
+    reports = [check_fp16(model, feeds) for _ in range(2)]
+    assert len(weights._store) == held
+    assert [(o.nan, o.inf, o.rel_l2) for r in reports for o in r.outputs] == \
+        [(o.nan, o.inf, o.rel_l2) for o in reports[0].outputs] * 2

@@ -264,6 +264,7 @@ def build_emulation(
                           twin_outputs)
 
 
+@weights.shares_model  # each weight held once by the emulation and its sessions (io.weights)
 def check_fp16(
     model: onnx.ModelProto,
     feeds: Sequence[Feed],
@@ -290,7 +291,6 @@ def check_fp16(
     the full statistics count them as overflow, the screen does not.
     """
     start = time.perf_counter()
-    model = weights.share(model)  # each weight held once by the emulation and its sessions (io.weights)
     if plan is None:
         plan = PrecisionPlan.from_model(model)
     # Without a reference, the FP32 model runs as a twin inside the emulation graph (one session,

@@ -149,6 +149,22 @@ def release(shared: onnx.ModelProto, given: onnx.ModelProto) -> None:
         _shared.discard(k)
 
 
+def shares_model(fn: Callable) -> Callable:
+    """Decorator: ``fn(model, ...)`` runs on ``share(model)``, released when it returns (for
+    functions whose results hold no model, e.g. ``check_fp16``)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(model: onnx.ModelProto, *args, **kwargs):
+        shared = share(model)
+        try:
+            return fn(shared, *args, **kwargs)
+        finally:
+            release(shared, model)
+
+    return wrapper
+
+
 def shareable(t: TensorProto) -> bool:
     """Whether ``share`` moves ``t`` out of the proto: a float tensor of ``SHARE_BYTES`` or more in it."""
     # Sized from the dims: reading raw_data would copy it.
