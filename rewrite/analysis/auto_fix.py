@@ -222,10 +222,11 @@ def first_diagnosis(model: onnx.ModelProto, feeds: Sequence[Feed], *, search_sam
     its FP32 reference (``.profile``, ``.profile.outputs``): one emulation run with an FP32 shadow
     per search sample, a plain profiling run for each further sample."""
     k = max(1, min(search_samples, len(feeds)))
-    with progress.phase("profiling ranges and diagnosing", total=None) as phase:
+    with progress.phase("profiling ranges", total=len(feeds)) as phase:
         diag = diagnose(model, list(feeds[:k]), None, None, tolerance=tolerance, exit_absmax=exit_absmax,
-                        strict_cumsum=strict_cumsum, profile_feeds=list(feeds[k:]))
-        phase.done(f"{len(feeds)} run(s), {len(diag.profile.ranges)} tensors, {len(diag.sites)} failure site(s)")
+                        strict_cumsum=strict_cumsum, profile_feeds=list(feeds[k:]), on_run=phase.advance)
+        phase.done(f"{len(feeds)} FP32 run(s) ({k} beside the FP16 emulation), {len(diag.profile.ranges)} tensors, "
+                   f"{len(diag.sites)} failure site(s)")
     return diag
 
 

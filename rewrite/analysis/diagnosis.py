@@ -108,6 +108,7 @@ def diagnose(
     refresh_profile: bool = False,
     previous: Diagnosis | None = None,
     profile_feeds: Sequence[Feed] = (),
+    on_run=None,
 ) -> Diagnosis:
     """One emulation run per feed (with an FP32 shadow), then classification from ``profile``.
     ``profile=None``: the same run profiles the FP32 ranges (the shadow carries the profile's
@@ -117,7 +118,8 @@ def diagnose(
     ``refresh_profile``: ``model`` was rewritten since ``profile`` was taken; its ranges are
     refreshed from the shadow (no extra profiling run), measured there only for tensors the
     rewrite changed when ``previous`` (the diagnosis ``profile`` belongs to) says how they were
-    computed; elsewhere the shadow measures only what the profile lacks."""
+    computed; elsewhere the shadow measures only what the profile lacks. ``on_run()`` is called
+    after each run (a progress counter)."""
     start = time.perf_counter()
     twin = profile is None and not any(subgraphs(n) for n in model.graph.node)
     if profile is None and not twin:  # control flow: the shadow has no body profile (range_profile has)
@@ -128,9 +130,9 @@ def diagnose(
     if refresh_profile:
         keep &= unchanged(previous.signatures(), value_signatures(model)) if previous is not None else set()
     run = error_run(model, feeds, plan, strict_cumsum=strict_cumsum, shadow_ranges=() if twin else _Except(keep),
-                    twin_profile=twin)
+                    twin_profile=twin, on_run=on_run)
     if twin:
-        profile = _twin_profile(model, run, profile_feeds)
+        profile = _twin_profile(model, run, profile_feeds, on_run)
         keep = set(profile.ranges)
     errors, outputs = run.errors, run.outputs
     for e in errors:  # the profile's absmax where the shadow did not measure it
@@ -167,13 +169,13 @@ def diagnose(
                      reference=run.reference)
 
 
-def _twin_profile(model: onnx.ModelProto, run: ErrorRun, more: Sequence[Feed]) -> RangeProfile:
+def _twin_profile(model: onnx.ModelProto, run: ErrorRun, more: Sequence[Feed], on_run=None) -> RangeProfile:
     """The range profile from the shadow's statistics, plus plain profiling runs on ``more``."""
     if not more:
         return run.profile.profile(run.reference)
     from onnx_fp16_rewrite.analysis.range_profile import profile_ranges
 
-    profile = profile_ranges(model, more, into=run.profile)
+    profile = profile_ranges(model, more, into=run.profile, progress=(lambda done, total: on_run()) if on_run else None)
     profile.outputs = [*run.reference, *profile.outputs]
     return profile
 

@@ -74,6 +74,7 @@ def error_run(
     strict_cumsum: bool = False,
     shadow_ranges: Container[str] | None = None,
     twin_profile: bool = False,
+    on_run=None,
 ) -> ErrorRun:
     """``tensor_errors`` with the emulation's mode, node counts and notes.
 
@@ -102,6 +103,8 @@ def error_run(
         reference.append({k: values[t] for k, t in emu.twin_outputs.items()})
         runs.append({k: (v if k in arrays else float(v)) for k, v in values.items() if k in arrays or v.ndim == 0})
         del values
+        if on_run is not None:
+            on_run()
     errors = []
     for s in emu.sites:
         nonfinite = site_stats(s, runs)[1] if s.sum_out else False
