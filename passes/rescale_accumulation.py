@@ -120,6 +120,10 @@ class RescaleAccumulation(Pass):
             if reason:
                 result.skipped.append(Site(chain.seed, seed.op, reason))
                 continue
+            # Exact outside the chain: only its own tensors change value (those it hands on are restored).
+            members = {n.name for n in graph.nodes if n.name in chain.nodes}
+            result.values_changed = (result.values_changed or []) + [
+                t.name for n in graph.nodes if n.name in members for t in n.outputs if t.name not in chain.unscaled]
             _apply(graph, chain=chain, k=k)
             logger.debug("rescale-accumulation %s: %d nodes by 2^-%d; %s", chain.seed, len(chain.nodes), k, judged)
             result.modified = True

@@ -121,3 +121,24 @@ def test_screened_check_reports_as_the_full_check(nafnet):
     a, b = check_fp16(small, small_feeds, small_ref), check_fp16(small, small_feeds, small_ref, screen=True)
     assert a.passed and b.passed and a.failing_tensors == b.failing_tensors == 0
     assert [o.rel_l2 for o in a.outputs] == [o.rel_l2 for o in b.outputs]
+
+
+def test_declared_value_changes_refresh_the_profile_as_signatures_do(nafnet):
+    """rescale-accumulation names the tensors it scales (PassResult.values_changed); the
+    candidate's diagnosis then re-measures only those (and new tensors), with the same profile
+    and sites as when every tensor downstream of the rewrite is re-measured."""
+    from onnx_fp16_rewrite.passes.rescale_accumulation import RescaleAccumulation
+    from onnx_fp16_rewrite.pipeline.pass_manager import PassManager
+
+    model, feeds = nafnet
+    first = diagnose(model, feeds, None)
+    manager = PassManager([RescaleAccumulation()], feeds, initial_absmax=first.profile.absmax(),
+                          reference=first.reference)
+    candidate, report = manager.run(model)
+    changed = report.passes[0].values_changed
+    assert report.passes[0].status == "kept" and changed
+    assert len(changed) < len(candidate.graph.node) / 4  # the chains only, not everything downstream
+    declared = diagnose(candidate, feeds, first.profile, refresh_profile=True, previous=first, changed=changed)
+    signed = diagnose(candidate, feeds, first.profile, refresh_profile=True, previous=first)
+    assert _ranges(declared.profile) == _ranges(signed.profile)
+    assert [(s.tensor, s.kind) for s in declared.sites] == [(s.tensor, s.kind) for s in signed.sites]

@@ -152,7 +152,9 @@ def auto_fix(
             diagnosed: list[Diagnosis] = []
 
             def shadow_outputs(cand, diag=diag):
-                diagnosed.append(search.diagnose(cand, profile, None, None, refresh_profile=True, previous=diag))
+                changed = manager.last_record.values_changed if manager.last_record else None
+                diagnosed.append(search.diagnose(cand, profile, None, None, refresh_profile=True, previous=diag,
+                                                 changed=changed))
                 return diagnosed[-1].reference
 
             manager = PassManager([rewrite], search.feeds, initial_absmax=profile.absmax(), reference=current_ref,
@@ -241,11 +243,12 @@ class _Search:
         self.emulation = counts.emulation if counts else 0
         self.validation = counts.validation if counts else 0
 
-    def diagnose(self, model, profile, plan, phase_name, refresh_profile=False, previous=None):
+    def diagnose(self, model, profile, plan, phase_name, refresh_profile=False, previous=None, changed=None):
         self.emulation += len(self.feeds)
         with (self.progress if phase_name else NULL_PROGRESS).phase(phase_name or "", total=None) as phase:
             diag = diagnose(model, self.feeds, profile, plan, tolerance=self.tolerance, exit_absmax=self.exit_absmax,
-                            strict_cumsum=self.strict_cumsum, refresh_profile=refresh_profile, previous=previous)
+                            strict_cumsum=self.strict_cumsum, refresh_profile=refresh_profile, previous=previous,
+                            changed=changed)
             phase.done(f"{len(diag.sites)} failure site(s)")
         return diag
 

@@ -109,6 +109,7 @@ def diagnose(
     previous: Diagnosis | None = None,
     profile_feeds: Sequence[Feed] = (),
     on_run=None,
+    changed: Sequence[str] | None = None,
 ) -> Diagnosis:
     """One emulation run per feed (with an FP32 shadow), then classification from ``profile``.
     ``profile=None``: the same run profiles the FP32 ranges (the shadow carries the profile's
@@ -119,7 +120,9 @@ def diagnose(
     refreshed from the shadow (no extra profiling run), measured there only for tensors the
     rewrite changed when ``previous`` (the diagnosis ``profile`` belongs to) says how they were
     computed; elsewhere the shadow measures only what the profile lacks. ``on_run()`` is called
-    after each run (a progress counter)."""
+    after each run (a progress counter). ``changed``: with ``refresh_profile``, the tensors whose
+    FP32 values the rewrite changed, as the pass declared them (PassResult.values_changed); every
+    other tensor keeps its profiled range, and only these and new tensors are measured."""
     start = time.perf_counter()
     twin = profile is None and not any(subgraphs(n) for n in model.graph.node)
     if profile is None and not twin:  # control flow: the shadow has no body profile (range_profile has)
@@ -127,7 +130,9 @@ def diagnose(
 
         profile = profile_ranges(model, [*feeds, *profile_feeds])
     keep = set(profile.ranges) if profile is not None else set()
-    if refresh_profile:
+    if refresh_profile and changed is not None:
+        keep -= set(changed)
+    elif refresh_profile:
         keep &= unchanged(previous.signatures(), value_signatures(model)) if previous is not None else set()
     run = error_run(model, feeds, plan, strict_cumsum=strict_cumsum, shadow_ranges=() if twin else _Except(keep),
                     twin_profile=twin, on_run=on_run)

@@ -27,6 +27,10 @@ class PassResult:
     modified: bool
     rewritten: list[Site] = field(default_factory=list)
     skipped: list[Site] = field(default_factory=list)
+    # A pass that knows which tensors' FP32 values it changed names them (the other tensors that
+    # keep their name keep their values bit for bit: exact rewrites); None: not known, so every
+    # tensor whose computation the rewrite reaches counts as changed (analysis.signatures).
+    values_changed: list[str] | None = None
 
 
 class Pass:

@@ -40,6 +40,7 @@ class PassRecord:
     # Nodes the kept pass added, removed, changed or pinned (onnx_fp16_rewrite.report.graph_diff);
     # the fixer's annotations and the reports' diff sections read it.
     changes: NodeChanges | None = None
+    values_changed: list[str] | None = None  # the pass's PassResult.values_changed
 
 
 @dataclass
@@ -81,6 +82,7 @@ class PassManager:
         validation run (the fixer's candidate diagnosis computes them anyway)."""
         self.reference = reference
         self.outputs_of = outputs_of
+        self.last_record: PassRecord | None = None
         self.passes = list(passes)
         self.initial_absmax = dict(initial_absmax) if initial_absmax is not None else None
         self.feeds = list(feeds)
@@ -117,6 +119,8 @@ class PassManager:
             graph = weights.import_graph(model)  # large weights readable, kept as references
             result = p.run(graph, ctx)
             record.rewritten, record.skipped = result.rewritten, result.skipped
+            record.values_changed = result.values_changed
+            self.last_record = record  # outputs_of may read it (the fixer: which values changed)
             if not result.modified:
                 record.seconds = _since(start)
                 logger.info("%s: nothing to do (%d sites skipped)", p.name, len(result.skipped))
