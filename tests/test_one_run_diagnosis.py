@@ -142,3 +142,30 @@ def test_declared_value_changes_refresh_the_profile_as_signatures_do(nafnet):
     signed = diagnose(candidate, feeds, first.profile, refresh_profile=True, previous=first)
     assert _ranges(declared.profile) == _ranges(signed.profile)
     assert [(s.tensor, s.kind) for s in declared.sites] == [(s.tensor, s.kind) for s in signed.sites]
+
+
+@pytest.mark.parametrize("name", ["nafnet", "t5", "gpt2"])
+def test_ops_exact_in_fp16_need_no_rounding(name, monkeypatch):
+    """Leaving out the rounding Casts after value-moving ops (Reshape, Slice, Max, ...) changes
+    no bit of the emulation: outputs, statistics and errors are identical without it."""
+    from onnx_fp16_rewrite.emulation import fp16_emulation
+    from onnx_fp16_rewrite.models import gpt2_attention, t5_encoder
+
+    model = {"nafnet": DEMO_MODELS["nafnet"], "t5": t5_encoder.build_t5_encoder,
+             "gpt2": gpt2_attention.build_gpt2_attention}[name]()
+    mod = {"nafnet": None, "t5": t5_encoder, "gpt2": gpt2_attention}[name]
+    feeds = [(mod.demo_inputs if mod else demo_inputs)(model)]
+    ref = run_model(model, feeds)
+    fast = check_fp16(model, feeds, ref)
+    fast_errors = error_run(model, feeds, shadow_ranges=None)
+    fast_nodes = len(fp16_emulation.build_emulation(model).model.graph.node)
+    monkeypatch.setattr(fp16_emulation, "EXACT_IN_FP16", frozenset())
+    assert fast_nodes < len(fp16_emulation.build_emulation(model).model.graph.node)  # Casts left out
+    slow = check_fp16(model, feeds, ref)
+    slow_errors = error_run(model, feeds, shadow_ranges=None)
+    assert fast == slow or (fast.outputs == slow.outputs and fast.first_failures == slow.first_failures
+                            and fast.failing_tensors == slow.failing_tensors)
+    assert [(e.tensor, e.rel_error, e.nonfinite, e.fp32_absmax) for e in fast_errors.errors] == \
+           [(e.tensor, e.rel_error, e.nonfinite, e.fp32_absmax) for e in slow_errors.errors]
+    assert all(np.array_equal(a[k], b[k], equal_nan=True)
+               for a, b in zip(fast_errors.outputs, slow_errors.outputs) for k in a)

@@ -62,6 +62,14 @@ logger = logging.getLogger(__name__)
 _BODY_STATS = ("max", "min", "sum", "err", "ref", "fmax", "fmin")  # _StatSite's order
 _FLOAT = TensorProto.FLOAT
 _FLOAT16 = TensorProto.FLOAT16
+# Ops whose output values are some of their inputs' values (moved, selected, negated): an FP16
+# node reads FP16 values (rounded where produced or on the edge, FP16 weights, rounded inputs), so
+# its output is FP16 already and its rounding Casts would change nothing: they are left out.
+EXACT_IN_FP16 = frozenset({
+    "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Slice", "Gather", "GatherElements",
+    "GatherND", "Split", "Concat", "Pad", "Expand", "Tile", "DepthToSpace", "SpaceToDepth", "Relu", "Neg", "Abs",
+    "Max", "Min", "Where", "MaxPool", "GlobalMaxPool", "ReduceMax", "ReduceMin",
+})
 
 
 @dataclass
@@ -195,7 +203,7 @@ def build_emulation(
                     continue
                 node.input[idx] = _rounded_edge(name, init_by_name, rounded_edges, new_inits, new_nodes)
         renamed = {}
-        if emulate:
+        if emulate and not (node.op_type in EXACT_IN_FP16 and node.domain in ("", "ai.onnx")):
             for idx, out in enumerate(node.output):
                 if out in is_float:
                     renamed[out] = out + "__raw"
