@@ -17,7 +17,7 @@ from onnx_fp16_rewrite.analysis.flops import fp16_flop_fraction
 from onnx_fp16_rewrite.canonical import CanonReport, canonicalize, restore_dynamic
 from onnx_fp16_rewrite.emulation.fp16_emulation import Fp16Report, check_fp16
 from onnx_fp16_rewrite.io import weights
-from onnx_fp16_rewrite.io.ort_runner import Feed, make_session
+from onnx_fp16_rewrite.io.ort_runner import Feed, run_model
 from onnx_fp16_rewrite.io.sessions import graph_key
 from onnx_fp16_rewrite.pipeline.pass_base import Pass
 from onnx_fp16_rewrite.pipeline.pass_manager import PassManager, RunReport
@@ -286,9 +286,7 @@ def _mixed_ort_error(model: onnx.ModelProto, feeds: Sequence[Feed], reference: S
     types = {i.name: helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in model.graph.input}
     typed = [{k: np.asarray(v).astype(types.get(k, np.asarray(v).dtype)) for k, v in f.items()} for f in feeds]
     # With ORT's optimizations, as a user's session runs it (and a quarter faster than without).
-    session = make_session(model, as_user=True)
-    names = [o.name for o in session.get_outputs()]
-    got = [dict(zip(names, session.run(names, f))) for f in typed]
+    got = run_model(model, typed, as_user=True)
     errors = []
     for out in model.graph.output:
         g = np.concatenate([np.asarray(r[out.name], np.float64).ravel() for r in got])

@@ -169,3 +169,18 @@ def test_ops_exact_in_fp16_need_no_rounding(name, monkeypatch):
            [(e.tensor, e.rel_error, e.nonfinite, e.fp32_absmax) for e in slow_errors.errors]
     assert all(np.array_equal(a[k], b[k], equal_nan=True)
                for a, b in zip(fast_errors.outputs, slow_errors.outputs) for k in a)
+
+
+def test_check_of_unnamed_nodes_uses_the_twin_too():
+    """Unnamed nodes get unnamed twins (ONNX allows many; a twin each named '__fp32' did not)."""
+    g = helper.make_graph(
+        [helper.make_node("Mul", ["x", "k"], ["y"]), helper.make_node("CumSum", ["y", "axis"], ["z"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4096])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4096])],
+        [numpy_helper.from_array(np.array(40.0, np.float32), "k"), numpy_helper.from_array(np.array(1), "axis")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = [{"x": np.random.default_rng(1).uniform(0, 1, (1, 4096)).astype(np.float32)}]
+    own, given = check_fp16(model, feeds), check_fp16(model, feeds, run_model(model, feeds))
+    assert not own.passed and own.outputs[0].inf > 0  # the prefix sum of ~20s overflows FP16
+    assert (own.outputs, own.failing_tensors, own.first_failures) == \
+           (given.outputs, given.failing_tensors, given.first_failures)

@@ -151,10 +151,9 @@ def auto_fix(
             # validation compares (no validation run of its own).
             diagnosed: list[Diagnosis] = []
 
-            def shadow_outputs(cand, diag=diag):
-                changed = manager.last_record.values_changed if manager.last_record else None
+            def shadow_outputs(cand, record, diag=diag):
                 diagnosed.append(search.diagnose(cand, profile, None, None, refresh_profile=True, previous=diag,
-                                                 changed=changed))
+                                                 changed=record.values_changed))
                 return diagnosed[-1].reference
 
             manager = PassManager([rewrite], search.feeds, initial_absmax=profile.absmax(), reference=current_ref,

@@ -90,8 +90,9 @@ def error_run(
     # (ORT's basic level fuses Conv+Add in the twin), and it ran faster without them here.
     session = make_session(emu.model)
     names = [o.name for o in emu.model.graph.output]
-    stats = {s.tensor: s.profile_outs for s in emu.sites if s.profile_outs}
-    acc = ProfileAccumulator({s.tensor: (s.node, s.op) for s in emu.sites if s.profile_outs}) if stats else None
+    profiled = [s for s in emu.sites if s.profile_outs]
+    stats = {s.tensor: s.profile_outs for s in profiled}
+    acc = ProfileAccumulator({s.tensor: (s.node, s.op) for s in profiled}) if profiled else None
     arrays = set(out_names) | set(emu.twin_outputs.values())
     runs, reference = [], []
     for feed in feeds:

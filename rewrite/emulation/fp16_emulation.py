@@ -302,10 +302,10 @@ def check_fp16(
     if plan is None:
         plan = PrecisionPlan.from_model(model)
     # Without a reference, the FP32 model runs as a twin inside the emulation graph (one session,
-    # one run per feed), unless FP16-typed inputs would round the twin's inputs too.
-    names = [n.name for n in model.graph.node]
+    # one run per feed), unless FP16-typed inputs would round the twin's inputs too or control
+    # flow would need its bodies twinned.
     twin = (reference is None and not any(i.type.tensor_type.elem_type == _FLOAT16 for i in model.graph.input)
-            and all(names) and len(set(names)) == len(names) and not any(subgraphs(n) for n in model.graph.node))
+            and not any(subgraphs(n) for n in model.graph.node))
     emu = build_emulation(model, plan, strict_cumsum=strict_cumsum, fp32_shadow=twin, shadow_errors=False,
                           nonfinite_only=screen)
     if reference is None and not twin:

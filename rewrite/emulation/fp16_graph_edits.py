@@ -123,7 +123,7 @@ def shadow_node(node: onnx.NodeProto, twin: set[str]) -> onnx.NodeProto:
     (tensors that have an FP32 twin), renamed ``<name>__fp32``, in its bodies' outer reads too."""
     copy = onnx.NodeProto()
     copy.CopyFrom(node)
-    copy.name = node.name + SHADOW
+    copy.name = node.name + SHADOW if node.name else ""  # unnamed stays unnamed: no "__fp32" twice
     for i, name in enumerate(copy.input):
         if name in twin:
             copy.input[i] = name + SHADOW

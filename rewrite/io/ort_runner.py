@@ -124,10 +124,12 @@ def preflight(model: onnx.ModelProto, feed: Feed, what: str) -> None:
 
 
 def run_model(
-    model: onnx.ModelProto, feeds: Sequence[Feed], output_names: Sequence[str] | None = None
+    model: onnx.ModelProto, feeds: Sequence[Feed], output_names: Sequence[str] | None = None, *,
+    as_user: bool = False,
 ) -> list[Feed]:
-    """Run ``model`` once per feed; returns one ``{output name: array}`` dict per feed."""
-    session = make_session(model)
+    """Run ``model`` once per feed; returns one ``{output name: array}`` dict per feed
+    (``as_user``: with ORT's optimizations, see ``make_session``)."""
+    session = make_session(model, as_user=as_user)
     names = list(output_names) if output_names is not None else [o.name for o in session.get_outputs()]
     results = []
     for feed in feeds:

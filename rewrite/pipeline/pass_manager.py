@@ -73,16 +73,16 @@ class PassManager:
         per_output: Mapping[str, Tolerance] | None = None,
         initial_absmax: Mapping[str, float] | None = None,
         reference: Sequence[Feed] | None = None,
-        outputs_of: Callable[[onnx.ModelProto], Sequence[Feed]] | None = None,
+        outputs_of: Callable[[onnx.ModelProto, PassRecord], Sequence[Feed]] | None = None,
     ) -> None:
         """``initial_absmax``: FP32 ranges already measured on ``feeds`` for the model ``run``
         will get, so the first pass need not measure them again; ``reference``: that model's FP32
         outputs on ``feeds``, likewise (the validator then runs only the rewritten models);
-        ``outputs_of``: gives a rewritten model's FP32 outputs on ``feeds`` instead of a
-        validation run (the fixer's candidate diagnosis computes them anyway)."""
+        ``outputs_of(model, record)``: gives a rewritten model's FP32 outputs on ``feeds`` instead
+        of a validation run (the fixer's candidate diagnosis computes them anyway; the pass's
+        record says which values it changed)."""
         self.reference = reference
         self.outputs_of = outputs_of
-        self.last_record: PassRecord | None = None
         self.passes = list(passes)
         self.initial_absmax = dict(initial_absmax) if initial_absmax is not None else None
         self.feeds = list(feeds)
@@ -120,7 +120,6 @@ class PassManager:
             result = p.run(graph, ctx)
             record.rewritten, record.skipped = result.rewritten, result.skipped
             record.values_changed = result.values_changed
-            self.last_record = record  # outputs_of may read it (the fixer: which values changed)
             if not result.modified:
                 record.seconds = _since(start)
                 logger.info("%s: nothing to do (%d sites skipped)", p.name, len(result.skipped))
@@ -132,7 +131,8 @@ class PassManager:
             record.seconds = _since(start)
             logger.warning("%s rolled back: %s", p.name, record.error)
             return record, snapshot
-        record.validation = self.validator.validate(candidate, outputs_of=self.outputs_of)
+        outputs_of = (lambda m: self.outputs_of(m, record)) if self.outputs_of is not None else None
+        record.validation = self.validator.validate(candidate, outputs_of=outputs_of)
         record.seconds = _since(start)
         if not record.validation.ok:
             record.status = "rolled-back"
