@@ -15,6 +15,7 @@ import onnx
 
 from onnx_fp16_rewrite.analysis.flops import fp16_flop_fraction
 from onnx_fp16_rewrite.canonical import CanonReport, canonicalize, restore_dynamic
+from onnx_fp16_rewrite.canonical import confirm as confirm_canonical
 from onnx_fp16_rewrite.emulation.fp16_emulation import Fp16Report, check_fp16
 from onnx_fp16_rewrite.io import weights
 from onnx_fp16_rewrite.io.ort_runner import Feed, run_model
@@ -129,18 +130,15 @@ def fix_model(
     # the passes, the analysis and the FP32 reference all work on it.
     given = model
     canon_report = None
-    if canonical:
-        with progress.phase("canonicalisation", total=None) as phase:
-            # Before sharing: graphsurgeon's constant folding runs ORT on the weights themselves.
-            model, canon_report = canonicalize(model, feeds, tolerance=tolerance)
-            phase.done(canon_report.summary())
-    # Weights shared, each held once however often the analysis copies the model (io.weights.share);
-    # the result gets them back into its proto (unshare, at the return).
-    model = weights.share(model)
+    first_run = auto and not passes
+    model, canon_report, first = _canonical_and_first(given, feeds, canonical, first_run, tolerance, strict_cumsum,
+                                                      rel_l2_tolerance, progress, confirm_later=first_run)
+    if canon_report is not None and not canonical_confirmed(canon_report, model, first):
+        # The canonical form is not the original's equal: canonicalise again, each step validated.
+        weights.release(model, given)
+        model, canon_report, first = _canonical_and_first(given, feeds, canonical, first_run, tolerance, strict_cumsum,
+                                                          rel_l2_tolerance, progress, confirm_later=False)
     shared = model
-    # fix --auto alone: the fixer's first diagnosis (one emulation run with an FP32 shadow per
-    # sample) gives the ranges, the FP32 reference and the "before" check.
-    first = _first_diagnosis(model, feeds, strict_cumsum, rel_l2_tolerance, progress) if auto and not passes else None
     profile = first.profile if first is not None else None
     with progress.phase("passes" if passes else "FP32 reference", total=None) as phase:
         manager = PassManager(passes, feeds, tolerance=tolerance, per_output=per_output,
@@ -222,6 +220,42 @@ def fix_model(
     fixed = weights.unshare(fixed)
     weights.release(shared, given)  # the result holds its weights again: the shared buffers can go
     return FixResult(fixed, report)
+
+
+def _canonical_and_first(given, feeds, canonical, first_run, tolerance, strict_cumsum, rel_l2_tolerance, progress,
+                         *, confirm_later):
+    """The canonical form (shared weights) and, for ``fix --auto`` alone, the fixer's first
+    diagnosis of it (one emulation run with an FP32 shadow per sample: the ranges, the FP32
+    reference and the "before" check). ``confirm_later``: the canonical form's FP32 validation
+    reads that diagnosis' FP32 outputs (``canonical_confirmed``) instead of running it again."""
+    model, canon_report = given, None
+    if canonical:
+        with progress.phase("canonicalisation", total=None) as phase:
+            # Before sharing: graphsurgeon's constant folding runs ORT on the weights themselves.
+            model, canon_report = canonicalize(given, feeds, tolerance=tolerance, confirm_later=confirm_later)
+            phase.done(canon_report.summary())
+    # Weights shared, each held once however often the analysis copies the model (io.weights.share);
+    # the result gets them back into its proto (unshare, at the return).
+    model = weights.share(model)
+    first = None
+    if first_run:
+        try:
+            first = _first_diagnosis(model, feeds, strict_cumsum, rel_l2_tolerance, progress)
+        except Exception:  # an unvalidated canonical form may not even run: canonicalise again
+            if not confirm_later or canon_report is None or getattr(canon_report, "_deferred", None) is None:
+                raise
+            object.__setattr__(canon_report, "_deferred", None)
+            object.__setattr__(canon_report, "_failed", True)
+    return model, canon_report, first
+
+
+def canonical_confirmed(report: CanonReport, model: onnx.ModelProto, first) -> bool:
+    """Whether the canonical form validates (``canonical.confirm``) on the first diagnosis' FP32
+    outputs (its shadow's: the same ORT kernels as a validation run)."""
+    if getattr(report, "_failed", False):
+        return False
+    outputs = first.profile.outputs if first is not None else None
+    return confirm_canonical(report, model, outputs)
 
 
 def _first_diagnosis(model: onnx.ModelProto, feeds: Sequence[Feed], strict_cumsum: bool, tolerance: float,

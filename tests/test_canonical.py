@@ -9,7 +9,7 @@ import pytest
 
 from canonical_exports import export, padded_attention_module, rand, t5_layer_norm_module
 from conftest import parse_named
-from onnx_fp16_rewrite.canonical import canonicalize, restore_dynamic, unshare_constant
+from onnx_fp16_rewrite.canonical import canonicalize, confirm, restore_dynamic, unshare_constant
 from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 from onnx_fp16_rewrite.io.ort_runner import run_model
 
@@ -223,3 +223,47 @@ def test_feeds_of_different_shapes_are_not_specialised(padded):
     assert not report.specialised and "different shapes" in report.notes[0]
     assert _dims(canon, "x") == ["N", 3, "H", "W"] and len(canon.graph.node) == 10
     _close(padded, canon, feeds)
+
+
+def test_deferred_validation_reads_given_outputs_and_matches_immediate_validation(padded):
+    """confirm_later: the result is the same model, validated on outputs the caller already has
+    (the fixer's first diagnosis), with the same validation text; wrong outputs refuse it."""
+    feeds = _feeds()
+    now, report_now = canonicalize(padded, feeds)
+    later, report_later = canonicalize(padded, feeds, confirm_later=True)
+    assert onnx.printer.to_text(later.graph) == onnx.printer.to_text(now.graph)
+    assert report_later.validation == "" and report_now.validation.startswith("FP32 outputs match the original")
+    outputs = run_model(later, feeds)
+    assert confirm(report_later, later, outputs) and report_later.validation == report_now.validation
+    assert confirm(report_later, later, outputs)  # nothing left to confirm: True, unchanged
+    _, report_bad = canonicalize(padded, feeds, confirm_later=True)
+    wrong = [{k: v + 1.0 for k, v in o.items()} for o in outputs]
+    assert not confirm(report_bad, later, wrong) and report_bad.validation == ""
+
+
+def test_fix_validates_its_canonical_form_on_the_first_diagnosis(padded, monkeypatch):
+    """fix --auto runs the original once for canonical validation (not the canonical form too),
+    reports the same validation as canonicalize alone; a refused canonical form is redone with
+    each step validated (here forced by a confirm that refuses once)."""
+    from onnx_fp16_rewrite import fix as fix_module
+    from onnx_fp16_rewrite.io import ort_runner
+
+    feeds = _feeds()
+    _, alone = canonicalize(padded, feeds)
+    runs = []
+    real = ort_runner.run_model
+    monkeypatch.setattr(ort_runner, "run_model", lambda m, *a, **k: runs.append(len(m.graph.node)) or real(m, *a, **k))
+    from onnx_fp16_rewrite.pipeline import validate
+    monkeypatch.setattr(validate, "run_model", ort_runner.run_model)
+    result = fix_module.fix_model(padded, [], feeds, auto=True, auto_rewrites=())
+    assert result.report.canonical.validation == alone.validation
+    # The original once; the canonical form (6 nodes) never by itself (restore_dynamic's own
+    # check on a second input shape runs the restored model and the dynamic form: 10 nodes).
+    assert runs.count(len(padded.graph.node)) == 1 and runs.count(10) == 2 and len(runs) == 3
+    calls = []
+    real_confirm = fix_module.confirm_canonical
+    monkeypatch.setattr(fix_module, "confirm_canonical",
+                        lambda *a: calls.append(1) or (len(calls) > 1 and real_confirm(*a)))
+    redone = fix_module.fix_model(padded, [], feeds, auto=True, auto_rewrites=())
+    assert redone.report.canonical.validation == alone.validation and len(calls) == 1
+    assert onnx.printer.to_text(redone.model.graph) == onnx.printer.to_text(result.model.graph)

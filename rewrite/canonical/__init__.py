@@ -52,7 +52,7 @@ from onnx_fp16_rewrite.io.model_io import check_model
 from onnx_fp16_rewrite.io.ort_runner import Feed, infer_types
 from onnx_fp16_rewrite.pipeline.validate import Tolerance, Validator
 
-__all__ = ["CanonReport", "canonicalize", "fresh_tensor_name", "restore_dynamic", "trace_shapes",
+__all__ = ["CanonReport", "canonicalize", "confirm", "fresh_tensor_name", "restore_dynamic", "trace_shapes",
            "unshare_constant"]
 
 logger = logging.getLogger(__name__)
@@ -114,9 +114,12 @@ class CanonReport:
 
 
 def canonicalize(model: onnx.ModelProto, feeds: Sequence[Feed], *, specialise: Specialise = "auto",
-                 tolerance: Tolerance = Tolerance()) -> tuple[onnx.ModelProto, CanonReport]:
+                 tolerance: Tolerance = Tolerance(), confirm_later: bool = False) -> tuple[onnx.ModelProto, CanonReport]:
     """The canonical form of ``model`` for analysis and rewrites (see the module docstring).
-    ``specialise``: ``auto`` when dynamic shape arithmetic remains, ``never``, or ``always``."""
+    ``specialise``: ``auto`` when dynamic shape arithmetic remains, ``never``, or ``always``.
+    ``confirm_later``: the result's FP32 validation waits for ``confirm(report, result, outputs)``
+    with its outputs from a run the caller makes anyway (the fixer's first diagnosis: one FP32
+    run fewer); if that fails, the caller canonicalises again without it (each step validated)."""
     from onnx_fp16_rewrite.pipeline.pass_manager import name_nodes
 
     if any(p.key == MARK_KEY for p in model.metadata_props):
@@ -128,7 +131,7 @@ def canonicalize(model: onnx.ModelProto, feeds: Sequence[Feed], *, specialise: S
     report.renamed_nodes = name_nodes(work)
     # The reference is the original with only its dims relaxed (ORT refuses a feed for a declared 0 dim);
     # it runs only when something changed.
-    validator = _LazyValidator(work, feeds, tolerance)
+    validator = _LazyValidator(work, feeds, tolerance, confirm_later)
     if work.ByteSize() > _PROTO_LIMIT:
         report.notes.append("model past 2 GiB: not folded")
         candidate = work
@@ -175,7 +178,9 @@ def canonicalize(model: onnx.ModelProto, feeds: Sequence[Feed], *, specialise: S
         except Exception as exc:  # specialisation is an aid; the dynamic canonical form stands
             report.notes.append(f"not specialised: {type(exc).__name__}: {one_line(exc)}")
     name_nodes(result)
-    if not report.validation:
+    if validator.deferred and result is not work:
+        object.__setattr__(report, "_deferred", validator)  # not a field: asdict must not carry it
+    elif not report.validation:
         report.validation = "unchanged" if len(result.graph.node) == len(work.graph.node) else "no feeds: not validated"
     report.nodes_after = len(result.graph.node)
     report.folded = report.nodes_before - report.nodes_after - len(report.casts_removed)
@@ -215,12 +220,37 @@ def _attach(report: CanonReport, dynamic: onnx.ModelProto, folded: set[str], fee
     object.__setattr__(report, "_state", (dynamic, folded, list(feeds)))
 
 
-class _LazyValidator:
-    """The original's reference outputs, computed on first use (None without feeds)."""
+def confirm(report: CanonReport, model: onnx.ModelProto, outputs: Sequence[Feed] | None) -> bool:
+    """Validate the result of ``canonicalize(confirm_later=True)`` (``model``) as canonicalize
+    itself would have, with its FP32 ``outputs`` on the feeds (None: run it here). False: it is
+    not the original's equal (or the original does not run): canonicalise again without
+    ``confirm_later``, which falls back step by step. True also when nothing was deferred."""
+    lazy = getattr(report, "_deferred", None)
+    if lazy is None:
+        return True
+    object.__setattr__(report, "_deferred", None)
+    try:
+        validator = lazy.get()
+    except Exception:  # ORT's errors are many types: canonicalize proper says which
+        return False
+    result = validator.validate(model, outputs_of=(lambda _m: outputs) if outputs is not None else None)
+    if not result.ok:
+        return False
+    worst = max((o.max_abs_error for o in result.outputs), default=0.0)
+    report.validation = f"FP32 outputs match the original (max abs error {worst:.3g})"
+    return True
 
-    def __init__(self, model: onnx.ModelProto, feeds: Sequence[Feed], tolerance: Tolerance) -> None:
+
+class _LazyValidator:
+    """The original's reference outputs, computed on first use (None without feeds).
+    ``deferred``: ``_checked`` leaves the comparison to ``confirm`` and records what it skipped."""
+
+    def __init__(self, model: onnx.ModelProto, feeds: Sequence[Feed], tolerance: Tolerance,
+                 defer: bool = False) -> None:
         self.model, self.feeds, self.tolerance = model, list(feeds), tolerance
         self._validator: Validator | None = None
+        self.defer = defer and bool(self.feeds)
+        self.deferred: list[str] = []
 
     def get(self) -> Validator | None:
         if self._validator is None and self.feeds:
@@ -236,6 +266,9 @@ def _checked(candidate: onnx.ModelProto, fallback: onnx.ModelProto, lazy: _LazyV
     except Exception as exc:  # a fold that breaks the checker is not used
         report.notes.append(f"{what} not used: the checker rejects it ({one_line(exc)})")
         return fallback
+    if lazy.defer:
+        lazy.deferred.append(what)
+        return candidate
     try:
         validator = lazy.get()
     except Exception as exc:  # the original itself does not run here: nothing can be proven

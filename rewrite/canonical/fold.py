@@ -149,10 +149,17 @@ def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
     if model.ByteSize() > _PROTO_LIMIT:
         return model  # in-memory inference cannot take it; fold what graphsurgeon sees
     try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+        # On a weight-less skeleton (float weights are only dims to inference): the model's
+        # weights would otherwise be serialised and parsed four times (0.5 s of T5's 62 MB).
+        skel, _ = weights.skeleton(model)
+        inferred = onnx.shape_inference.infer_shapes(skel, data_prop=True)
     except Exception as exc:  # inference is an aid to folding; without it we fold less
         logger.info("shape inference failed before folding: %s", exc)
         return model
+    # The skeleton stripped only top-level initializers: put the model's own back.
+    del inferred.graph.initializer[:]
+    inferred.graph.initializer.extend(model.graph.initializer)
+    return inferred
 
 
 def _export(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:

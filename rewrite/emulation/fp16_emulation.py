@@ -29,7 +29,7 @@ from onnx import TensorProto, helper
 from onnx_fp16_rewrite.emulation.control_flow import ControlFlowEmulator, body_types
 from onnx_fp16_rewrite.emulation.fp16_graph_edits import (
     copy_node,
-    read_by_subgraph,
+    names_read_by_subgraphs,
     retype_fp16_as_fp32,
     SHADOW,
     round_nodes,
@@ -250,7 +250,8 @@ def build_emulation(
     g.initializer.extend(new_inits)
     # Weights now read only through their FP16-rounded copies would sit in memory twice.
     used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-    kept = [i for i in g.initializer if i.name in used or read_by_subgraph(g, i.name)]
+    used |= names_read_by_subgraphs(g)
+    kept = [i for i in g.initializer if i.name in used]
     del g.initializer[:]
     g.initializer.extend(kept)
     del g.value_info[:]

@@ -154,15 +154,15 @@ def copy_node(node: onnx.NodeProto) -> onnx.NodeProto:
     return copy
 
 
-def read_by_subgraph(g: onnx.GraphProto, name: str) -> bool:
-    """Whether a name is used inside an If/Loop/Scan body (outer-scope reads are invisible
-    in the node inputs of the outer graph)."""
+def names_read_by_subgraphs(g: onnx.GraphProto) -> set[str]:
+    """Every name some If/Loop/Scan body of ``g`` reads, at any depth: one walk (a walk per
+    weight, as before, cost 1 s on T5's 140)."""
+    names: set[str] = set()
     for node in g.node:
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                if any(name in n.input for n in sub.node) or read_by_subgraph(sub, name):
-                    return True
-    return False
+        for sub in subgraphs(node):
+            names.update(i for n in sub.node for i in n.input)
+            names |= names_read_by_subgraphs(sub)
+    return names
 
 
 def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
