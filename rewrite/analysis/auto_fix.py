@@ -36,6 +36,7 @@ from onnx_fp16_rewrite.pipeline.pass_base import Pass
 from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 from onnx_fp16_rewrite.analysis.range_profile import RangeProfile
 from onnx_fp16_rewrite.analysis.regions import GraphIndex, grow_region
+from onnx_fp16_rewrite.analysis.signatures import emulated_alike
 from onnx_fp16_rewrite.progress import NULL_PROGRESS, Progress
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ logger = logging.getLogger(__name__)
 # verdict run each (benchmarks/auto_fix_cost.py --samples states it).
 SEARCH_SAMPLES = 4
 MAX_FINDINGS = 1000  # failing tensors a report lists (as fix.MAX_FINDINGS)
+# Each pinning round's plan is screened before it is diagnosed (``_pin_rounds``); False: always diagnosed.
+SCREEN_PIN_ROUNDS = True
 
 
 @dataclass
@@ -156,8 +159,17 @@ def auto_fix(
                                                  changed=record.values_changed))
                 return diagnosed[-1].reference
 
+            def refuse(cand, record, diag=diag):
+                # Every site computed exactly as before (upstream of all the rewrite changed) fails
+                # again in the candidate's diagnosis: nothing fixed, so no diagnosis to pay for.
+                tensors = {s.tensor for s in diag.sites}
+                if diag.model is not None and emulated_alike(diag.model, cand, sorted(tensors),
+                                                             diag.signatures()) >= tensors:
+                    return "no failure site depends on what it changed"
+                return None
+
             manager = PassManager([rewrite], search.feeds, initial_absmax=profile.absmax(), reference=current_ref,
-                                  outputs_of=shadow_outputs)
+                                  outputs_of=shadow_outputs, refuse=refuse)
             candidate, report = manager.run(model)
             record = report.passes[0]
             tried.append(record)
@@ -181,21 +193,22 @@ def auto_fix(
     plan = PrecisionPlan.from_model(model)
     index = GraphIndex(model.graph)
     absmax = profile.absmax()
-    diag, rounds = _pin_rounds(search, model, index, diag, plan, sites, absmax, max_rounds, 0)
+    diag, rounds, screened = _pin_rounds(search, model, index, diag, plan, sites, absmax, max_rounds, 0)
     after, released = None, []
     unresolved = _needs_work(model, diag, search.reference, tolerance)
     if not unresolved:
         after, released = _shrink(model, plan, sites, absmax, search, max_shrink_runs)
     if after is None:
-        # The last diagnosis ran the emulation under this plan: its verdict needs no further run.
-        after = diag.fp16_report(search.reference, tolerance, strict_cumsum=strict_cumsum, max_findings=MAX_FINDINGS)
+        # The last diagnosis (or clean screen) ran the emulation under this plan: its verdict needs no further run.
+        after = screened or diag.fp16_report(search.reference, tolerance, strict_cumsum=strict_cumsum,
+                                             max_findings=MAX_FINDINGS)
     if k < len(feeds):
         after = search.verdict(model, plan, feeds, reference)
         if not _clean(after) and not unresolved:
             # A sample the search did not see fails: search on with all of them.
             search = _Search(list(feeds), reference, tolerance, exit_absmax, strict_cumsum, progress, search)
             diag = search.diagnose(model, profile, plan, "diagnosis (all samples)")
-            diag, rounds = _pin_rounds(search, model, index, diag, plan, sites, absmax, max_rounds, rounds)
+            diag, rounds, _ = _pin_rounds(search, model, index, diag, plan, sites, absmax, max_rounds, rounds)
             unresolved = _needs_work(model, diag, reference, tolerance)
             after = diag.fp16_report(reference, tolerance, strict_cumsum=strict_cumsum, max_findings=MAX_FINDINGS)
     if unresolved:
@@ -269,7 +282,16 @@ class _Search:
 
 
 def _pin_rounds(search, model, index, diag, plan, sites, absmax, max_rounds, rounds):
-    """Pin a region per site and diagnose again, until no site is left or ``max_rounds``."""
+    """Pin a region per site and diagnose again, until no site is left or ``max_rounds``.
+    Returns the last diagnosis, the rounds, and the check report of a clean screen that ended
+    the pinning (else None).
+
+    Each round's plan is first screened (``check_fp16(screen=True)``: no FP32 shadow, one sum a
+    tensor): a clean screen (outputs pass, no tensor non-finite) means the diagnosis would name
+    no non-finite site and pass the outputs, so the pinning stops exactly where it would have,
+    for a third of the run. Not on models whose FP32 values hold inf/NaN or mask sentinels:
+    those go non-finite in FP16 harmlessly, so their screen is never clean."""
+    screenable = SCREEN_PIN_ROUNDS and not any(r.fp32_nonfinite or r.sentinels for r in diag.profile.ranges.values())
     while _needs_work(model, diag, search.reference, search.tolerance) and rounds < max_rounds:
         rounds += 1
         before = set(plan.fp32_nodes)
@@ -286,8 +308,14 @@ def _pin_rounds(search, model, index, diag, plan, sites, absmax, max_rounds, rou
             # Nothing new pinned: the next diagnosis would repeat this one, and every later
             # round would grow the same regions (a round is a function of the plan and sites).
             break
+        if screenable:
+            with search.progress.phase(f"pinning round {rounds}: screen", total=None) as phase:
+                report = search.check(model, plan)
+                phase.done("clean" if _clean(report) else "not clean: diagnosing")
+            if _clean(report):
+                return Diagnosis([], [], [], diag.profile), rounds, report
         diag = search.diagnose(model, diag.profile, plan, f"pinning round {rounds}")
-    return diag, rounds
+    return diag, rounds, None
 
 
 def _verdict(report: Fp16Report) -> str:
@@ -356,7 +384,7 @@ def _needs_work(model: onnx.ModelProto, diag, reference: list[Feed], tolerance: 
     output can hide an inf that a different input would surface)."""
     if any(math.isinf(s.fp16_rel_error) for s in diag.sites):
         return bool(diag.sites)
-    return not _outputs_ok(model, diag.outputs, reference, tolerance) and bool(diag.sites)
+    return bool(diag.sites) and not _outputs_ok(model, diag.outputs, reference, tolerance)
 
 
 def _outputs_ok(model: onnx.ModelProto, got: list[Feed], reference: list[Feed], tolerance: float) -> bool:

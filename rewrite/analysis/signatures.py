@@ -40,4 +40,49 @@ def unchanged(before: dict[str, str], after: dict[str, str]) -> set[str]:
     return {t for t, s in after.items() if before.get(t) == s}
 
 
-__all__ = ["unchanged", "value_signatures"]
+def emulated_alike(before: onnx.ModelProto, after: onnx.ModelProto, tensors: list[str],
+                   before_signatures: dict[str, str] | None = None) -> set[str]:
+    """The ``tensors`` that ``after`` computes exactly as ``before`` does, FP16 emulation
+    included: the same digest, and every node they depend on keeps its name (the precision plan
+    is keyed by names) and its index-arithmetic standing (emit.index_arithmetic, which reads
+    consumers: a rewrite downstream could change it). Under one precision plan such a tensor has
+    the same FP32 and FP16 values, errors and ranges in both models' diagnoses."""
+    from onnx_fp16_rewrite.emit.index_arithmetic import index_arithmetic_nodes
+    from onnx_fp16_rewrite.io.ort_runner import infer_types
+
+    same = unchanged(before_signatures or value_signatures(before), value_signatures(after))
+    wanted = [t for t in tensors if t in same]
+    if not wanted:
+        return set()
+
+    def index_names(m: onnx.ModelProto) -> set[str]:
+        try:
+            types, _ = infer_types(m)
+        except Exception:  # no types: no tensor can be shown alike
+            return {"?"}
+        return {m.graph.node[k].name for k in index_arithmetic_nodes(m.graph, types)}
+
+    idx_before, idx_after = index_names(before), index_names(after)
+    if "?" in idx_before or "?" in idx_after:
+        return set()
+    producer_before = {o: n.name for n in before.graph.node for o in n.output if o}
+    producer_after = {o: n for n in after.graph.node for o in n.output if o}
+    alike = set()
+    for t in wanted:
+        stack, seen, ok = [t], set(), True
+        while stack and ok:
+            name = stack.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            node = producer_after.get(name)
+            if node is None:
+                continue  # a graph input or weight: its digest already matched
+            ok = producer_before.get(name) == node.name and (node.name in idx_before) == (node.name in idx_after)
+            stack += [i for i in node.input if i]
+        if ok:
+            alike.add(t)
+    return alike
+
+
+__all__ = ["emulated_alike", "unchanged", "value_signatures"]

@@ -27,7 +27,8 @@ HISTORY_KEY = "onnx_fp16_rewrite.passes"
 
 @dataclass
 class PassRecord:
-    """What happened to one pass. ``status``: kept, unchanged or rolled-back."""
+    """What happened to one pass. ``status``: kept, unchanged, rolled-back, or refused (the
+    caller's ``refuse`` turned the rewritten model down before validation; ``error`` says why)."""
 
     name: str
     options: dict[str, object]
@@ -74,14 +75,17 @@ class PassManager:
         initial_absmax: Mapping[str, float] | None = None,
         reference: Sequence[Feed] | None = None,
         outputs_of: Callable[[onnx.ModelProto, PassRecord], Sequence[Feed]] | None = None,
+        refuse: Callable[[onnx.ModelProto, PassRecord], str | None] | None = None,
     ) -> None:
         """``initial_absmax``: FP32 ranges already measured on ``feeds`` for the model ``run``
         will get, so the first pass need not measure them again; ``reference``: that model's FP32
         outputs on ``feeds``, likewise (the validator then runs only the rewritten models);
         ``outputs_of(model, record)``: gives a rewritten model's FP32 outputs on ``feeds`` instead
         of a validation run (the fixer's candidate diagnosis computes them anyway; the pass's
-        record says which values it changed)."""
+        record says which values it changed); ``refuse(model, record)``: a reason to drop a
+        rewritten model before its validation (the fixer: it cannot fix any failure site), or None."""
         self.reference = reference
+        self.refuse = refuse
         self.outputs_of = outputs_of
         self.passes = list(passes)
         self.initial_absmax = dict(initial_absmax) if initial_absmax is not None else None
@@ -126,6 +130,11 @@ class PassManager:
                 return record, snapshot
             candidate = _export(graph, snapshot, ctx.plan, p.name)
             check_model(candidate, f"the model after {p.name}", strict_shapes=True)
+            reason = self.refuse(candidate, record) if self.refuse is not None else None
+            if reason:
+                record.status, record.error, record.seconds = "refused", reason, _since(start)
+                logger.info("%s refused: %s", p.name, reason)
+                return record, snapshot
         except Exception as exc:  # any failure inside a pass must roll back, whatever its type
             record.status, record.error = "rolled-back", f"{p.name} failed: {type(exc).__name__}: {one_line(exc)}"
             record.seconds = _since(start)

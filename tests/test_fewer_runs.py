@@ -1,0 +1,120 @@
+"""Runs the fixer no longer makes (issue 11), each shown to give the same answer as the run it replaces.
+
+- A pinning round's plan is screened (no FP32 shadow, one sum a tensor) before it is diagnosed;
+  a clean screen ends the pinning where the diagnosis would have (``auto_fix.SCREEN_PIN_ROUNDS``).
+- A rewrite whose every failure site is computed exactly as before (upstream of all it changed)
+  is refused without a diagnosis: that diagnosis would name every site again
+  (``signatures.emulated_alike``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_fp16_rewrite.analysis import auto_fix
+from onnx_fp16_rewrite.analysis import diagnosis as diagnosis_module
+from onnx_fp16_rewrite.analysis.signatures import emulated_alike
+from onnx_fp16_rewrite.fix import fix_model
+from onnx_fp16_rewrite.models.t5_encoder import build_t5_encoder, demo_inputs
+from onnx_fp16_rewrite.pipeline.pass_base import Pass, PassResult, Site
+
+
+def _answer(result):
+    r = result.report
+    a = r.auto
+    return {
+        "sites": [(s.kind, s.op, s.tensor, s.fix, sorted(s.pinned_nodes)) for s in a.sites],
+        "fp32_nodes": a.fp32_nodes, "kept": a.passes_kept, "passed": a.passed, "rounds": a.rounds,
+        "after": [(o.name, o.nan, o.inf, o.rel_l2, o.ok) for o in r.fp16_after.outputs],
+        "auto_after": [(o.name, o.rel_l2, o.ok) for o in a.after.outputs],
+        "failing": a.after.failing_tensors, "flop": r.fp16_flop_fraction,
+        "tried": [(t.name, t.status) for t in a.rewrites_tried],
+        "model": onnx.printer.to_text(result.model.graph),
+    }
+
+
+def _count_diagnoses(monkeypatch):
+    calls = []
+    real = diagnosis_module.error_run
+    monkeypatch.setattr(diagnosis_module, "error_run", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("rewrites", [(), None], ids=["pin-only", "rewrites"])
+def test_screened_pinning_round_gives_the_diagnosed_answer(monkeypatch, rewrites):
+    model = build_t5_encoder()
+    feeds = [demo_inputs(model, seed=0)]
+    calls = _count_diagnoses(monkeypatch)
+    screened = fix_model(model, [], feeds, auto=True, auto_rewrites=rewrites)
+    with_screen = len(calls)
+    monkeypatch.setattr(auto_fix, "SCREEN_PIN_ROUNDS", False)
+    calls.clear()
+    diagnosed = fix_model(model, [], feeds, auto=True, auto_rewrites=rewrites)
+    assert _answer(screened) == _answer(diagnosed)
+    rounds = diagnosed.report.auto.rounds
+    assert rounds == 1 and diagnosed.report.auto.fp32_nodes > 0 and screened.report.auto.passed
+    assert len(calls) - with_screen == rounds  # each round's shadow diagnosis replaced by a screen
+
+
+def _upstream_site_model() -> onnx.ModelProto:
+    """x -> Mul(1e5) overflows FP16 (the site) -> y; a separate branch x -> Mul(3) -> Mul(2) -> z."""
+    inits = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("big", 1e5), ("three", 3.0),
+                                                                               ("two", 2.0), ("small", 1e-5))]
+    nodes = [helper.make_node("Mul", ["x", "big"], ["a"], name="blow_up"),
+             helper.make_node("Mul", ["a", "small"], ["y"], name="back"),
+             helper.make_node("Mul", ["x", "three"], ["b"], name="branch"),
+             helper.make_node("Mul", ["b", "two"], ["z"], name="branch_out")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+                          [helper.make_tensor_value_info(n, TensorProto.FLOAT, [4, 8]) for n in ("y", "z")], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+class _FoldBranch(Pass):
+    """Folds branch_out's constant into branch (x*3*2 -> x*6): exact, and nowhere near the site."""
+
+    name = "fold-branch"
+    summary = "test pass"
+
+    def run(self, graph, ctx):
+        node = next(n for n in graph.nodes if n.name == "branch")
+        out = next(n for n in graph.nodes if n.name == "branch_out")
+        node.inputs[1].values = np.array(6.0, np.float32)
+        out.op = "Identity"
+        out.inputs = out.inputs[:1]
+        return PassResult(True, rewritten=[Site("branch", "Mul", "folded")])
+
+
+def test_rewrite_that_reaches_no_site_is_refused_without_a_diagnosis(monkeypatch):
+    model = _upstream_site_model()
+    feeds = [{"x": np.random.default_rng(0).uniform(0.5, 2.0, (4, 8)).astype(np.float32)}]
+    calls = _count_diagnoses(monkeypatch)
+    refused = fix_model(model, [], feeds, auto=True, auto_rewrites=[_FoldBranch()])
+    record = refused.report.auto.rewrites_tried[0]
+    assert record.status == "refused" and record.error == "no failure site depends on what it changed"
+    assert len(calls) == 1  # the first diagnosis only (the pinning round is screened)
+    # Without the refusal the candidate is diagnosed, validated and turned down: same answer.
+    monkeypatch.setattr(auto_fix, "emulated_alike", lambda *a: set())
+    tried = fix_model(model, [], feeds, auto=True, auto_rewrites=[_FoldBranch()])
+    assert tried.report.auto.rewrites_tried[0].status == "kept"  # valid in FP32, fixed no site
+    got, want = _answer(refused), _answer(tried)
+    assert got.pop("tried") != want.pop("tried")
+    assert got == want and len(calls) == 1 + 2  # this fix: the first diagnosis and the candidate's
+    assert [s.node for s in tried.report.auto.sites] == ["blow_up"]
+
+
+def test_emulated_alike_sees_renames_and_changed_inputs():
+    model = _upstream_site_model()
+    same = onnx.ModelProto()
+    same.CopyFrom(model)
+    assert emulated_alike(model, same, ["a", "y", "b", "z"]) == {"a", "y", "b", "z"}
+    renamed = onnx.ModelProto()
+    renamed.CopyFrom(model)
+    renamed.graph.node[0].name = "blow_up_2"  # the plan is keyed by names: not alike downstream
+    assert emulated_alike(model, renamed, ["a", "y", "z"]) == {"z"}
+    changed = onnx.ModelProto()
+    changed.CopyFrom(model)
+    changed.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.array(1e4, np.float32), "big"))
+    assert emulated_alike(model, changed, ["a", "y", "b"]) == {"b"}
