@@ -267,3 +267,22 @@ def test_fix_validates_its_canonical_form_on_the_first_diagnosis(padded, monkeyp
     redone = fix_module.fix_model(padded, [], feeds, auto=True, auto_rewrites=())
     assert redone.report.canonical.validation == alone.validation and len(calls) == 1
     assert onnx.printer.to_text(redone.model.graph) == onnx.printer.to_text(result.model.graph)
+
+
+def test_graphs_with_nothing_to_fold_skip_the_folding_round_trip(padded):
+    """fold_dynamic returns a graph with nothing to fold as it is, without graphsurgeon's round
+    trip; the full folding gives these graphs back node for node, so the skip changes nothing."""
+    from onnx_fp16_rewrite.canonical import fold
+    from onnx_fp16_rewrite.models.nafnet import build_nafnet
+    from onnx_fp16_rewrite.models.t5_encoder import build_t5_encoder
+
+    for model in (build_t5_encoder(), build_nafnet(height=32, width=32, channels=8, blocks=1)):
+        assert fold._nothing_to_fold(model) and fold.fold_dynamic(model) is model
+        folded = fold._fold_rounds(model, 6)
+        # (in graphsurgeon's topological order: canonicalize keeps the graph as given when no node folds)
+        assert sorted((n.name, n.op_type) for n in folded.graph.node) == sorted((n.name, n.op_type)
+                                                                               for n in model.graph.node)
+    assert not fold._nothing_to_fold(padded)  # Shape/ConstantOfShape chains fold
+    dead = build_t5_encoder()
+    dead.graph.node.append(onnx.helper.make_node("Relu", [dead.graph.node[0].output[0]], ["unread"], name="dead"))
+    assert not fold._nothing_to_fold(dead)  # cleanup would drop the dead node

@@ -138,6 +138,7 @@ def diagnose(
                     twin_profile=twin, on_run=on_run)
     if twin:
         profile = _twin_profile(model, run, profile_feeds, on_run)
+        run.profile = None  # its samples (16384 values a tensor a sample) are in the profile's percentiles now
         keep = set(profile.ranges)
     errors, outputs = run.errors, run.outputs
     for e in errors:  # the profile's absmax where the shadow did not measure it

@@ -59,7 +59,32 @@ def sanitize_dims(model: onnx.ModelProto) -> int:
 
 def fold_dynamic(model: onnx.ModelProto, *, max_rounds: int = 6) -> onnx.ModelProto:
     """Fold what is constant for every accepted input shape (see the module docstring)."""
+    if _nothing_to_fold(model):
+        return model  # folding would give this graph back (its round trip costs 0.5 s on T5's weights)
     return _fold_rounds(model, max_rounds)
+
+
+_SHAPE_OPS = {"Shape", "Size", "ConstantOfShape", "EyeLike"}
+
+
+def _nothing_to_fold(model: onnx.ModelProto) -> bool:
+    """Whether graphsurgeon's folding and cleanup provably leave the graph as it is: no Constant
+    node (folding turns them into initializers), no shape op, no node whose inputs are all
+    initializers, no node with a subgraph, no initializer that is also a graph input, and every
+    node output read (cleanup drops dead nodes)."""
+    g = model.graph
+    consts = {t.name for t in g.initializer}
+    if consts & {i.name for i in g.input}:
+        return False
+    read = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    for n in g.node:
+        if n.op_type == "Constant" or n.op_type in _SHAPE_OPS or any(
+                a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
+            return False
+        ins = [i for i in n.input if i]
+        if all(i in consts for i in ins) or not any(o in read for o in n.output if o):
+            return False
+    return True
 
 
 def specialise(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]],

@@ -101,6 +101,26 @@ def _fixed_mmap_threshold() -> None:
         pass
 
 
+def trim_heap() -> None:
+    """Give the heap's free memory back to the system (glibc's malloc_trim; a no-op elsewhere).
+    An emulation run leaves its many small freed blocks (statistics, samples) scattered over the
+    heap: 80 MB of NAFNet-9's first diagnosis stayed resident and raised the next run's peak."""
+    global _libc
+    if _libc is False:
+        return
+    try:
+        if _libc is None:
+            import ctypes
+
+            _libc = ctypes.CDLL(None)
+        _libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        _libc = False
+
+
+_libc = None
+
+
 def ort_reason(exc: BaseException) -> str:
     """ORT's message without its error-code prefix and C++ source location, on one line."""
     import re
@@ -135,6 +155,8 @@ def run_model(
     for feed in feeds:
         values = session.run(names, feed)
         results.append(dict(zip(names, values)))
+    del session
+    trim_heap()
     return results
 
 

@@ -250,6 +250,11 @@ def iter_chunks(t: TensorProto, chunk_bytes: int = CHUNK_BYTES) -> Iterator[np.n
         yield flat[start:start + step]
 
 
+_SMALL_BYTES = 8 << 10  # at most 2048 entries of 8 KiB (and their results): 32 MiB
+_SMALL_ENTRIES = 2048
+_small_derived: dict[tuple, np.ndarray] = {}
+
+
 def derive(t: TensorProto, op: str, fn: Callable[[np.ndarray], np.ndarray], name: str,
            *, large_bytes: int | None = None) -> TensorProto:
     """A new tensor ``name`` holding ``fn(values of t)``; ``fn`` must be elementwise.
@@ -257,7 +262,18 @@ def derive(t: TensorProto, op: str, fn: Callable[[np.ndarray], np.ndarray], name
     For a referenced weight, ``fn`` runs chunk by chunk into one new array, cached per
     (weight, op): the emulation rebuilt ten times still holds one rounded copy."""
     if not is_ref(t):
-        return make_tensor(np.asarray(fn(numpy_helper.to_array(t))), name, large_bytes=large_bytes)
+        # Small in-proto weights (biases, norm scales: hundreds in a transformer) are derived
+        # again by every emulation built; keyed by their bytes, each is computed once.
+        small = (op, t.data_type, tuple(t.dims), t.raw_data) if t.HasField("raw_data") and \
+            len(t.raw_data) <= _SMALL_BYTES else None
+        out = _small_derived.get(small) if small is not None else None
+        if out is None:
+            out = np.asarray(fn(numpy_helper.to_array(t)))
+            if small is not None:
+                if len(_small_derived) >= _SMALL_ENTRIES:
+                    _small_derived.pop(next(iter(_small_derived)))
+                _small_derived[small] = out
+        return make_tensor(out, name, large_bytes=large_bytes)
     key = (_source_key(t), op)
     if key not in _derived:
         out = None
