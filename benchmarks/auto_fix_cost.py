@@ -8,7 +8,9 @@ is shared and noisy, so only ratios measured side by side mean anything. Imports
 the model are outside every timing, tool and baseline alike.
 
 Jobs: ``check`` (``check_fp16``), ``fix-fp32`` / ``fix-mixed`` (``fix_model(auto=True)`` with
-the registry's rewrites, ``--emit fp32`` / ``mixed``). ``--samples 1,4,16`` repeats ``fix-mixed``
+the registry's rewrites, ``--emit fp32`` / ``mixed``); ``cli-check`` / ``cli-fix`` (``onnx-rewrite check`` /
+``fix --auto`` on the first sample as ``--inputs``: loading, input checks, the preflight run and
+canonicalisation included, as a user runs them; ``--jobs check,cli-check,...`` to add them). ``--samples 1,4,16`` repeats ``fix-mixed``
 with that many calibration samples on ``--samples-model``.
 
 Run by hand (from the repository root, in the venv):
@@ -45,7 +47,9 @@ model = onnx.load(path + "/model.onnx")
 data = np.load(path + "/feeds.npz")
 feeds = [{k.split("/", 1)[1]: data[k] for k in data.files if k.startswith(f"{i}/")} for i in range(n)]
 import onnxruntime as ort
-if job != "plain":
+if job.startswith("cli-"):
+    from onnx_fp16_rewrite.cli import main
+elif job != "plain":
     from onnx_fp16_rewrite.emulation.fp16_emulation import check_fp16
     from onnx_fp16_rewrite.fix import fix_model
     from onnx_fp16_rewrite.pipeline.registry import auto_rewrites
@@ -62,6 +66,13 @@ if job == "plain":
     session.run(None, feeds[0])
 elif job == "check":
     extra = {"passed": check_fp16(model, feeds).passed}
+elif job.startswith("cli-"):  # what a user runs: load, checks, preflight, canonicalisation, reports
+    import contextlib, io, tempfile
+    with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):
+        argv = [job[4:], path + "/model.onnx", "--inputs", path + "/cli_inputs.npz", "-q"]
+        if job == "cli-fix":
+            argv += ["--auto", "-o", out + "/fixed.onnx"]
+        extra = {"exit": main(argv)}
 else:
     rep = fix_model(model, [], feeds, auto=True, auto_rewrites=auto_rewrites(), emit=job.split("-")[1]).report
     a = rep.auto
@@ -77,6 +88,7 @@ print(json.dumps({"seconds": seconds, "peak_mb": peak / 1024, "delta_mb": (peak 
 MODELS = ("nafnet9", "vae", "t5", "t5-torchscript")
 SMALL = ("vae-small", "t5-torchscript-small")  # the models of earlier runs: too small for the targets to mean much
 JOBS = ("check", "fix-fp32", "fix-mixed")
+CLI_JOBS = ("cli-check", "cli-fix")  # the CLI on the same model and first sample (--jobs to add them)
 
 
 def build(name: str, samples: int) -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
@@ -137,6 +149,7 @@ def run_job(job: str, folder: Path, samples: int, pythonpath: str | None) -> dic
 def save(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], folder: Path) -> None:
     onnx.save_model(model, str(folder / "model.onnx"))
     np.savez(folder / "feeds.npz", **{f"{i}/{k}": v for i, f in enumerate(feeds) for k, v in f.items()})
+    np.savez(folder / "cli_inputs.npz", **feeds[0])  # --inputs of the CLI jobs
 
 
 def measure(name: str, jobs: list[str], samples: int, pythonpath: str | None, tmp: Path) -> dict:
@@ -165,14 +178,15 @@ def show(row: dict) -> None:
     verdict = "" if check is None else f", check before fix: {'passes' if check else 'FAILS'}"
     print(f"{row['model']} (N={row['samples']}): {row['nodes']} nodes, {row['weights_mb']} MB weights; plain ORT "
           f"{row['plain_s']} s, peak {row['plain_peak_mb']} MB{verdict}; load {row['load'][0]:.1f}", flush=True)
-    for job in JOBS:
+    for job in JOBS + CLI_JOBS:
         r = row.get(job)
         if r is None:
             continue
         if "error" in r:
             print(f"  {job:10s} ERROR {r['error']}", flush=True)
             continue
-        detail = {k: r[k] for k in ("passed", "kept", "fp32_nodes", "pinned", "flop_fraction", "runs") if k in r}
+        detail = {k: r[k] for k in ("passed", "kept", "fp32_nodes", "pinned", "flop_fraction", "runs", "exit")
+                  if k in r}
         print(f"  {job:10s} {r['seconds']:7.2f} s = {r['ratio']:5.1f}x   peak {r['peak_mb']:6.0f} MB = "
               f"{r['rss_ratio']:4.2f}x   {detail}", flush=True)
 

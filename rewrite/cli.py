@@ -69,6 +69,7 @@ def _load(args: argparse.Namespace):
 
     if bool(args.model) == bool(args.demo):
         raise BadInputError("give either a MODEL path or --demo NAME")
+    session = None  # the input model's ORT session, from its load check to its preflight run
     if args.demo:
         from onnx_fp16_rewrite.models import DEMO_MODELS
 
@@ -77,7 +78,7 @@ def _load(args: argparse.Namespace):
         model = DEMO_MODELS[args.demo]()
     else:
         model = load_model(args.model)
-        check_input_model(model, f"input model {args.model}")  # checker, I/O, opsets, domains, ORT loads it
+        session = check_input_model(model, f"input model {args.model}")  # checker, I/O, opsets, domains, ORT loads it
     try:
         feeds = feeds_from_args(args, model)
     except MemoryError:
@@ -85,8 +86,9 @@ def _load(args: argparse.Namespace):
         raise BadInputError(f"--shape: inputs of these shapes ({shapes}) do not fit in memory") from None
     source = " ".join(map(str, args.inputs)) if args.inputs else "generated inputs"
     check_feeds(feeds, source)  # finite, non-empty (cli_validate)
-    if not args.demo:
-        preflight(model, feeds[0], f"input model {args.model}")  # ORT's refusals are the input's (exit 2)
+    # ORT's refusals are the input's (exit 2); its outputs are the FP32 reference on that feed.
+    args.known_outputs = [preflight(model, feeds[0], f"input model {args.model}", session)] if not args.demo else []
+    del session
     if args.save_inputs:  # staged: lands with the other outputs when the run succeeds (io.paths)
         if getattr(args, "tx", None):
             args.tx.write_with("--save-inputs", lambda path: save_inputs(feeds, path))
@@ -119,15 +121,22 @@ def _cmd_check(args: argparse.Namespace) -> int:
             phase.done("NOT VERIFIED" if report.not_verified else ("PASS" if report.passed else "FAIL"))
         _say(args, render_fp16(report, trt_library.label))
     else:
-        from onnx_fp16_rewrite.canonical import canonicalize
+        from onnx_fp16_rewrite.canonical import canonicalize, confirm
 
-        with progress.phase("canonicalisation") as phase:
-            model, canon = canonicalize(model, feeds)  # what fix analyses: folded shape arithmetic, no no-op Casts
-            phase.done(canon.summary())
-        with progress.phase("FP16 emulation") as phase:
-            report = check_fp16(model, feeds, strict_cumsum=args.strict_cumsum, rel_l2_tolerance=args.rel_l2,
-                                max_findings=MAX_FINDINGS)
-            phase.done(f"{'PASS' if report.passed else 'FAIL'}, {report.failing_tensors} failing tensor(s)")
+        given = model
+        for later in (True, False):
+            with progress.phase("canonicalisation") as phase:
+                # What fix analyses: folded shape arithmetic, no no-op Casts. Validated on the FP32
+                # outputs the check's shadow computes (one FP32 run fewer); if refused, step by step.
+                model, canon = canonicalize(given, feeds, confirm_later=later, known_outputs=args.known_outputs)
+                phase.done(canon.summary())
+            with progress.phase("FP16 emulation") as phase:
+                fp32: list = []
+                report = check_fp16(model, feeds, strict_cumsum=args.strict_cumsum, rel_l2_tolerance=args.rel_l2,
+                                    max_findings=MAX_FINDINGS, fp32_outputs=fp32)
+                phase.done(f"{'PASS' if report.passed else 'FAIL'}, {report.failing_tensors} failing tensor(s)")
+            if confirm(canon, model, fp32 or None):
+                break
         _say(args, render_fp16(report, "FP16 emulation"))
         if canon.changed() and not args.quiet:
             print(canon.summary())
@@ -199,7 +208,7 @@ def _cmd_fix(args: argparse.Namespace) -> int:
         model, passes, feeds, emit=args.emit, keep_io_types=args.keep_io_types,
         strict_cumsum=args.strict_cumsum, tolerance=Tolerance(args.rtol, args.atol),
         per_output=per_output, rel_l2_tolerance=args.rel_l2, model_path=str(out), verify=args.verify,
-        auto=auto, auto_rewrites=rewrites, progress=progress,
+        auto=auto, auto_rewrites=rewrites, progress=progress, known_outputs=args.known_outputs,
     )
     rep = result.report
     if rep.canonical is not None:

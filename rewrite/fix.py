@@ -109,6 +109,7 @@ def fix_model(
     verify: Literal["emulation", "trt"] = "emulation",
     canonical: bool = True,
     progress: Progress = NULL_PROGRESS,
+    known_outputs: Sequence[Feed] = (),
 ) -> FixResult:
     """Run ``passes`` (each validated in FP32 and rolled back on failure), then emit the model
     for ``emit`` and check it with the FP16 emulation against the original's FP32 outputs.
@@ -119,7 +120,9 @@ def fix_model(
     ``progress`` reports each long phase (``onnx_fp16_rewrite.progress``; the CLI renders it on a terminal).
     ``model_path`` is only used to write the trtexec command line.
     ``verify="trt"`` also builds and runs the fixed model with TensorRT (``onnx_fp16_rewrite.tensorrt.trt_backend``);
-    a missing TensorRT fails here, before any pass runs."""
+    a missing TensorRT fails here, before any pass runs.
+    ``known_outputs``: the model's FP32 outputs on the first feeds when the caller already ran
+    it (the CLI's preflight), so the canonical form's validation does not run it again."""
     trt_library = None
     if verify == "trt":
         from onnx_fp16_rewrite.tensorrt.trt_backend import require_tensorrt
@@ -132,12 +135,14 @@ def fix_model(
     canon_report = None
     first_run = auto and not passes
     model, canon_report, first = _canonical_and_first(given, feeds, canonical, first_run, tolerance, strict_cumsum,
-                                                      rel_l2_tolerance, progress, confirm_later=first_run)
+                                                      rel_l2_tolerance, progress, confirm_later=first_run,
+                                                      known_outputs=known_outputs)
     if canon_report is not None and not canonical_confirmed(canon_report, model, first):
         # The canonical form is not the original's equal: canonicalise again, each step validated.
         weights.release(model, given)
         model, canon_report, first = _canonical_and_first(given, feeds, canonical, first_run, tolerance, strict_cumsum,
-                                                          rel_l2_tolerance, progress, confirm_later=False)
+                                                          rel_l2_tolerance, progress, confirm_later=False,
+                                                          known_outputs=known_outputs)
     shared = model
     profile = first.profile if first is not None else None
     with progress.phase("passes" if passes else "FP32 reference", total=None) as phase:
@@ -223,7 +228,7 @@ def fix_model(
 
 
 def _canonical_and_first(given, feeds, canonical, first_run, tolerance, strict_cumsum, rel_l2_tolerance, progress,
-                         *, confirm_later):
+                         *, confirm_later, known_outputs=()):
     """The canonical form (shared weights) and, for ``fix --auto`` alone, the fixer's first
     diagnosis of it (one emulation run with an FP32 shadow per sample: the ranges, the FP32
     reference and the "before" check). ``confirm_later``: the canonical form's FP32 validation
@@ -232,7 +237,8 @@ def _canonical_and_first(given, feeds, canonical, first_run, tolerance, strict_c
     if canonical:
         with progress.phase("canonicalisation", total=None) as phase:
             # Before sharing: graphsurgeon's constant folding runs ORT on the weights themselves.
-            model, canon_report = canonicalize(given, feeds, tolerance=tolerance, confirm_later=confirm_later)
+            model, canon_report = canonicalize(given, feeds, tolerance=tolerance, confirm_later=confirm_later,
+                                               known_outputs=known_outputs)
             phase.done(canon_report.summary())
     # Weights shared, each held once however often the analysis copies the model (io.weights.share);
     # the result gets them back into its proto (unshare, at the return).

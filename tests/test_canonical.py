@@ -286,3 +286,34 @@ def test_graphs_with_nothing_to_fold_skip_the_folding_round_trip(padded):
     dead = build_t5_encoder()
     dead.graph.node.append(onnx.helper.make_node("Relu", [dead.graph.node[0].output[0]], ["unread"], name="dead"))
     assert not fold._nothing_to_fold(dead)  # cleanup would drop the dead node
+
+
+def test_cli_runs_the_original_once_and_validates_on_the_check_shadow(padded, tmp_path, monkeypatch, capsys):
+    """CLI check and fix: the preflight run is the original's FP32 reference for the canonical
+    form's validation, and check validates the canonical form on its FP32 shadow's outputs: the
+    original runs once (the preflight), the canonical form never by itself; the report says the
+    same as canonicalize's own validation."""
+    from onnx_fp16_rewrite.cli import main
+    from onnx_fp16_rewrite.io import ort_runner
+
+    path = tmp_path / "padded.onnx"
+    onnx.save(padded, str(path))
+    np.savez(tmp_path / "in.npz", **_feeds()[0])
+    _, alone = canonicalize(padded, _feeds())
+    sessions = []
+    real = ort_runner.make_session
+    monkeypatch.setattr(ort_runner, "make_session", lambda m, **k: sessions.append(len(m.graph.node)) or real(m, **k))
+    from onnx_fp16_rewrite.pipeline import validate
+    monkeypatch.setattr(validate, "run_model", ort_runner.run_model)
+    report = tmp_path / "check.json"
+    assert main(["check", str(path), "--inputs", str(tmp_path / "in.npz"), "--report", str(report)]) in (0, 1)
+    assert sessions.count(len(padded.graph.node)) == 1  # the preflight
+    assert 6 not in sessions  # the canonical form (6 nodes) never ran by itself
+    capsys.readouterr()
+    sessions.clear()
+    assert main(["fix", str(path), "--auto", "--inputs", str(tmp_path / "in.npz"), "-o", str(tmp_path / "f.onnx"),
+                 "--report", str(tmp_path / "fix.json")]) == 0
+    assert sessions.count(len(padded.graph.node)) == 1 and 6 not in sessions
+    import json
+
+    assert json.loads((tmp_path / "fix.json").read_text())["details"]["canonical"]["validation"] == alone.validation

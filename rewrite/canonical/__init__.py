@@ -49,7 +49,7 @@ from onnx_fp16_rewrite.canonical.shared import fresh_tensor_name, unshare_consta
 from onnx_fp16_rewrite.canonical.trace import feed_signature, trace_shapes
 from onnx_fp16_rewrite.errors import one_line
 from onnx_fp16_rewrite.io.model_io import check_model
-from onnx_fp16_rewrite.io.ort_runner import Feed, infer_types
+from onnx_fp16_rewrite.io.ort_runner import Feed, infer_types, run_model
 from onnx_fp16_rewrite.pipeline.validate import Tolerance, Validator
 
 __all__ = ["CanonReport", "canonicalize", "confirm", "fresh_tensor_name", "restore_dynamic", "trace_shapes",
@@ -114,12 +114,15 @@ class CanonReport:
 
 
 def canonicalize(model: onnx.ModelProto, feeds: Sequence[Feed], *, specialise: Specialise = "auto",
-                 tolerance: Tolerance = Tolerance(), confirm_later: bool = False) -> tuple[onnx.ModelProto, CanonReport]:
+                 tolerance: Tolerance = Tolerance(), confirm_later: bool = False,
+                 known_outputs: Sequence[Feed] = ()) -> tuple[onnx.ModelProto, CanonReport]:
     """The canonical form of ``model`` for analysis and rewrites (see the module docstring).
     ``specialise``: ``auto`` when dynamic shape arithmetic remains, ``never``, or ``always``.
     ``confirm_later``: the result's FP32 validation waits for ``confirm(report, result, outputs)``
     with its outputs from a run the caller makes anyway (the fixer's first diagnosis: one FP32
-    run fewer); if that fails, the caller canonicalises again without it (each step validated)."""
+    run fewer); if that fails, the caller canonicalises again without it (each step validated).
+    ``known_outputs``: the original's FP32 outputs on the first feeds, already computed (the
+    CLI's preflight run; ORT with optimizations off, as the validation's own run)."""
     from onnx_fp16_rewrite.pipeline.pass_manager import name_nodes
 
     if any(p.key == MARK_KEY for p in model.metadata_props):
@@ -131,7 +134,7 @@ def canonicalize(model: onnx.ModelProto, feeds: Sequence[Feed], *, specialise: S
     report.renamed_nodes = name_nodes(work)
     # The reference is the original with only its dims relaxed (ORT refuses a feed for a declared 0 dim);
     # it runs only when something changed.
-    validator = _LazyValidator(work, feeds, tolerance, confirm_later)
+    validator = _LazyValidator(work, feeds, tolerance, confirm_later, known_outputs)
     if work.ByteSize() > _PROTO_LIMIT:
         report.notes.append("model past 2 GiB: not folded")
         candidate = work
@@ -246,15 +249,21 @@ class _LazyValidator:
     ``deferred``: ``_checked`` leaves the comparison to ``confirm`` and records what it skipped."""
 
     def __init__(self, model: onnx.ModelProto, feeds: Sequence[Feed], tolerance: Tolerance,
-                 defer: bool = False) -> None:
+                 defer: bool = False, known: Sequence[Feed] = ()) -> None:
         self.model, self.feeds, self.tolerance = model, list(feeds), tolerance
+        self.known = list(known)[:len(self.feeds)]
         self._validator: Validator | None = None
         self.defer = defer and bool(self.feeds)
         self.deferred: list[str] = []
 
     def get(self) -> Validator | None:
         if self._validator is None and self.feeds:
-            self._validator = Validator(self.model, self.feeds, default=self.tolerance)
+            reference = None
+            if self.known:
+                names = [o.name for o in self.model.graph.output]
+                rest = run_model(self.model, self.feeds[len(self.known):], names) if len(self.known) < len(self.feeds) else []
+                reference = [{n: k[n] for n in names} for k in self.known] + rest
+            self._validator = Validator(self.model, self.feeds, default=self.tolerance, reference=reference)
         return self._validator
 
 

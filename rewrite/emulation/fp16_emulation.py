@@ -286,6 +286,7 @@ def check_fp16(
     cache: bool = False,
     screen: bool = False,
     exact_findings: bool = True,
+    fp32_outputs: list[Feed] | None = None,
 ) -> Fp16Report:
     """Emulate an FP16 engine on ``feeds`` and compare every output with ``reference``
     (``cache``: through ``onnx_fp16_rewrite.io.sessions``, for a graph that will run again).
@@ -297,7 +298,9 @@ def check_fp16(
     a third of the statistics); when that shows a failure, ``exact_findings`` runs the full
     statistics for the report's findings (callers that only ask "clean?" skip that run). Clean
     means the same either way, but for values in (65504, 65520), which FP16 rounds to 65504:
-    the full statistics count them as overflow, the screen does not.
+    the full statistics count them as overflow, the screen does not. ``fp32_outputs``: a list
+    that receives the FP32 outputs compared against, one dict per feed (the FP32 twin's when
+    no ``reference`` is given: the model's own FP32 run).
     """
     start = time.perf_counter()
     if plan is None:
@@ -316,6 +319,8 @@ def check_fp16(
     runs = run_cached(emu.model, [emu_feed(f, emu.fp16_inputs) for f in feeds], optimize=not twin, cache=cache)
     if twin:  # optimizations off there: the twin's outputs must be a plain FP32 run's
         reference = [{k: r[t] for k, t in emu.twin_outputs.items()} for r in runs]
+    if fp32_outputs is not None:
+        fp32_outputs[:] = [{n: ref[n] for n in out_names} for ref in reference]
     outputs = [
         compare_output(name, [r[name] for r in runs], [ref[name] for ref in reference], rel_l2_tolerance)
         for name in out_names
@@ -324,7 +329,8 @@ def check_fp16(
     if screen and exact_findings and (findings or not all(o.ok for o in outputs)):
         # The screen failed: the full statistics name the failing tensors with their absmax.
         return check_fp16(model, feeds, reference, plan=plan, strict_cumsum=strict_cumsum,
-                          rel_l2_tolerance=rel_l2_tolerance, max_findings=max_findings, cache=cache)
+                          rel_l2_tolerance=rel_l2_tolerance, max_findings=max_findings, cache=cache,
+                          fp32_outputs=fp32_outputs)
     report = Fp16Report(
         mode=emu.mode,
         strict_cumsum=strict_cumsum,

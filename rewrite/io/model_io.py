@@ -144,10 +144,11 @@ MIN_OPSET = 7  # the oldest default-domain opset ONNX Runtime runs (and opsets t
 _KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.training", "ai.onnx.preview.training"}
 
 
-def check_input_model(model: onnx.ModelProto, what: str = "model") -> None:
+def check_input_model(model: onnx.ModelProto, what: str = "model"):
     """What a user's model must be for the tool to analyse it, each failure one line naming the
     node, input or opset (exit 2): the ONNX checker; at least one output; tensor inputs with no
-    zero dims; opsets and op domains that exist; and ONNX Runtime CPU able to load it."""
+    zero dims; opsets and op domains that exist; and ONNX Runtime CPU able to load it. Returns
+    that ORT session (``ort_runner.preflight`` runs it: one session of the model, not two)."""
     from onnx_fp16_rewrite.io.ort_runner import make_session, ort_reason
 
     g = model.graph
@@ -178,7 +179,7 @@ def check_input_model(model: onnx.ModelProto, what: str = "model") -> None:
                                 "an op of a domain ONNX Runtime does not know")
     check_model(model, what)
     try:
-        make_session(model)
+        return make_session(model)
     except Exception as exc:  # ORT raises its own exception types
         raise BadInputError(f"ONNX Runtime cannot load {what}: {ort_reason(exc)}") from None
 

@@ -132,13 +132,17 @@ def ort_reason(exc: BaseException) -> str:
     return " ".join(text.split())[:300] or type(exc).__name__
 
 
-def preflight(model: onnx.ModelProto, feed: Feed, what: str) -> None:
+def preflight(model: onnx.ModelProto, feed: Feed, what: str, session=None) -> Feed:
     """Run the user's model once on the first feed: what ONNX Runtime refuses here is the model's
-    or the inputs' doing (exit 2), not ours."""
+    or the inputs' doing (exit 2), not ours. Returns its outputs (the FP32 reference on that
+    feed: the same session options as every FP32 run here, so later runs need not repeat it).
+    ``session``: the model's session when the caller has one (``model_io.check_input_model``)."""
     from onnx_fp16_rewrite.errors import BadInputError
 
     try:
-        make_session(model).run(None, feed)
+        session = session or make_session(model)
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, feed)))
     except Exception as exc:  # ORT raises its own exception types
         raise BadInputError(f"ONNX Runtime cannot run {what} on these inputs: {ort_reason(exc)}") from None
 
