@@ -275,6 +275,10 @@ def refuse_overwrite(out: str | os.PathLike, input_path: str | os.PathLike | Non
 
 
 def _too_big(model: onnx.ModelProto) -> bool:
+    # Tensor bytes far below the limit decide it without ByteSize (0.16 s on T5's 62 MB).
+    if sum(weights.nbytes(t) for t in weights.all_tensors(model)) < _PROTO_LIMIT // 4 and \
+            len(model.graph.node) < 1_000_000:
+        return False
     try:
         return model.ByteSize() > _PROTO_LIMIT
     except Exception:  # protobuf 7 raises past 2 GiB
