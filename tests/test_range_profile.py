@@ -79,3 +79,44 @@ def test_profile_absmax_matches_numpy():
     assert ranges["c"] == pytest.approx(float(c.max()), rel=1e-6)
     assert ranges["c"] > FP16_MAX
     assert ranges["y"] == pytest.approx(float(np.abs((c[:, 32:] - c[:, :4064]) / 32).max()), rel=1e-4)
+
+
+def _every_sample_kept(monkeypatch):
+    """range_profile with each tensor's whole samples kept (no runs_expected): the reference."""
+    from onnx_fp16_rewrite.analysis import range_profile
+
+    real = range_profile.ProfileAccumulator
+
+    class KeepAll(real):
+        def __init__(self, tensors, body=None, *, runs_expected=None):
+            super().__init__(tensors, body)
+
+    monkeypatch.setattr(range_profile, "ProfileAccumulator", KeepAll)
+    from onnx_fp16_rewrite.emulation import error_attribution
+    monkeypatch.setattr(error_attribution, "ProfileAccumulator", KeepAll)
+
+
+@pytest.mark.parametrize("samples", [1, 3])
+def test_kept_top_values_give_the_profile_of_every_sample(monkeypatch, samples):
+    """The accumulator keeps of each tensor's samples only the count, the subnormal count and the
+    top 0.1% + 2: percentiles, subnormal shares and sentinel absmax equal those from every sample
+    kept, bit for bit (NAFNet, T5, GPT-2 with finfo.min masks; one sample and three; the
+    profiling runs and the first diagnosis' shadow)."""
+    from onnx_fp16_rewrite.analysis.diagnosis import diagnose
+    from onnx_fp16_rewrite.models import gpt2_attention, nafnet, t5_encoder
+
+    cases = [(nafnet.build_nafnet(height=64, width=64, channels=8, blocks=2), nafnet.demo_inputs),
+             (t5_encoder.build_t5_encoder(), t5_encoder.demo_inputs),
+             (gpt2_attention.build_gpt2_attention(), gpt2_attention.demo_inputs)]
+    for model, inputs in cases:
+        feeds = [inputs(model, seed=i) for i in range(samples)]
+        trimmed = [profile_ranges(model, feeds).ranges,
+                   diagnose(model, feeds[:1], None, profile_feeds=feeds[1:]).profile.ranges]
+        with monkeypatch.context() as m:
+            _every_sample_kept(m)
+            full = [profile_ranges(model, feeds).ranges,
+                    diagnose(model, feeds[:1], None, profile_feeds=feeds[1:]).profile.ranges]
+        for got, want in zip(trimmed, full):
+            assert got.keys() == want.keys() and len(got) > 20
+            assert [vars(r) for r in got.values()] == [vars(r) for r in want.values()]
+    assert any(r.sentinels for r in got.values())  # GPT-2's masks: sentinel absmax from the kept values

@@ -135,7 +135,7 @@ def diagnose(
     elif refresh_profile:
         keep &= unchanged(previous.signatures(), value_signatures(model)) if previous is not None else set()
     run = error_run(model, feeds, plan, strict_cumsum=strict_cumsum, shadow_ranges=() if twin else _Except(keep),
-                    twin_profile=twin, on_run=on_run)
+                    twin_profile=twin, on_run=on_run, profile_runs=len(feeds) + len(profile_feeds))
     if twin:
         profile = _twin_profile(model, run, profile_feeds, on_run)
         run.profile = None  # its samples (16384 values a tensor a sample) are in the profile's percentiles now

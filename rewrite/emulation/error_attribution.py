@@ -75,6 +75,7 @@ def error_run(
     shadow_ranges: Container[str] | None = None,
     twin_profile: bool = False,
     on_run=None,
+    profile_runs: int | None = None,
 ) -> ErrorRun:
     """``tensor_errors`` with the emulation's mode, node counts and notes.
 
@@ -82,7 +83,9 @@ def error_run(
     the squared error's sum non-finite); the FP32 absmax is measured only for ``shadow_ranges``
     (None: all; NaN for the others; the fixer reads the rest from its range profile).
     ``twin_profile``: the run also profiles every FP32 twin tensor (``ErrorRun.profile``, the same
-    statistics ``profile_ranges`` takes; the graph outputs' twins are ``ErrorRun.reference``)."""
+    statistics ``profile_ranges`` takes; the graph outputs' twins are ``ErrorRun.reference``;
+    ``profile_runs``: how many runs that profile will have in all, these and any added later,
+    so it keeps only what its percentiles need: range_profile.ProfileAccumulator)."""
     emu = build_emulation(model, plan, strict_cumsum=strict_cumsum, fp32_shadow=True, with_stats=False,
                           shadow_ranges=shadow_ranges, twin_profile=twin_profile)
     out_names = [o.name for o in model.graph.output]
@@ -96,7 +99,8 @@ def error_run(
     trim_heap()
     profiled = [s for s in emu.sites if s.profile_outs]
     stats = {s.tensor: s.profile_outs for s in profiled}
-    acc = ProfileAccumulator({s.tensor: (s.node, s.op) for s in profiled}) if profiled else None
+    acc = ProfileAccumulator({s.tensor: (s.node, s.op) for s in profiled},
+                             runs_expected=profile_runs) if profiled else None
     arrays = set(out_names) | set(emu.twin_outputs.values())
     runs, reference = [], []
     for feed in feeds:
