@@ -62,6 +62,7 @@ def _cmd_passes() -> int:
 
 
 def _load(args: argparse.Namespace):
+    """The model, its feeds, and its FP32 outputs on the first feed when the preflight ran it."""
     from onnx_fp16_rewrite.cli_inputs import feeds_from_args, save_inputs
     from onnx_fp16_rewrite.cli_validate import check_feeds
     from onnx_fp16_rewrite.io.model_io import check_input_model, load_model
@@ -87,14 +88,14 @@ def _load(args: argparse.Namespace):
     source = " ".join(map(str, args.inputs)) if args.inputs else "generated inputs"
     check_feeds(feeds, source)  # finite, non-empty (cli_validate)
     # ORT's refusals are the input's (exit 2); its outputs are the FP32 reference on that feed.
-    args.known_outputs = [preflight(model, feeds[0], f"input model {args.model}", session)] if not args.demo else []
+    known = [preflight(model, feeds[0], f"input model {args.model}", session)] if not args.demo else []
     del session
     if args.save_inputs:  # staged: lands with the other outputs when the run succeeds (io.paths)
         if getattr(args, "tx", None):
             args.tx.write_with("--save-inputs", lambda path: save_inputs(feeds, path))
         else:
             save_inputs(feeds, args.save_inputs)
-    return model, feeds
+    return model, feeds, known
 
 
 def _say(args: argparse.Namespace, text: str) -> None:
@@ -111,7 +112,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     if args.backend == "trt" and args.strict_cumsum:
         raise BadInputError("--strict-cumsum applies to the emulation backend only")
     trt_library = _require_trt(args.backend == "trt")
-    model, feeds = _load(args)
+    model, feeds, known = _load(args)
     progress = progress_for(sys.stdout, sys.stderr, quiet=args.quiet)
     if trt_library:
         from onnx_fp16_rewrite.tensorrt.trt_backend import check_trt
@@ -121,20 +122,26 @@ def _cmd_check(args: argparse.Namespace) -> int:
             phase.done("NOT VERIFIED" if report.not_verified else ("PASS" if report.passed else "FAIL"))
         _say(args, render_fp16(report, trt_library.label))
     else:
-        from onnx_fp16_rewrite.canonical import canonicalize, confirm
+        from onnx_fp16_rewrite.canonical import canonicalize, confirm, unconfirmed
 
         given = model
         for later in (True, False):
             with progress.phase("canonicalisation") as phase:
                 # What fix analyses: folded shape arithmetic, no no-op Casts. Validated on the FP32
-                # outputs the check's shadow computes (one FP32 run fewer); if refused, step by step.
-                model, canon = canonicalize(given, feeds, confirm_later=later, known_outputs=args.known_outputs)
+                # outputs the check's shadow computes (one FP32 run fewer); if refused (or it does
+                # not run), canonicalised again, each step validated, as fix does.
+                model, canon = canonicalize(given, feeds, confirm_later=later, known_outputs=known)
                 phase.done(canon.summary())
-            with progress.phase("FP16 emulation") as phase:
-                fp32: list = []
-                report = check_fp16(model, feeds, strict_cumsum=args.strict_cumsum, rel_l2_tolerance=args.rel_l2,
-                                    max_findings=MAX_FINDINGS, fp32_outputs=fp32)
-                phase.done(f"{'PASS' if report.passed else 'FAIL'}, {report.failing_tensors} failing tensor(s)")
+            fp32: list = []
+            try:
+                with progress.phase("FP16 emulation") as phase:
+                    report = check_fp16(model, feeds, strict_cumsum=args.strict_cumsum, rel_l2_tolerance=args.rel_l2,
+                                        max_findings=MAX_FINDINGS, fp32_outputs=fp32)
+                    phase.done(f"{'PASS' if report.passed else 'FAIL'}, {report.failing_tensors} failing tensor(s)")
+            except Exception:  # ORT's errors are many types
+                if not unconfirmed(canon):
+                    raise
+                continue
             if confirm(canon, model, fp32 or None):
                 break
         _say(args, render_fp16(report, "FP16 emulation"))
@@ -199,7 +206,7 @@ def _cmd_fix(args: argparse.Namespace) -> int:
     _require_trt(args.verify == "trt")  # fail before any work
     passes, auto, rewrites = _fix_passes(args)
     per_output = _parse_tolerances(args.tolerance)
-    model, feeds = _load(args)
+    model, feeds, known = _load(args)
     from onnx_fp16_rewrite.cli_validate import check_node_names
 
     check_node_names([*passes, *rewrites], model)  # --nodes names a node of the model ('did you mean')
@@ -208,7 +215,7 @@ def _cmd_fix(args: argparse.Namespace) -> int:
         model, passes, feeds, emit=args.emit, keep_io_types=args.keep_io_types,
         strict_cumsum=args.strict_cumsum, tolerance=Tolerance(args.rtol, args.atol),
         per_output=per_output, rel_l2_tolerance=args.rel_l2, model_path=str(out), verify=args.verify,
-        auto=auto, auto_rewrites=rewrites, progress=progress, known_outputs=args.known_outputs,
+        auto=auto, auto_rewrites=rewrites, progress=progress, known_outputs=known,
     )
     rep = result.report
     if rep.canonical is not None:

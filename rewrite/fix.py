@@ -15,7 +15,7 @@ import onnx
 
 from onnx_fp16_rewrite.analysis.flops import fp16_flop_fraction
 from onnx_fp16_rewrite.canonical import CanonReport, canonicalize, restore_dynamic
-from onnx_fp16_rewrite.canonical import confirm as confirm_canonical
+from onnx_fp16_rewrite.canonical import confirm as confirm_canonical, unconfirmed
 from onnx_fp16_rewrite.emulation.fp16_emulation import Fp16Report, check_fp16
 from onnx_fp16_rewrite.io import weights
 from onnx_fp16_rewrite.io.ort_runner import Feed, run_model
@@ -134,15 +134,18 @@ def fix_model(
     given = model
     canon_report = None
     first_run = auto and not passes
-    model, canon_report, first = _canonical_and_first(given, feeds, canonical, first_run, tolerance, strict_cumsum,
-                                                      rel_l2_tolerance, progress, confirm_later=first_run,
-                                                      known_outputs=known_outputs)
-    if canon_report is not None and not canonical_confirmed(canon_report, model, first):
-        # The canonical form is not the original's equal: canonicalise again, each step validated.
+    model, canon_report, first, ran = _canonical_and_first(given, feeds, canonical, first_run, tolerance,
+                                                           strict_cumsum, rel_l2_tolerance, progress,
+                                                           confirm_later=first_run, known_outputs=known_outputs)
+    # The canonical form validates on the first diagnosis' FP32 outputs (its shadow's: the same
+    # ORT kernels as a validation run); if it is not the original's equal, or did not run:
+    # canonicalise again, each step validated.
+    if canon_report is not None and not (ran and confirm_canonical(
+            canon_report, model, first.profile.outputs if first is not None else None)):
         weights.release(model, given)
-        model, canon_report, first = _canonical_and_first(given, feeds, canonical, first_run, tolerance, strict_cumsum,
-                                                          rel_l2_tolerance, progress, confirm_later=False,
-                                                          known_outputs=known_outputs)
+        model, canon_report, first, _ = _canonical_and_first(given, feeds, canonical, first_run, tolerance,
+                                                             strict_cumsum, rel_l2_tolerance, progress,
+                                                             confirm_later=False, known_outputs=known_outputs)
     shared = model
     profile = first.profile if first is not None else None
     with progress.phase("passes" if passes else "FP32 reference", total=None) as phase:
@@ -229,10 +232,11 @@ def fix_model(
 
 def _canonical_and_first(given, feeds, canonical, first_run, tolerance, strict_cumsum, rel_l2_tolerance, progress,
                          *, confirm_later, known_outputs=()):
-    """The canonical form (shared weights) and, for ``fix --auto`` alone, the fixer's first
-    diagnosis of it (one emulation run with an FP32 shadow per sample: the ranges, the FP32
-    reference and the "before" check). ``confirm_later``: the canonical form's FP32 validation
-    reads that diagnosis' FP32 outputs (``canonical_confirmed``) instead of running it again."""
+    """The canonical form (shared weights), for ``fix --auto`` alone the fixer's first diagnosis
+    of it (one emulation run with an FP32 shadow per sample: the ranges, the FP32 reference and
+    the "before" check), and whether that diagnosis ran (False: an unconfirmed canonical form
+    did not). ``confirm_later``: the canonical form's FP32 validation waits for the diagnosis'
+    FP32 outputs (``canonical.confirm``) instead of running it again."""
     model, canon_report = given, None
     if canonical:
         with progress.phase("canonicalisation", total=None) as phase:
@@ -248,20 +252,10 @@ def _canonical_and_first(given, feeds, canonical, first_run, tolerance, strict_c
         try:
             first = _first_diagnosis(model, feeds, strict_cumsum, rel_l2_tolerance, progress)
         except Exception:  # an unvalidated canonical form may not even run: canonicalise again
-            if not confirm_later or canon_report is None or getattr(canon_report, "_deferred", None) is None:
+            if canon_report is None or not unconfirmed(canon_report):
                 raise
-            object.__setattr__(canon_report, "_deferred", None)
-            object.__setattr__(canon_report, "_failed", True)
-    return model, canon_report, first
-
-
-def canonical_confirmed(report: CanonReport, model: onnx.ModelProto, first) -> bool:
-    """Whether the canonical form validates (``canonical.confirm``) on the first diagnosis' FP32
-    outputs (its shadow's: the same ORT kernels as a validation run)."""
-    if getattr(report, "_failed", False):
-        return False
-    outputs = first.profile.outputs if first is not None else None
-    return confirm_canonical(report, model, outputs)
+            return model, canon_report, None, False
+    return model, canon_report, first, True
 
 
 def _first_diagnosis(model: onnx.ModelProto, feeds: Sequence[Feed], strict_cumsum: bool, tolerance: float,

@@ -317,3 +317,51 @@ def test_cli_runs_the_original_once_and_validates_on_the_check_shadow(padded, tm
     import json
 
     assert json.loads((tmp_path / "fix.json").read_text())["details"]["canonical"]["validation"] == alone.validation
+
+
+def test_an_unconfirmed_canonical_form_that_fails_to_run_is_redone_step_by_step(padded, tmp_path, monkeypatch, capsys):
+    """CLI check and fix --auto: when the run that should confirm the canonical form fails (here
+    forced once), the model is canonicalised again with each step validated, and the result is
+    the one a normal run gives; a failure with nothing left to confirm is raised (exit 1)."""
+    from onnx_fp16_rewrite import fix as fix_module
+    from onnx_fp16_rewrite.cli import main
+    from onnx_fp16_rewrite.emulation import fp16_emulation
+
+    path = tmp_path / "padded.onnx"
+    onnx.save(padded, str(path))
+    np.savez(tmp_path / "in.npz", **_feeds()[0])
+    argv = ["check", str(path), "--inputs", str(tmp_path / "in.npz"), "--report", str(tmp_path / "a.json")]
+    code = main(argv)
+    normal = capsys.readouterr().out
+    calls = []
+    real_check = fp16_emulation.check_fp16
+
+    def failing_once(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("forced")
+        return real_check(*a, **k)
+
+    monkeypatch.setattr(fp16_emulation, "check_fp16", failing_once)
+    assert main(argv[:-1] + [str(tmp_path / "b.json")]) == code and len(calls) == 2
+    redone = capsys.readouterr().out
+    strip = lambda text: [line for line in text.splitlines() if " s)" not in line and "wrote" not in line]
+    assert strip(redone) == strip(normal)
+    monkeypatch.setattr(fp16_emulation, "check_fp16", real_check)
+    real_first = fix_module._first_diagnosis
+    firsts = []
+
+    def first_failing_once(*a, **k):
+        firsts.append(1)
+        if len(firsts) == 1:
+            raise RuntimeError("forced")
+        return real_first(*a, **k)
+
+    monkeypatch.setattr(fix_module, "_first_diagnosis", first_failing_once)
+    feeds = _feeds()
+    redone_fix = fix_module.fix_model(padded, [], feeds, auto=True, auto_rewrites=())
+    _, alone = canonicalize(padded, feeds)
+    assert len(firsts) == 2 and redone_fix.report.canonical.validation == alone.validation
+    monkeypatch.setattr(fix_module, "_first_diagnosis", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("bug")))
+    with pytest.raises(RuntimeError, match="bug"):
+        fix_module.fix_model(padded, [], feeds, auto=True, auto_rewrites=())

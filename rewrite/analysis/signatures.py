@@ -55,15 +55,15 @@ def emulated_alike(before: onnx.ModelProto, after: onnx.ModelProto, tensors: lis
     if not wanted:
         return set()
 
-    def index_names(m: onnx.ModelProto) -> set[str]:
+    def index_names(m: onnx.ModelProto) -> set[str] | None:
         try:
             types, _ = infer_types(m)
         except Exception:  # no types: no tensor can be shown alike
-            return {"?"}
+            return None
         return {m.graph.node[k].name for k in index_arithmetic_nodes(m.graph, types)}
 
     idx_before, idx_after = index_names(before), index_names(after)
-    if "?" in idx_before or "?" in idx_after:
+    if idx_before is None or idx_after is None:
         return set()
     producer_before = {o: n.name for n in before.graph.node for o in n.output if o}
     producer_after = {o: n for n in after.graph.node for o in n.output if o}

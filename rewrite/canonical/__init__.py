@@ -52,7 +52,7 @@ from onnx_fp16_rewrite.io.model_io import check_model
 from onnx_fp16_rewrite.io.ort_runner import Feed, infer_types, run_model
 from onnx_fp16_rewrite.pipeline.validate import Tolerance, Validator
 
-__all__ = ["CanonReport", "canonicalize", "confirm", "fresh_tensor_name", "restore_dynamic", "trace_shapes",
+__all__ = ["CanonReport", "canonicalize", "confirm", "fresh_tensor_name", "unconfirmed", "restore_dynamic", "trace_shapes",
            "unshare_constant"]
 
 logger = logging.getLogger(__name__)
@@ -221,6 +221,12 @@ def restore_dynamic(model: onnx.ModelProto, report: CanonReport, *,
 def _attach(report: CanonReport, dynamic: onnx.ModelProto, folded: set[str], feeds: Sequence[Feed]) -> None:
     # Not a dataclass field: asdict (the JSON report) must not carry a model.
     object.__setattr__(report, "_state", (dynamic, folded, list(feeds)))
+
+
+def unconfirmed(report: CanonReport) -> bool:
+    """Whether ``report``'s canonical form waits for ``confirm`` (a failure to run it is then a
+    reason to canonicalise again, step by step, not an error)."""
+    return getattr(report, "_deferred", None) is not None
 
 
 def confirm(report: CanonReport, model: onnx.ModelProto, outputs: Sequence[Feed] | None) -> bool:

@@ -140,7 +140,7 @@ def preflight(model: onnx.ModelProto, feed: Feed, what: str, session=None) -> Fe
     from onnx_fp16_rewrite.errors import BadInputError
 
     try:
-        session = session or make_session(model)
+        session = make_session(model) if session is None else session
         names = [o.name for o in session.get_outputs()]
         return dict(zip(names, session.run(names, feed)))
     except Exception as exc:  # ORT raises its own exception types

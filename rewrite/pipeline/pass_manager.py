@@ -130,15 +130,16 @@ class PassManager:
                 return record, snapshot
             candidate = _export(graph, snapshot, ctx.plan, p.name)
             check_model(candidate, f"the model after {p.name}", strict_shapes=True)
-            reason = self.refuse(candidate, record) if self.refuse is not None else None
-            if reason:
-                record.status, record.error, record.seconds = "refused", reason, _since(start)
-                logger.info("%s refused: %s", p.name, reason)
-                return record, snapshot
         except Exception as exc:  # any failure inside a pass must roll back, whatever its type
             record.status, record.error = "rolled-back", f"{p.name} failed: {type(exc).__name__}: {one_line(exc)}"
             record.seconds = _since(start)
             logger.warning("%s rolled back: %s", p.name, record.error)
+            return record, snapshot
+        # Outside the pass's try: a failing ``refuse`` is the caller's bug, not the pass's.
+        reason = self.refuse(candidate, record) if self.refuse is not None else None
+        if reason:
+            record.status, record.error, record.seconds = "refused", reason, _since(start)
+            logger.info("%s refused: %s", p.name, reason)
             return record, snapshot
         outputs_of = (lambda m: self.outputs_of(m, record)) if self.outputs_of is not None else None
         record.validation = self.validator.validate(candidate, outputs_of=outputs_of)
