@@ -319,6 +319,16 @@ def test_cli_runs_the_original_once_and_validates_on_the_check_shadow(padded, tm
     assert json.loads((tmp_path / "fix.json").read_text())["details"]["canonical"]["validation"] == alone.validation
 
 
+def _failing_once(real, calls):
+    """``real``, except that its first call raises (each call is counted in ``calls``)."""
+    def wrapped(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("forced")
+        return real(*a, **k)
+    return wrapped
+
+
 def test_an_unconfirmed_canonical_form_that_fails_to_run_is_redone_step_by_step(padded, tmp_path, monkeypatch, capsys):
     """CLI check and fix --auto: when the run that should confirm the canonical form fails (here
     forced once), the model is canonicalised again with each step validated, and the result is
@@ -335,29 +345,14 @@ def test_an_unconfirmed_canonical_form_that_fails_to_run_is_redone_step_by_step(
     normal = capsys.readouterr().out
     calls = []
     real_check = fp16_emulation.check_fp16
-
-    def failing_once(*a, **k):
-        calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("forced")
-        return real_check(*a, **k)
-
-    monkeypatch.setattr(fp16_emulation, "check_fp16", failing_once)
+    monkeypatch.setattr(fp16_emulation, "check_fp16", _failing_once(real_check, calls))
     assert main(argv[:-1] + [str(tmp_path / "b.json")]) == code and len(calls) == 2
     redone = capsys.readouterr().out
     strip = lambda text: [line for line in text.splitlines() if " s)" not in line and "wrote" not in line]
     assert strip(redone) == strip(normal)
     monkeypatch.setattr(fp16_emulation, "check_fp16", real_check)
-    real_first = fix_module._first_diagnosis
     firsts = []
-
-    def first_failing_once(*a, **k):
-        firsts.append(1)
-        if len(firsts) == 1:
-            raise RuntimeError("forced")
-        return real_first(*a, **k)
-
-    monkeypatch.setattr(fix_module, "_first_diagnosis", first_failing_once)
+    monkeypatch.setattr(fix_module, "_first_diagnosis", _failing_once(fix_module._first_diagnosis, firsts))
     feeds = _feeds()
     redone_fix = fix_module.fix_model(padded, [], feeds, auto=True, auto_rewrites=())
     _, alone = canonicalize(padded, feeds)
