@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnx_fp16_rewrite.analysis.cutout_judge import Cutout, fetch_values, judge_cutouts
+from onnx_fp16_rewrite.analysis.cutout_judge import Cutout, judge_cutouts
 from onnx_fp16_rewrite.errors import BadInputError, one_line
 from onnx_fp16_rewrite.emulation.fp16_emulation import FP16_MAX
 from onnx_fp16_rewrite.pipeline.graph_edit import Emitter, const_value
@@ -106,12 +106,20 @@ class RescaleAccumulation(Pass):
             chains.append(chain)
         if not chains:
             return result
-        # One FP32 run for every chain's entries (the scale's inputs) and exits (the judge's reference).
-        values = fetch_values(ctx.model, ctx.feeds, [t for c in chains for t in c.entries + c.exits])
         ks = [max(1, math.ceil(math.log2(c.absmax / self.target_absmax))) for c in chains]
-        underflow = [self._underflow(c, k, values) for c, k in zip(chains, ks)]
+        # One FP32 run a sample for every chain's entries (the scale's inputs) and exits (the judge's
+        # reference), streamed: the underflow sums and the judges take each sample as it comes. Every
+        # chain is judged (a score does not depend on the others judged beside it); those the
+        # underflow refuses are not rewritten whatever their score.
+        sums = [[0.0, 0.0] for _ in chains]
+
+        def add_sample(values):
+            for chain, k, acc in zip(chains, ks, sums):
+                self._underflow_sums(chain, k, values, acc)
+
         scores = judge_cutouts(ctx.model, [Cutout(c.seed, c.entries, c.exits, functools.partial(_apply, chain=c, k=k))
-                                           for c, k, u in zip(chains, ks, underflow) if u is None], values)
+                                           for c, k in zip(chains, ks)], ctx.feeds, on_values=add_sample)
+        underflow = [self._underflow(k, *acc) for k, acc in zip(ks, sums)]
         for chain, k, reason in zip(chains, ks, underflow):
             seed = next(n for n in graph.nodes if n.name == chain.seed)
             judged = ""
@@ -133,17 +141,21 @@ class RescaleAccumulation(Pass):
                 f"{len(chain.unscaled)} undone by Mul(2^{k}); {judged}")))
         return result
 
-    def _underflow(self, chain: _Chain, k: int, values: list[dict[str, np.ndarray]]) -> str | None:
-        """Why scaling ``chain`` by 2^-k loses too much to FP16 underflow, or None."""
-        mass = lost = 0.0
-        for feed in values:
-            for name in chain.entries:
-                # |x| * 2^-k summed in float64 is sum(|x|) * 2^-k bit for bit (a power of two, no
-                # float64 under/overflow), and |x| * 2^-k < 2^-24 exactly when |x| < 2^(k-24).
-                v = feed[name].astype(np.float64)
-                np.abs(v, out=v)
-                mass += float(v.sum()) * 2.0**-k
-                lost += float(v[v < FP16_MIN_SUBNORMAL * 2.0**k].sum()) * 2.0**-k
+    @staticmethod
+    def _underflow_sums(chain: _Chain, k: int, values: dict[str, np.ndarray], acc: list[float]) -> None:
+        """Adds one sample's L1 mass of ``chain``'s inputs scaled by 2^-k, and the part of it FP16
+        underflow loses, to ``acc`` (mass, lost)."""
+        for name in chain.entries:
+            # |x| * 2^-k summed in float64 is sum(|x|) * 2^-k bit for bit (a power of two, no
+            # float64 under/overflow), and |x| * 2^-k < 2^-24 exactly when |x| < 2^(k-24).
+            v = values[name].astype(np.float64)
+            np.abs(v, out=v)
+            acc[0] += float(v.sum()) * 2.0**-k
+            acc[1] += float(v[v < FP16_MIN_SUBNORMAL * 2.0**k].sum()) * 2.0**-k
+
+    def _underflow(self, k: int, mass: float, lost: float) -> str | None:
+        """Why scaling a chain by 2^-k loses too much to FP16 underflow (its inputs' summed
+        ``mass`` and ``lost`` over every sample), or None."""
         share = lost / mass if mass > 0 else 0.0
         if share > self.max_underflow_share:
             return (f"scaling by 2^-{k} would push {share:.3g} of the chain inputs' magnitude (L1) below FP16's "

@@ -11,7 +11,9 @@ compares the two), provided the union is the disjoint union of the cut-outs: a s
 (walking back from its exits to its entries) meets another site's entry would lose nodes there,
 and one sharing a node with an earlier site's cone would be emulated with that site's consumers
 around it, so each is judged alone, as is every site of a union that cannot be extracted or
-emulated (each then fails, or not, with its own reason).
+emulated (each then fails, or not, with its own reason). Samples stream through one at a time:
+only one sample's entry and exit values are in memory (NAFNet-9: 149 MB a sample), and each exit
+keeps sums of squares.
 """
 
 from __future__ import annotations
@@ -26,9 +28,8 @@ import onnx_graphsurgeon as gs
 from onnx import helper
 
 from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
-from onnx_fp16_rewrite.emulation.fp16_emulation import build_emulation, check_fp16, compare_output, emu_feed
-from onnx_fp16_rewrite.io.ort_runner import Feed, run_model
-from onnx_fp16_rewrite.io.sessions import run_cached
+from onnx_fp16_rewrite.emulation.fp16_emulation import build_emulation, check_fp16, emu_feed
+from onnx_fp16_rewrite.io.ort_runner import Feed, make_session, run_model, trim_heap
 
 logger = logging.getLogger(__name__)
 
@@ -47,20 +48,42 @@ class Cutout:
 Score = tuple[float, float]  # worst FP16 rel L2 over the exits, (before, after) the edit
 
 
+class _Fetcher:
+    """FP32 values of ``names`` (graph inputs or node outputs) from a session of just the nodes
+    they depend on (optimizations off, as every FP32 run here), one sample at a time."""
+
+    def __init__(self, model: onnx.ModelProto, names: Sequence[str]) -> None:
+        inputs = {i.name for i in model.graph.input}
+        self.given = [n for n in dict.fromkeys(names) if n in inputs]
+        self.inner = [n for n in dict.fromkeys(names) if n not in inputs]
+        self.session = make_session(_cone_model(model, self.inner)) if self.inner else None
+
+    def values(self, feed: Feed) -> Feed:
+        got = dict(zip(self.inner, self.session.run(self.inner, feed))) if self.session is not None else {}
+        return {**{n: np.asarray(feed[n]) for n in self.given}, **got}
+
+
 def fetch_values(model: onnx.ModelProto, feeds: Sequence[Feed], names: Sequence[str]) -> list[Feed]:
-    """FP32 values of ``names`` (graph inputs or node outputs), one dict per feed, from one run of
-    just the nodes they depend on (optimizations off, as every FP32 run here)."""
-    inputs = {i.name for i in model.graph.input}
-    inner = [n for n in dict.fromkeys(names) if n not in inputs]
-    runs = run_model(_cone_model(model, inner), feeds, inner) if inner else [{} for _ in feeds]
-    return [{**{n: np.asarray(f[n]) for n in names if n in inputs}, **r} for f, r in zip(feeds, runs)]
+    """FP32 values of ``names`` (graph inputs or node outputs), one dict per feed, from one
+    session of just the nodes they depend on."""
+    fetcher = _Fetcher(model, names)
+    out = [fetcher.values(f) for f in feeds]
+    del fetcher
+    trim_heap()
+    return out
 
 
-def judge_cutouts(model: onnx.ModelProto, cutouts: Sequence[Cutout],
-                  values: Sequence[Feed]) -> dict[str, Score | Exception]:
+def judge_cutouts(model: onnx.ModelProto, cutouts: Sequence[Cutout], feeds: Sequence[Feed], *,
+                  fetch: Sequence[str] = (), on_values: Callable[[Feed], None] | None = None,
+                  ) -> dict[str, Score | Exception]:
     """Each cut-out's (before, after) score, or the exception that kept it from being judged.
-    ``values``: ``fetch_values`` of every entry and exit, per feed."""
-    if not cutouts:
+
+    One sample at a time (memory: one sample's entry and exit values, not all of them): its FP32
+    values of every entry and exit (and of ``fetch``) are fetched, handed to ``on_values`` (the
+    caller's own per-sample sums), and every judge runs on them and keeps only sums of squares.
+    The scores are ``judge_alone``'s: bit for bit with one sample; with more, the relative L2's
+    sums add up per sample instead of over the concatenated samples (a last-bit difference)."""
+    if not cutouts and on_values is None:
         return {}
     inferred = onnx.shape_inference.infer_shapes(model)  # the extractor needs every tensor's type
     extractor = onnx.utils.Extractor(inferred)
@@ -76,26 +99,155 @@ def judge_cutouts(model: onnx.ModelProto, cutouts: Sequence[Cutout],
         else:
             together.append(c)
             claimed |= cone
+    if len(together) <= 1:
+        alone, together = together + alone, []
+    names = [*fetch, *(n for c in cutouts for n in c.entries + c.exits)]
+    fetcher = _Fetcher(model, names)
     out: dict[str, Score | Exception] = {}
-    if len(together) > 1:
+    judges: list[_Judge] = []
+    if together:
         try:
-            out.update(_judge_together(extractor, together, values))
+            judges.append(_Judge(extractor, together, own_reference=False))
         except Exception as exc:  # one bad site must not refuse the others: judge each alone
             logger.debug("judging %d cut-outs together failed (%s); judging each alone", len(together), exc)
-            alone = together + alone
-    else:
-        alone = together + alone
-    for c in alone:
-        try:
-            out[c.key] = judge_alone(extractor, c, values)
-        except Exception as exc:  # the caller refuses the site with this reason
-            out[c.key] = exc
+            alone, together = together + alone, []
+    judges += _alone(extractor, alone, out)
+    seen = [0]  # samples on_values has had (a second pass hands it only the rest)
+    try:
+        _stream(fetcher, feeds, judges, out, on_values, seen)
+    except _TogetherFailed as failed:
+        # The union failed on a sample: each of its sites is judged alone, over every sample again.
+        logger.debug("judging %d cut-outs together failed (%s); judging each alone", len(together), failed.cause)
+        out = {}
+        _stream(fetcher, feeds, _alone(extractor, together + alone, out), out, on_values, seen)
+    del fetcher, judges
+    trim_heap()
     return out
 
 
+class _TogetherFailed(Exception):
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _alone(extractor: onnx.utils.Extractor, cutouts: Sequence[Cutout], out: dict) -> list[_Judge]:
+    judges = []
+    for c in cutouts:
+        try:
+            judges.append(_Judge(extractor, [c], own_reference=True))
+        except Exception as exc:  # the caller refuses the site with this reason
+            out[c.key] = exc
+    return judges
+
+
+def _stream(fetcher: _Fetcher, feeds: Sequence[Feed], judges: list[_Judge], out: dict, on_values,
+            seen: list[int]) -> None:
+    """Every judge over every sample, one sample's values in memory at a time; a judge of one
+    site that fails is dropped with its exception, one of several raises ``_TogetherFailed``.
+    ``on_values`` gets each sample from index ``seen[0]`` on, once."""
+    live = list(judges)
+    for i, feed in enumerate(feeds):
+        values = fetcher.values(feed)
+        if on_values is not None and i >= seen[0]:
+            on_values(values)
+            seen[0] = i + 1
+        for judge in list(live):
+            try:
+                judge.add(values)
+            except Exception as exc:
+                if not judge.own_reference:
+                    raise _TogetherFailed(exc) from exc
+                out[judge.cutouts[0].key] = exc
+                live.remove(judge)
+        del values
+    for judge in live:
+        out.update(judge.scores())
+
+
+class _Judge:
+    """Cut-outs in one extracted model, emulated (every tensor FP16) before and after their
+    edits; ``add`` runs one sample and keeps, per exit, what ``compare_output`` reads.
+    ``own_reference``: the exits' reference comes from this cut-out's own FP32 run (a site
+    judged alone, as ``judge_alone``); else from the fetched values (the whole model's run)."""
+
+    def __init__(self, extractor: onnx.utils.Extractor, cutouts: Sequence[Cutout], own_reference: bool) -> None:
+        self.cutouts, self.own_reference = list(cutouts), own_reference
+        self.entries = list(dict.fromkeys(n for c in cutouts for n in c.entries))
+        self.exits = list(dict.fromkeys(n for c in cutouts for n in c.exits))
+        sub = extractor.extract_model(self.entries, self.exits)
+        self.reference = make_session(sub) if own_reference else None
+        graph = gs.import_onnx(sub)
+        for c in cutouts:
+            c.edit(graph)
+        graph.cleanup().toposort()
+        self.emulated = [_Emulated(sub), _Emulated(gs.export_onnx(graph))]
+        self.errors = [{n: _Error() for n in self.exits} for _ in self.emulated]
+
+    def add(self, values: Feed) -> None:
+        feed = {n: values[n] for n in self.entries}
+        if self.reference is not None:
+            ref = dict(zip(self.exits, self.reference.run(self.exits, feed)))
+        else:
+            ref = {n: values[n] for n in self.exits}
+        for emulated, errors in zip(self.emulated, self.errors):
+            got = emulated.run(feed, self.exits)
+            for n in self.exits:
+                errors[n].add(got[n], ref[n])
+
+    def scores(self) -> dict[str, Score]:
+        # max over the exits in the cut-out's own order: what a report over its outputs gives
+        before, after = ({n: e.rel_l2() for n, e in errors.items()} for errors in self.errors)
+        return {c.key: (max(before[n] for n in c.exits), max(after[n] for n in c.exits)) for c in self.cutouts}
+
+
+class _Emulated:
+    """A cut-out's emulation graph with every tensor FP16 (an empty plan) and without its
+    per-tensor statistics (three reductions per tensor that only check_fp16's findings read)."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        emu = build_emulation(model, PrecisionPlan(), with_stats=False)
+        self.fp16_inputs = emu.fp16_inputs
+        self.session = make_session(emu.model, optimize=True)
+
+    def run(self, feed: Feed, names: list[str]) -> Feed:
+        return dict(zip(names, self.session.run(names, emu_feed(feed, self.fp16_inputs))))
+
+
+class _Error:
+    """``compare_output``'s relative L2 of one exit, summed over samples: its sums of squares
+    (float64 dot products, as np.linalg.norm takes them) and NaN/inf counts, not the samples."""
+
+    def __init__(self) -> None:
+        self.diff_sq = self.ref_sq = 0.0
+        self.nan = self.inf = 0  # the FP16 result's count minus the reference's, as compare_output takes them
+        self.unequal = False  # a non-float exit that differs
+
+    def add(self, got: np.ndarray, ref: np.ndarray) -> None:
+        g, r = np.asarray(got).ravel(), np.asarray(ref).ravel()
+        if not np.issubdtype(r.dtype, np.floating):
+            self.unequal |= not np.array_equal(g, r)
+            return
+        g64, r64 = g.astype(np.float64), r.astype(np.float64)
+        self.nan += int(np.isnan(g64).sum() - np.isnan(r64).sum())
+        self.inf += int(np.isinf(g64).sum() - np.isinf(r64).sum())
+        both = np.isfinite(g64) & np.isfinite(r64)
+        diff = np.abs(g64[both] - r64[both])
+        finite = r64[np.isfinite(r64)]
+        self.diff_sq += diff.dot(diff)
+        self.ref_sq += finite.dot(finite)
+
+    def rel_l2(self) -> float:
+        if self.unequal or self.nan > 0 or self.inf > 0:
+            return float("inf")
+        diff, ref = np.sqrt(self.diff_sq), np.sqrt(self.ref_sq)
+        return float(diff / ref) if ref > 0 else float(diff)
+
+
 def judge_alone(extractor: onnx.utils.Extractor, cutout: Cutout, values: Sequence[Feed]) -> Score:
-    """One site judged by itself, as every site was before they were judged together: its own
-    cut-out, its own FP32 reference run, ``check_fp16`` before and after."""
+    """One site judged by itself, the definition the streamed judges keep to (tests compare
+    them): its own cut-out, its own FP32 reference run, ``check_fp16`` before and after, on
+    ``values`` (``fetch_values`` of its entries, per feed)."""
     sub = extractor.extract_model(cutout.entries, cutout.exits)
     feeds = [{n: v[n] for n in cutout.entries} for v in values]
     reference = run_model(sub, feeds)
@@ -105,30 +257,6 @@ def judge_alone(extractor: onnx.utils.Extractor, cutout: Cutout, values: Sequenc
     scores = [max(o.rel_l2 for o in check_fp16(candidate, feeds, reference, plan=PrecisionPlan()).outputs)
               for candidate in (sub, gs.export_onnx(graph))]
     return scores[0], scores[1]
-
-
-def _judge_together(extractor: onnx.utils.Extractor, cutouts: Sequence[Cutout], values: Sequence[Feed]) -> dict[str, Score]:
-    entries = list(dict.fromkeys(n for c in cutouts for n in c.entries))
-    exits = list(dict.fromkeys(n for c in cutouts for n in c.exits))
-    sub = extractor.extract_model(entries, exits)
-    feeds = [{n: v[n] for n in entries} for v in values]
-    reference = [{n: v[n] for n in exits} for v in values]
-    before = _rel_l2(sub, feeds, reference, exits)
-    graph = gs.import_onnx(sub)
-    for c in cutouts:
-        c.edit(graph)
-    graph.cleanup().toposort()
-    after = _rel_l2(gs.export_onnx(graph), feeds, reference, exits)
-    # max over the exits in the cut-out's own order: what a report over its outputs gives
-    return {c.key: (max(before[n] for n in c.exits), max(after[n] for n in c.exits)) for c in cutouts}
-
-
-def _rel_l2(model: onnx.ModelProto, feeds: list[Feed], reference: list[Feed], names: list[str]) -> dict[str, float]:
-    """check_fp16's per-output relative L2 with every tensor FP16 (an empty plan), without its
-    per-tensor statistics (three reductions per tensor that only its findings read)."""
-    emu = build_emulation(model, PrecisionPlan(), with_stats=False)
-    runs = run_cached(emu.model, [emu_feed(f, emu.fp16_inputs) for f in feeds], names, optimize=True, cache=False)
-    return {n: compare_output(n, [r[n] for r in runs], [ref[n] for ref in reference], 1e-2).rel_l2 for n in names}
 
 
 def _cone(graph: onnx.GraphProto, producer: dict[str, int], cutout: Cutout, entries: set[str]) -> set[int] | None:
