@@ -48,7 +48,7 @@ from onnx_fp16_rewrite.canonical.restore import reattach, verify_dynamic
 from onnx_fp16_rewrite.canonical.shared import fresh_tensor_name, unshare_constant
 from onnx_fp16_rewrite.canonical.trace import feed_signature, trace_shapes
 from onnx_fp16_rewrite.errors import one_line
-from onnx_fp16_rewrite.io.model_io import check_model
+from onnx_fp16_rewrite.io.model_io import check_model, past_proto_limit
 from onnx_fp16_rewrite.io.ort_runner import Feed, infer_types, run_model
 from onnx_fp16_rewrite.pipeline.validate import Tolerance, Validator
 
@@ -58,7 +58,6 @@ __all__ = ["CanonReport", "canonicalize", "confirm", "fresh_tensor_name", "uncon
 logger = logging.getLogger(__name__)
 
 MARK_KEY = "onnx_fp16_rewrite.canonical"
-_PROTO_LIMIT = 2**31 - 1
 
 Specialise = Literal["auto", "never", "always"]
 
@@ -135,7 +134,7 @@ def canonicalize(model: onnx.ModelProto, feeds: Sequence[Feed], *, specialise: S
     # The reference is the original with only its dims relaxed (ORT refuses a feed for a declared 0 dim);
     # it runs only when something changed.
     validator = _LazyValidator(work, feeds, tolerance, confirm_later, known_outputs)
-    if work.ByteSize() > _PROTO_LIMIT:
+    if past_proto_limit(work):
         report.notes.append("model past 2 GiB: not folded")
         candidate = work
     else:
@@ -163,7 +162,7 @@ def canonicalize(model: onnx.ModelProto, feeds: Sequence[Feed], *, specialise: S
     wanted = specialise == "always" or (specialise == "auto" and bool(dependent))
     if wanted and signature is None:
         report.notes.append("not specialised: the feeds have different shapes")
-    elif wanted and dynamic.ByteSize() <= _PROTO_LIMIT:
+    elif wanted and not past_proto_limit(dynamic):
         try:
             traced = trace_shapes(dynamic, feeds[0])
             spec = _specialise(dynamic, signature, traced)

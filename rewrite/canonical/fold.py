@@ -22,12 +22,12 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnx_fp16_rewrite.io import weights
+from onnx_fp16_rewrite.io.model_io import past_proto_limit
 
 __all__ = ["fold_dynamic", "sanitize_dims", "specialise", "graph_inputs"]
 
 logger = logging.getLogger(__name__)
 
-_PROTO_LIMIT = 2**31 - 1
 _NEVER_FOLD = {"RandomUniform", "RandomNormal", "RandomUniformLike", "RandomNormalLike", "Multinomial",
                "Bernoulli", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 # Folding that would make one initializer larger than this is left to run time (Expand/Tile of
@@ -171,7 +171,7 @@ def _fold_rounds(model: onnx.ModelProto, max_rounds: int) -> onnx.ModelProto:
 
 
 def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
-    if model.ByteSize() > _PROTO_LIMIT:
+    if past_proto_limit(model):
         return model  # in-memory inference cannot take it; fold what graphsurgeon sees
     try:
         # On a weight-less skeleton (float weights are only dims to inference): the model's

@@ -188,7 +188,7 @@ def run_checker(model: onnx.ModelProto, *, full_check: bool = False) -> None:
     """``onnx.checker.check_model`` for any model: the checker opens external-data files, so a
     model with referenced (or too many) weights is checked as a weight-less skeleton whose weights
     point at an empty placeholder file. Raises onnx's own errors."""
-    if not (weights.has_refs(model) or _too_big(model)):
+    if not (weights.has_refs(model) or past_proto_limit(model)):
         onnx.checker.check_model(model, full_check=full_check)
         return
     with tempfile.TemporaryDirectory(prefix="onnx-rewrite-check-") as tmp:
@@ -232,7 +232,7 @@ def write_model_files(
     weights streamed into ``<target>.data`` (4 KiB-aligned, so ORT can map them) when external
     data is used. No whole ModelProto with weights is ever serialised."""
     refs = weights.has_refs(model)
-    use_external = external_data if external_data is not None else (refs or _too_big(model))
+    use_external = external_data if external_data is not None else (refs or past_proto_limit(model))
     if not use_external:
         _write_synced(stage_model(), model.SerializeToString())
         return
@@ -274,7 +274,8 @@ def refuse_overwrite(out: str | os.PathLike, input_path: str | os.PathLike | Non
     plan_outputs([input_path], {"output": out}, model_outputs=())
 
 
-def _too_big(model: onnx.ModelProto) -> bool:
+def past_proto_limit(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` serialises past protobuf's 2 GiB (in-memory inference and folding cannot take it)."""
     # Tensor bytes far below the limit decide it without ByteSize (0.16 s on T5's 62 MB).
     if sum(weights.nbytes(t) for t in weights.all_tensors(model)) < _PROTO_LIMIT // 4 and \
             len(model.graph.node) < 1_000_000:
