@@ -122,7 +122,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
             phase.done("NOT VERIFIED" if report.not_verified else ("PASS" if report.passed else "FAIL"))
         _say(args, render_fp16(report, trt_library.label))
     else:
-        from onnx_fp16_rewrite.canonical import canonicalize, confirm, unconfirmed
+        from onnx_fp16_rewrite.canonical import canonicalize, computes_as_given, confirm, unconfirmed
 
         given = model
         for later in (True, False):
@@ -133,10 +133,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
                 model, canon = canonicalize(given, feeds, confirm_later=later, known_outputs=known)
                 phase.done(canon.summary())
             fp32: list = []
+            # The preflight's outputs are the FP32 twin's, bit for bit, when the canonical form
+            # computes what the model given does: the emulation graph then carries no twin.
             try:
                 with progress.phase("FP16 emulation") as phase:
                     report = check_fp16(model, feeds, strict_cumsum=args.strict_cumsum, rel_l2_tolerance=args.rel_l2,
-                                        max_findings=MAX_FINDINGS, fp32_outputs=fp32)
+                                        max_findings=MAX_FINDINGS, fp32_outputs=fp32,
+                                        fp32_run=known if computes_as_given(canon) else None)
                     phase.done(f"{'PASS' if report.passed else 'FAIL'}, {report.failing_tensors} failing tensor(s)")
             except Exception:  # ORT's errors are many types
                 if not unconfirmed(canon):

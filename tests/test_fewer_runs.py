@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -118,3 +120,46 @@ def test_emulated_alike_sees_renames_and_changed_inputs():
     changed.CopyFrom(model)
     changed.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.array(1e4, np.float32), "big"))
     assert emulated_alike(model, changed, ["a", "y", "b"]) == {"b"}
+
+
+@pytest.mark.parametrize("noop_cast", [False, True], ids=["as-given", "canonical-changed"])
+def test_cli_check_takes_the_fp32_twin_from_the_preflight(tmp_path, monkeypatch, noop_cast):
+    """``onnx-rewrite check`` on one input: the preflight's FP32 outputs stand in for the emulation
+    graph's FP32 twin, and the JSON report is the one the twin gives (findings, rel L2 and all),
+    unless canonicalisation changed what the model computes (a no-op Cast removed): the twin then."""
+    from onnx_fp16_rewrite import canonical
+    from onnx_fp16_rewrite.cli import main
+    from onnx_fp16_rewrite.emulation import fp16_emulation
+    from onnx_fp16_rewrite.models import build_nafnet
+    from onnx_fp16_rewrite.models.nafnet import demo_inputs as nafnet_inputs
+
+    model = build_nafnet()  # its CumSums overflow FP16: a failing check with findings
+    if noop_cast:
+        first = model.graph.node[0]
+        model.graph.node.insert(0, helper.make_node("Cast", ["input"], ["input_f32"], name="noop", to=TensorProto.FLOAT))
+        first.input[0] = "input_f32"
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "in.npz", **nafnet_inputs(model))
+    shadows = []
+    real = fp16_emulation.build_emulation
+    monkeypatch.setattr(fp16_emulation, "build_emulation",
+                        lambda *a, **k: shadows.append(k.get("fp32_shadow", False)) or real(*a, **k))
+
+    def report():
+        out = tmp_path / "report.json"
+        out.unlink(missing_ok=True)
+        code = main(["check", str(tmp_path / "m.onnx"), "--inputs", str(tmp_path / "in.npz"), "--report", str(out),
+                     "-q"])
+        data = json.loads(out.read_text())
+        del data["details"]["check"]["seconds"]
+        return code, data
+
+    fast = report()
+    fast_shadows = list(shadows)
+    monkeypatch.setattr(canonical, "computes_as_given", lambda _report: False)  # the twin, as before
+    shadows.clear()
+    twin = report()
+    assert shadows == [True]
+    assert fast_shadows == ([True] if noop_cast else [False])
+    assert fast[0] == twin[0] == 4  # EXIT_FP16_FAILS
+    assert fast[1]["failing_tensors"] and fast[1] == twin[1]

@@ -52,7 +52,7 @@ from onnx_fp16_rewrite.io.model_io import check_model, past_proto_limit
 from onnx_fp16_rewrite.io.ort_runner import Feed, infer_types, run_model
 from onnx_fp16_rewrite.pipeline.validate import Tolerance, Validator
 
-__all__ = ["CanonReport", "canonicalize", "confirm", "fresh_tensor_name", "unconfirmed", "restore_dynamic", "trace_shapes",
+__all__ = ["CanonReport", "canonicalize", "computes_as_given", "confirm", "fresh_tensor_name", "unconfirmed", "restore_dynamic", "trace_shapes",
            "unshare_constant"]
 
 logger = logging.getLogger(__name__)
@@ -125,7 +125,9 @@ def canonicalize(model: onnx.ModelProto, feeds: Sequence[Feed], *, specialise: S
     from onnx_fp16_rewrite.pipeline.pass_manager import name_nodes
 
     if any(p.key == MARK_KEY for p in model.metadata_props):
-        return model, CanonReport(nodes_before=len(model.graph.node), nodes_after=len(model.graph.node), skipped=True)
+        report = CanonReport(nodes_before=len(model.graph.node), nodes_after=len(model.graph.node), skipped=True)
+        object.__setattr__(report, "_as_given", True)
+        return model, report
     report = CanonReport(nodes_before=len(model.graph.node))
     report.constant_nodes = sum(n.op_type == "Constant" for n in model.graph.node)
     work = _copy(model)
@@ -180,6 +182,7 @@ def canonicalize(model: onnx.ModelProto, feeds: Sequence[Feed], *, specialise: S
         except Exception as exc:  # specialisation is an aid; the dynamic canonical form stands
             report.notes.append(f"not specialised: {type(exc).__name__}: {one_line(exc)}")
     name_nodes(result)
+    object.__setattr__(report, "_as_given", result is work)  # not a field: the JSON report carries none
     if validator.deferred and result is not work:
         object.__setattr__(report, "_deferred", validator)  # not a field: asdict must not carry it
     elif not report.validation:
@@ -220,6 +223,13 @@ def restore_dynamic(model: onnx.ModelProto, report: CanonReport, *,
 def _attach(report: CanonReport, dynamic: onnx.ModelProto, folded: set[str], feeds: Sequence[Feed]) -> None:
     # Not a dataclass field: asdict (the JSON report) must not carry a model.
     object.__setattr__(report, "_state", (dynamic, folded, list(feeds)))
+
+
+def computes_as_given(report: CanonReport) -> bool:
+    """Whether ``report``'s canonical form computes what the model given does, node for node
+    (names and declared dims at most changed: nothing folded, removed or specialised), so the
+    given model's FP32 outputs are the canonical form's bit for bit."""
+    return getattr(report, "_as_given", False)
 
 
 def unconfirmed(report: CanonReport) -> bool:

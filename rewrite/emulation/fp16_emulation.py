@@ -287,6 +287,7 @@ def check_fp16(
     screen: bool = False,
     exact_findings: bool = True,
     fp32_outputs: list[Feed] | None = None,
+    fp32_run: Sequence[Feed] | None = None,
 ) -> Fp16Report:
     """Emulate an FP16 engine on ``feeds`` and compare every output with ``reference``
     (``cache``: through ``onnx_fp16_rewrite.io.sessions``, for a graph that will run again).
@@ -300,7 +301,10 @@ def check_fp16(
     means the same either way, but for values in (65504, 65520), which FP16 rounds to 65504:
     the full statistics count them as overflow, the screen does not. ``fp32_outputs``: a list
     that receives the FP32 outputs compared against, one dict per feed (the FP32 twin's when
-    no ``reference`` is given: the model's own FP32 run).
+    no ``reference`` is given: the model's own FP32 run). ``fp32_run``: the model's outputs from a
+    plain FP32 run of it on ``feeds`` (ORT, optimizations off: the CLI's preflight), one dict per
+    feed; where the FP32 twin would compute exactly that (no ``reference``, an FP32 model without
+    control flow) they stand in for it: the same report, without the twin's half of the run.
     """
     start = time.perf_counter()
     if plan is None:
@@ -310,14 +314,23 @@ def check_fp16(
     # flow would need its bodies twinned.
     twin = (reference is None and not any(i.type.tensor_type.elem_type == _FLOAT16 for i in model.graph.input)
             and not any(subgraphs(n) for n in model.graph.node))
-    emu = build_emulation(model, plan, strict_cumsum=strict_cumsum, fp32_shadow=twin, shadow_errors=False,
-                          nonfinite_only=screen)
+    given = twin and fp32_run is not None and len(fp32_run) == len(feeds)
+    emu = build_emulation(model, plan, strict_cumsum=strict_cumsum, fp32_shadow=twin and not given,
+                          shadow_errors=False, nonfinite_only=screen)
+    if given and emu.mode != "weak":  # FP16 tensors: the twin computes them in FP32, a plain run in FP16
+        given = False
+        emu = build_emulation(model, plan, strict_cumsum=strict_cumsum, fp32_shadow=True, shadow_errors=False,
+                              nonfinite_only=screen)
     if reference is None and not twin:
         reference = _fp32_outputs(model, feeds)
     out_names = [o.name for o in model.graph.output]
     # Cached: the fixer's last accepted plan and the final verification run the same graph.
+    # Optimizations off beside the twin (its outputs must be a plain FP32 run's), and where a plain
+    # run stands in for it (the FP16 values as with the twin, bit for bit).
     runs = run_cached(emu.model, [emu_feed(f, emu.fp16_inputs) for f in feeds], optimize=not twin, cache=cache)
-    if twin:  # optimizations off there: the twin's outputs must be a plain FP32 run's
+    if given:
+        reference = [{n: np.asarray(r[n]) for n in out_names} for r in fp32_run]
+    elif twin:
         reference = [{k: r[t] for k, t in emu.twin_outputs.items()} for r in runs]
     if fp32_outputs is not None:
         fp32_outputs[:] = [{n: ref[n] for n in out_names} for ref in reference]
@@ -330,7 +343,7 @@ def check_fp16(
         # The screen failed: the full statistics name the failing tensors with their absmax.
         return check_fp16(model, feeds, reference, plan=plan, strict_cumsum=strict_cumsum,
                           rel_l2_tolerance=rel_l2_tolerance, max_findings=max_findings, cache=cache,
-                          fp32_outputs=fp32_outputs)
+                          fp32_outputs=fp32_outputs, fp32_run=fp32_run)
     report = Fp16Report(
         mode=emu.mode,
         strict_cumsum=strict_cumsum,
