@@ -61,8 +61,9 @@ def _cmd_passes() -> int:
     return EXIT_OK
 
 
-def _load(args: argparse.Namespace):
-    """The model, its feeds, and its FP32 outputs on the first feed when the preflight ran it."""
+def _load(args: argparse.Namespace, *, preflight_now: bool = True):
+    """The model, its feeds, and its FP32 outputs on the first feed when the preflight ran it
+    (``preflight_now=False``: the caller runs ``_preflight`` when its work fails)."""
     from onnx_fp16_rewrite.cli_inputs import feeds_from_args, save_inputs
     from onnx_fp16_rewrite.cli_validate import check_feeds
     from onnx_fp16_rewrite.io.model_io import check_input_model, load_model
@@ -88,7 +89,7 @@ def _load(args: argparse.Namespace):
     source = " ".join(map(str, args.inputs)) if args.inputs else "generated inputs"
     check_feeds(feeds, source)  # finite, non-empty (cli_validate)
     # ORT's refusals are the input's (exit 2); its outputs are the FP32 reference on that feed.
-    known = [preflight(model, feeds[0], f"input model {args.model}", session)] if not args.demo else []
+    known = [preflight(model, feeds[0], f"input model {args.model}", session)] if preflight_now and not args.demo else []
     del session
     if args.save_inputs:  # staged: lands with the other outputs when the run succeeds (io.paths)
         if getattr(args, "tx", None):
@@ -209,17 +210,29 @@ def _cmd_fix(args: argparse.Namespace) -> int:
     _require_trt(args.verify == "trt")  # fail before any work
     passes, auto, rewrites = _fix_passes(args)
     per_output = _parse_tolerances(args.tolerance)
-    model, feeds, known = _load(args)
+    # No preflight run first: the first diagnosis computes the model in FP32 anyway, and the canonical
+    # form's validation runs the original itself when it needs its outputs. Only when the fix fails
+    # does a plain run of the model say whether the model or its inputs are at fault (exit 2).
+    model, feeds, _ = _load(args, preflight_now=False)
     from onnx_fp16_rewrite.cli_validate import check_node_names
 
     check_node_names([*passes, *rewrites], model)  # --nodes names a node of the model ('did you mean')
     progress = progress_for(sys.stdout, sys.stderr, quiet=args.quiet)
-    result = fix_model(
-        model, passes, feeds, emit=args.emit, keep_io_types=args.keep_io_types,
-        strict_cumsum=args.strict_cumsum, tolerance=Tolerance(args.rtol, args.atol),
-        per_output=per_output, rel_l2_tolerance=args.rel_l2, model_path=str(out), verify=args.verify,
-        auto=auto, auto_rewrites=rewrites, progress=progress, known_outputs=known,
-    )
+    try:
+        result = fix_model(
+            model, passes, feeds, emit=args.emit, keep_io_types=args.keep_io_types,
+            strict_cumsum=args.strict_cumsum, tolerance=Tolerance(args.rtol, args.atol),
+            per_output=per_output, rel_l2_tolerance=args.rel_l2, model_path=str(out), verify=args.verify,
+            auto=auto, auto_rewrites=rewrites, progress=progress,
+        )
+    except (RewriteError, MemoryError):
+        raise
+    except Exception:  # ORT's errors are many types
+        if not args.demo:
+            from onnx_fp16_rewrite.io.ort_runner import preflight
+
+            preflight(model, feeds[0], f"input model {args.model}")  # BadInputError when the inputs are at fault
+        raise
     rep = result.report
     if rep.canonical is not None:
         if rep.canonical.changed() and not args.quiet:

@@ -289,9 +289,9 @@ def test_graphs_with_nothing_to_fold_skip_the_folding_round_trip(padded):
 
 
 def test_cli_runs_the_original_once_and_validates_on_the_check_shadow(padded, tmp_path, monkeypatch, capsys):
-    """CLI check and fix: the preflight run is the original's FP32 reference for the canonical
-    form's validation, and check validates the canonical form on its FP32 shadow's outputs: the
-    original runs once (the preflight), the canonical form never by itself; the report says the
+    """CLI check and fix: the original runs once (check: the preflight, its FP32 reference for the
+    canonical form's validation; fix: that validation's own run, no preflight), the canonical
+    form never by itself (check validates it on its FP32 shadow's outputs); the report says the
     same as canonicalize's own validation."""
     from onnx_fp16_rewrite.cli import main
     from onnx_fp16_rewrite.io import ort_runner
@@ -313,7 +313,8 @@ def test_cli_runs_the_original_once_and_validates_on_the_check_shadow(padded, tm
     sessions.clear()
     assert main(["fix", str(path), "--auto", "--inputs", str(tmp_path / "in.npz"), "-o", str(tmp_path / "f.onnx"),
                  "--report", str(tmp_path / "fix.json")]) == 0
-    assert sessions.count(len(padded.graph.node)) == 1 and 6 not in sessions
+    # fix runs no preflight: the original's sessions are the load check's and the validation's own run
+    assert sessions.count(len(padded.graph.node)) == 2 and 6 not in sessions
     import json
 
     assert json.loads((tmp_path / "fix.json").read_text())["details"]["canonical"]["validation"] == alone.validation

@@ -163,3 +163,37 @@ def test_cli_check_takes_the_fp32_twin_from_the_preflight(tmp_path, monkeypatch,
     assert fast_shadows == ([True] if noop_cast else [False])
     assert fast[0] == twin[0] == 4  # EXIT_FP16_FAILS
     assert fast[1]["failing_tensors"] and fast[1] == twin[1]
+
+
+def test_cli_fix_runs_no_preflight_but_says_when_the_inputs_are_at_fault(tmp_path, monkeypatch, capsys):
+    """``onnx-rewrite fix`` runs the model as given only when the fix fails: a model the inputs
+    cannot run (a Reshape to 2x3 of a batch of two) still gets one line and exit 2, nothing
+    written; a model that runs is fixed without that run (the FP32 twin of the first diagnosis
+    and the canonical validation's own run are its FP32 runs)."""
+    from onnx_fp16_rewrite.cli import main
+    from onnx_fp16_rewrite.io import ort_runner
+
+    shape = numpy_helper.from_array(np.array([2, 3], np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["r"], name="reshape"),
+         helper.make_node("Mul", ["r", "r"], ["y"], name="square")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], [shape])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    (tmp_path / "out").mkdir()
+    preflights = []
+    real = ort_runner.preflight
+    monkeypatch.setattr(ort_runner, "preflight", lambda *a, **k: preflights.append(1) or real(*a, **k))
+    for n, code in ((2, 2), (1, 0)):
+        np.savez(tmp_path / "in.npz", x=np.ones((n, 6), np.float32))
+        preflights.clear()
+        got = main(["fix", str(path), "--auto", "--inputs", str(tmp_path / "in.npz"), "-o",
+                    str(tmp_path / "out" / f"fixed{n}.onnx")])
+        err = capsys.readouterr().err
+        assert got == code, err
+        if code == 2:
+            assert "ONNX Runtime cannot run input model" in err and len(err.strip().splitlines()) == 1
+            assert list((tmp_path / "out").iterdir()) == [] and preflights == [1]
+        else:
+            assert (tmp_path / "out" / "fixed1.onnx").exists() and preflights == []
