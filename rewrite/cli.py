@@ -31,16 +31,19 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.INFO if verbose else (logging.ERROR if quiet else logging.WARNING)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     args.quiet = quiet
+    from onnx_fp16_rewrite.io.model_io import parsed_once
+
     try:
-        if args.command == "passes":
-            return _cmd_passes()
-        if args.command == "check":
-            return _with_outputs(_cmd_check, args)
-        if args.command == "trtexec":
-            return _cmd_trtexec(args)
-        if args.command == "diff":
-            return _cmd_diff(args)
-        return _with_outputs(_cmd_fix, args)
+        with parsed_once():  # the input model's file is parsed once, for its output checks and its load
+            if args.command == "passes":
+                return _cmd_passes()
+            if args.command == "check":
+                return _with_outputs(_cmd_check, args)
+            if args.command == "trtexec":
+                return _cmd_trtexec(args)
+            if args.command == "diff":
+                return _cmd_diff(args)
+            return _with_outputs(_cmd_fix, args)
     except RewriteError as exc:
         print(f"onnx-rewrite: error: {exc}", file=sys.stderr)
         return exc.exit_code

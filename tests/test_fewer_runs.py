@@ -197,3 +197,24 @@ def test_cli_fix_runs_no_preflight_but_says_when_the_inputs_are_at_fault(tmp_pat
             assert list((tmp_path / "out").iterdir()) == [] and preflights == [1]
         else:
             assert (tmp_path / "out" / "fixed1.onnx").exists() and preflights == []
+
+
+def test_cli_parses_the_model_file_once(tmp_path, monkeypatch):
+    """The CLI reads the input model's file once: the parse that lists its external data (for the
+    output checks) is the one load_model takes; outside the CLI nothing is kept between calls."""
+    from onnx_fp16_rewrite.cli import main
+    from onnx_fp16_rewrite.io import model_io
+
+    model = build_t5_encoder()
+    path = tmp_path / "t5.onnx"
+    onnx.save(model, str(path))
+    np.savez(tmp_path / "in.npz", **demo_inputs(model, seed=0))
+    parses = []
+    real = onnx.load
+    monkeypatch.setattr(onnx, "load", lambda f, *a, **k: parses.append(str(f)) or real(f, *a, **k))
+    assert main(["check", str(path), "--inputs", str(tmp_path / "in.npz"), "-q"]) in (0, 4)
+    assert parses.count(str(path)) == 1
+    parses.clear()
+    model_io.external_data_files(path)
+    model_io.load_model(path)
+    assert parses.count(str(path)) == 2 and model_io._parsed is None
