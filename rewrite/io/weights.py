@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import weakref
 from collections.abc import Callable, Iterator
@@ -64,10 +65,36 @@ def has_refs(model: onnx.ModelProto) -> bool:
 
 
 def all_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
-    """Every TensorProto of the model: initializers and tensor attributes, subgraphs included."""
-    from onnx.external_data_helper import _get_all_tensors
+    """Every TensorProto of the model: initializers and tensor attributes, subgraphs and functions
+    included (what onnx.external_data_helper's walk yields, in another order and a fraction of its
+    time: emulation graphs have thousands of nodes, walked for every session and shape inference)."""
+    yield from _graph_tensors(model.graph)
+    for f in model.functions:
+        yield from _node_tensors(f.node)
 
-    return _get_all_tensors(model)
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+    yield from graph.initializer
+    yield from _node_tensors(graph.node)
+
+
+_TENSOR, _TENSORS = onnx.AttributeProto.TENSOR, onnx.AttributeProto.TENSORS
+_GRAPH, _GRAPHS = onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS
+
+
+def _node_tensors(nodes) -> Iterator[TensorProto]:
+    for node in nodes:
+        for a in node.attribute:  # inline, not a generator a node: most attributes are ints and floats
+            kind = a.type
+            if kind == _TENSOR:
+                yield a.t
+            elif kind == _TENSORS:
+                yield from a.tensors
+            elif kind == _GRAPH:
+                yield from _graph_tensors(a.g)
+            elif kind == _GRAPHS:
+                for g in a.graphs:
+                    yield from _graph_tensors(g)
 
 
 def file_ref(t: TensorProto, path: str, offset: int, length: int) -> None:
@@ -169,7 +196,7 @@ def shareable(t: TensorProto) -> bool:
     """Whether ``share`` moves ``t`` out of the proto: a float tensor of ``SHARE_BYTES`` or more in it."""
     # Sized from the dims: reading raw_data would copy it.
     return (t.data_type in _FLOATS and not is_ref(t) and t.HasField("raw_data")
-            and int(np.prod(t.dims, dtype=np.int64)) * _np_dtype(t).itemsize >= SHARE_BYTES)
+            and math.prod(t.dims) * _np_dtype(t).itemsize >= SHARE_BYTES)
 
 
 def make_tensor(arr: np.ndarray, name: str, *, large_bytes: int | None = None) -> TensorProto:
@@ -235,7 +262,7 @@ def iter_chunks(t: TensorProto, chunk_bytes: int = CHUNK_BYTES) -> Iterator[np.n
     """The tensor's values as flat chunks; file references are read with plain reads, so the
     pages read do not stay mapped into this process (peak memory stays one chunk)."""
     dtype = _np_dtype(t)
-    n = int(np.prod(t.dims, dtype=np.int64))
+    n = math.prod(t.dims)
     step = max(1, chunk_bytes // max(dtype.itemsize, 1))
     if is_ref(t) and _info(t)["location"].startswith(_FILE):
         info = _info(t)
@@ -281,7 +308,7 @@ def derive(t: TensorProto, op: str, fn: Callable[[np.ndarray], np.ndarray], name
         for chunk in iter_chunks(t):
             res = np.asarray(fn(chunk))
             if out is None:
-                out = np.empty(int(np.prod(t.dims, dtype=np.int64)), res.dtype)
+                out = np.empty(math.prod(t.dims), res.dtype)
             out[pos:pos + res.size] = res
             pos += res.size
         if out is None:  # an empty tensor
@@ -488,7 +515,7 @@ def nbytes(t: TensorProto) -> int:
     if t.HasField("raw_data"):
         if t.data_type in _FLOATS or t.data_type in _FIXED_WIDTH:
             # From the dims: reading raw_data copies it (950 copies of T5's weights per check).
-            return int(np.prod(t.dims, dtype=np.int64)) * _np_dtype(t).itemsize
+            return math.prod(t.dims) * _np_dtype(t).itemsize
         return len(t.raw_data)
     return t.ByteSize()
 
