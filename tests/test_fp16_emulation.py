@@ -178,3 +178,45 @@ def test_nan_in_fp16_only_is_reported_as_nonfinite():
     assert report.outputs[0].nan == 2
     kinds = [(f.tensor, f.kind) for f in report.first_failures]
     assert kinds == [("b", "overflow"), ("y", "non-finite")]
+
+
+@pytest.mark.parametrize("pin_every", [0, 4])
+def test_a_tensor_an_fp16_node_produced_is_rounded_once(pin_every):
+    """Weakly typed, an FP16 node reads a tensor another FP16 node produced as it is: rounded
+    where it was produced, not again on the edge (NAFNet-9: 762 rounding Cast pairs -> 337). The
+    second rounding changes no bit: the graph with it restored gives every output (statistics
+    and FP32 twin included) bit for bit, with FP32 islands pinned too (``pin_every``)."""
+    from onnx import TensorProto, helper
+
+    from onnx_fp16_rewrite.models import build_nafnet
+    from onnx_fp16_rewrite.models.nafnet import demo_inputs
+
+    model = build_nafnet()  # its CumSums overflow FP16: inf and NaN go through the roundings too
+    plan = PrecisionPlan({n.name: "test" for i, n in enumerate(model.graph.node) if pin_every and i % pin_every == 0})
+    emu = build_emulation(model, plan, fp32_shadow=True)
+    g = emu.model.graph
+    rounded = {n.output[0] for n in g.node if n.op_type == "Cast" and n.name.endswith("__round")}
+    casts = [n for n in g.node if n.op_type == "Cast" and n.input[0] in rounded]
+    assert rounded and not casts  # nothing rounds a rounded tensor again
+    if pin_every:  # an FP32 node's output is still rounded where an FP16 node reads it
+        assert any(n.name.endswith("__r16__half") for n in g.node)
+    # The second rounding restored on every edge from a rounded tensor to a non-Cast reader.
+    twice = onnx.ModelProto()
+    twice.CopyFrom(emu.model)
+    nodes = []
+    for node in twice.graph.node:
+        if node.op_type != "Cast" and not node.op_type.startswith("Reduce"):
+            for i, name in enumerate(node.input):
+                if name in rounded:
+                    again = f"{name}__again{len(nodes)}"
+                    nodes += [helper.make_node("Cast", [name], [again + "_h"], to=TensorProto.FLOAT16),
+                              helper.make_node("Cast", [again + "_h"], [again], to=TensorProto.FLOAT)]
+                    node.input[i] = again
+        nodes.append(node)
+    del twice.graph.node[:]
+    twice.graph.node.extend(nodes)
+    feed = demo_inputs(model)
+    once, again = (run_model(m, [feed])[0] for m in (emu.model, twice))
+    assert len(once) == len(again) > 100
+    assert all(np.array_equal(once[k], again[k], equal_nan=True) for k in once)
+    assert any(not np.isfinite(v).all() for v in once.values())

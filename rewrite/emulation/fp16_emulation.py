@@ -183,6 +183,7 @@ def build_emulation(
     ) if sub_types or any(subgraphs(n) for n in g.node) else None
     produced = {o for n in g.node for o in n.output if o} if fp32_shadow else set()
     unhandled: list[str] = []
+    fp16_valued: set[str] = set()  # weakly typed: tensors an emulated (FP16) node produced
 
     for i, node in enumerate(g.node):
         float_outs = [o for o in node.output if o and o in is_float]
@@ -195,11 +196,12 @@ def build_emulation(
             fp32_nodes += not node_fp16
         emulate = round_fp16 and node_fp16
         data_rank = ranks.get(node.input[0]) if node.input else None
-        # Weakly typed: an FP16 layer reads FP16 inputs, so an FP32 tensor is rounded on the edge.
+        # Weakly typed: an FP16 layer reads FP16 inputs, so an FP32 tensor is rounded on the edge;
+        # one an emulated node produced is FP16 already (rounding it again would change no bit).
         if emulate and mode == "weak":
             fixed = fixed_type_inputs(node, opset)
             for idx, name in enumerate(node.input):
-                if not name or name not in is_float or idx in fixed:
+                if not name or name not in is_float or idx in fixed or name in fp16_valued:
                     continue
                 node.input[idx] = _rounded_edge(name, init_by_name, rounded_edges, new_inits, new_nodes)
         renamed = {}
@@ -224,6 +226,8 @@ def build_emulation(
             unhandled += body.unhandled
             sites += [_StatSite(b.tensor, b.node, b.op, b.fp16, *(b.outs.get(k) for k in _BODY_STATS))
                       for b in body.sites]
+        if emulate and mode == "weak":
+            fp16_valued.update(float_outs)  # rounded below, or exact: values of FP16 inputs
         for out in float_outs:
             raw = renamed.get(out, out)
             if raw != out:
