@@ -165,7 +165,8 @@ def _fold_rounds(model: onnx.ModelProto, max_rounds: int) -> onnx.ModelProto:
                              should_exclude_node=lambda n: n.op in _NEVER_FOLD)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         current = _export(graph, model)
-        if len(current.graph.node) == before:
+        # Another round would give this graph back when nothing is left that it could fold.
+        if len(current.graph.node) == before or _nothing_to_fold(current):
             break
     return current
 
