@@ -20,6 +20,8 @@ decoder, latent 32 -> 256^2, TorchScript export, 1-1.5 s), ``t5`` (our T5 v1.1-s
 ``t5-torchscript`` (transformers T5EncoderModel, t5-small-like, seq 256, TorchScript export, ~1 s); the earlier
 ``vae-small`` (our builder, 0.1 s) and ``t5-torchscript-small`` (the corpus' tiny T5, 0.02 s) stay for comparison.
 Each prints its nodes, weight MB, plain-inference seconds and whether ``check`` fails before any fix.
+``--versions before=DIR,after=.`` measures several copies side by side, job by job interleaved, and
+``--repeat N`` runs each job N times and reports medians (this machine's noise is +-15 % a run).
 ``--pythonpath DIR`` runs the jobs against another copy of the package (the "before" numbers):
 DIR holds an ``onnx_fp16_rewrite`` folder laid out as installed (rewrite/ with passes/ and models/ inside).
 The models are always built by this checkout's code (both sides see the same files); only the jobs use DIR.
@@ -152,31 +154,51 @@ def save(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], folder: Pat
     np.savez(folder / "cli_inputs.npz", **feeds[0])  # --inputs of the CLI jobs
 
 
-def measure(name: str, jobs: list[str], samples: int, pythonpath: str | None, tmp: Path) -> dict:
+def measure(name: str, jobs: list[str], samples: int, versions: dict[str, str | None], tmp: Path,
+            repeat: int = 1) -> list[dict]:
+    """One row per version: each job ``repeat`` times, the versions interleaved job by job (so
+    the machine's drift falls on all of them alike), the baseline three times per repetition;
+    a job's seconds and peak are its medians, ``times`` all of its runs."""
     folder = Path(tempfile.mkdtemp(prefix=f"{name}-{samples}-", dir=tmp))
     model, feeds = build(name, samples)
     size = describe(model)
     save(model, feeds, folder)
     del model
-    plain = [run_job("plain", folder, 1, pythonpath)]
-    results = {job: run_job(job, folder, samples, pythonpath) for job in jobs}
-    plain += [run_job("plain", folder, 1, pythonpath) for _ in range(2)]
-    base_s = statistics.median(p["seconds"] for p in plain)
-    base_mb = statistics.median(p["peak_mb"] for p in plain)
-    row = {"model": name, "samples": samples, **size, "plain_s": [round(p["seconds"], 3) for p in plain],
-           "plain_peak_mb": round(base_mb), "load": os.getloadavg()}
-    for job, r in results.items():
-        if "error" in r:
-            row[job] = r
-            continue
-        row[job] = {**r, "ratio": round(r["seconds"] / base_s, 2), "rss_ratio": round(r["peak_mb"] / base_mb, 2)}
-    return row
+    plain = {v: [] for v in versions}
+    runs = {v: {job: [] for job in jobs} for v in versions}
+    for _ in range(repeat):
+        for v, path in versions.items():
+            plain[v].append(run_job("plain", folder, 1, path))
+        for job in jobs:
+            for v, path in versions.items():
+                runs[v][job].append(run_job(job, folder, samples, path))
+        for v, path in versions.items():
+            plain[v] += [run_job("plain", folder, 1, path) for _ in range(2)]
+    rows = []
+    for v in versions:
+        base_s = statistics.median(p["seconds"] for p in plain[v])
+        base_mb = statistics.median(p["peak_mb"] for p in plain[v])
+        row = {"model": name, "version": v, "samples": samples, **size,
+               "plain_s": [round(p["seconds"], 3) for p in plain[v]], "plain_peak_mb": round(base_mb),
+               "load": os.getloadavg()}
+        for job, results in runs[v].items():
+            failed = next((r for r in results if "error" in r), None)
+            if failed is not None:
+                row[job] = failed
+                continue
+            seconds = statistics.median(r["seconds"] for r in results)
+            peak = statistics.median(r["peak_mb"] for r in results)
+            row[job] = {**results[0], "seconds": seconds, "peak_mb": peak, "times": [round(r["seconds"], 2) for r in results],
+                        "ratio": round(seconds / base_s, 2), "rss_ratio": round(peak / base_mb, 2)}
+        rows.append(row)
+    return rows
 
 
 def show(row: dict) -> None:
     check = row.get("check", {}).get("passed")
     verdict = "" if check is None else f", check before fix: {'passes' if check else 'FAILS'}"
-    print(f"{row['model']} (N={row['samples']}): {row['nodes']} nodes, {row['weights_mb']} MB weights; plain ORT "
+    label = f" [{row['version']}]" if row.get("version") else ""
+    print(f"{row['model']}{label} (N={row['samples']}): {row['nodes']} nodes, {row['weights_mb']} MB weights; plain ORT "
           f"{row['plain_s']} s, peak {row['plain_peak_mb']} MB{verdict}; load {row['load'][0]:.1f}", flush=True)
     for job in JOBS + CLI_JOBS:
         r = row.get(job)
@@ -185,8 +207,8 @@ def show(row: dict) -> None:
         if "error" in r:
             print(f"  {job:10s} ERROR {r['error']}", flush=True)
             continue
-        detail = {k: r[k] for k in ("passed", "kept", "fp32_nodes", "pinned", "flop_fraction", "runs", "exit")
-                  if k in r}
+        detail = {k: r[k] for k in ("passed", "kept", "fp32_nodes", "pinned", "flop_fraction", "runs", "exit", "times")
+                  if k in r and not (k == "times" and len(r[k]) < 2)}
         print(f"  {job:10s} {r['seconds']:7.2f} s = {r['ratio']:5.1f}x   peak {r['peak_mb']:6.0f} MB = "
               f"{r['rss_ratio']:4.2f}x   {detail}", flush=True)
 
@@ -198,18 +220,27 @@ def main() -> None:
     parser.add_argument("--samples", default="1,4,16", help="calibration-sample counts for fix-mixed ('' for none)")
     parser.add_argument("--samples-model", default="t5")
     parser.add_argument("--pythonpath", default=None)
+    parser.add_argument("--versions", default=None,
+                        help="LABEL=DIR,... (DIR as --pythonpath; LABEL=. is this checkout): measured side by side")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each job (medians reported)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    versions = {"": args.pythonpath}
+    if args.versions:
+        pairs = [v.split("=", 1) for v in args.versions.split(",") if v]
+        versions = {label: (None if path in ("", ".") else path) for label, path in pairs}
     print(f"uptime: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}; "
           f"cores: {len(os.sched_getaffinity(0))}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="auto-fix-cost-") as tmp:
         for name in [m for m in args.models.split(",") if m]:
-            rows.append(measure(name, args.jobs.split(","), 1, args.pythonpath, Path(tmp)))
-            show(rows[-1])
+            for row in measure(name, args.jobs.split(","), 1, versions, Path(tmp), args.repeat):
+                rows.append(row)
+                show(row)
         for n in [int(s) for s in args.samples.split(",") if s]:
-            rows.append(measure(args.samples_model, ["fix-mixed"], n, args.pythonpath, Path(tmp)))
-            show(rows[-1])
+            for row in measure(args.samples_model, ["fix-mixed"], n, versions, Path(tmp), args.repeat):
+                rows.append(row)
+                show(row)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
