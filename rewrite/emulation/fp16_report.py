@@ -57,23 +57,47 @@ class Fp16Report:
 
 
 def compare_output(name: str, got: list[np.ndarray], ref: list[np.ndarray], tol: float) -> OutputCheck:
-    g = np.concatenate([np.asarray(a).ravel() for a in got])
-    r = np.concatenate([np.asarray(a).ravel() for a in ref])
-    if not np.issubdtype(r.dtype, np.floating):
-        same = bool(np.array_equal(g, r))
-        return OutputCheck(name, 0, 0, 0.0 if same else float("inf"), 0.0 if same else float("inf"), 0.0, same)
-    g64, r64 = g.astype(np.float64), r.astype(np.float64)
-    nan = int(np.isnan(g64).sum() - np.isnan(r64).sum())
-    inf = int(np.isinf(g64).sum() - np.isinf(r64).sum())
-    both = np.isfinite(g64) & np.isfinite(r64)
-    diff = np.abs(g64[both] - r64[both])
+    got = [np.asarray(a).ravel() for a in got]
+    ref = [np.asarray(a).ravel() for a in ref]
+    if not np.issubdtype(np.result_type(*ref), np.floating) or len(got) != len(ref) or \
+            any(g.size != r.size for g, r in zip(got, ref)):
+        g, r = np.concatenate(got), np.concatenate(ref)
+        if not np.issubdtype(r.dtype, np.floating):
+            same = bool(np.array_equal(g, r))
+            return OutputCheck(name, 0, 0, 0.0 if same else float("inf"), 0.0 if same else float("inf"), 0.0, same)
+        got, ref = [g], [r]
+    # Sample by sample into one float64 vector of the differences and one of the finite reference
+    # values, the same vectors (and norms, bit for bit) as over the joined samples: 16 NAFNet
+    # samples held ~0.5 GB of float64 temporaries at once that way.
+    nan = inf = 0
+    both, finite = [], []
+    for g, r in zip(got, ref):
+        g64, r64 = g.astype(np.float64), r.astype(np.float64)
+        nan += int(np.isnan(g64).sum() - np.isnan(r64).sum())
+        inf += int(np.isinf(g64).sum() - np.isinf(r64).sum())
+        finite.append(np.isfinite(r64))
+        both.append(np.isfinite(g64) & finite[-1])
+    diff = np.empty(sum(int(b.sum()) for b in both), np.float64)
+    pos = 0
+    for g, r, b in zip(got, ref, both):
+        n = int(b.sum())
+        np.abs(g[b].astype(np.float64) - r[b].astype(np.float64), out=diff[pos:pos + n])
+        pos += n
     max_abs = float(diff.max()) if diff.size else 0.0
-    ref_norm = float(np.linalg.norm(r64[np.isfinite(r64)]))
+    diff_norm = np.linalg.norm(diff)
+    del diff
+    kept = np.empty(sum(int(f.sum()) for f in finite), np.float64)
+    pos = 0
+    for r, f in zip(ref, finite):
+        n = int(f.sum())
+        kept[pos:pos + n] = r[f]
+        pos += n
+    ref_norm = float(np.linalg.norm(kept))
     if nan > 0 or inf > 0:
         rel = float("inf")
     else:
-        rel = float(np.linalg.norm(diff) / ref_norm) if ref_norm > 0 else float(np.linalg.norm(diff))
-    ref_absmax = float(np.abs(r64[np.isfinite(r64)]).max()) if np.isfinite(r64).any() else 0.0
+        rel = float(diff_norm / ref_norm) if ref_norm > 0 else float(diff_norm)
+    ref_absmax = float(np.abs(kept).max()) if kept.size else 0.0
     ok = nan <= 0 and inf <= 0 and rel <= tol
     return OutputCheck(name, max(nan, 0), max(inf, 0), max_abs, rel, ref_absmax, ok)
 
