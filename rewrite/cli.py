@@ -66,7 +66,7 @@ def _cmd_passes() -> int:
 
 def _load(args: argparse.Namespace, *, preflight_now: bool = True):
     """The model, its feeds, and its FP32 outputs on the first feed when the preflight ran it
-    (``preflight_now=False``: the caller runs ``_preflight`` when its work fails)."""
+    (``preflight_now=False``: none; the caller runs ``ort_runner.preflight`` when its work fails)."""
     from onnx_fp16_rewrite.cli_inputs import feeds_from_args, save_inputs
     from onnx_fp16_rewrite.cli_validate import check_feeds
     from onnx_fp16_rewrite.io.model_io import check_input_model, load_model

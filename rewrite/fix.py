@@ -109,7 +109,6 @@ def fix_model(
     verify: Literal["emulation", "trt"] = "emulation",
     canonical: bool = True,
     progress: Progress = NULL_PROGRESS,
-    known_outputs: Sequence[Feed] = (),
 ) -> FixResult:
     """Run ``passes`` (each validated in FP32 and rolled back on failure), then emit the model
     for ``emit`` and check it with the FP16 emulation against the original's FP32 outputs.
@@ -120,9 +119,7 @@ def fix_model(
     ``progress`` reports each long phase (``onnx_fp16_rewrite.progress``; the CLI renders it on a terminal).
     ``model_path`` is only used to write the trtexec command line.
     ``verify="trt"`` also builds and runs the fixed model with TensorRT (``onnx_fp16_rewrite.tensorrt.trt_backend``);
-    a missing TensorRT fails here, before any pass runs.
-    ``known_outputs``: the model's FP32 outputs on the first feeds when the caller already ran
-    it (the CLI's preflight), so the canonical form's validation does not run it again."""
+    a missing TensorRT fails here, before any pass runs."""
     trt_library = None
     if verify == "trt":
         from onnx_fp16_rewrite.tensorrt.trt_backend import require_tensorrt
@@ -136,7 +133,7 @@ def fix_model(
     first_run = auto and not passes
     model, canon_report, first, ran = _canonical_and_first(given, feeds, canonical, first_run, tolerance,
                                                            strict_cumsum, rel_l2_tolerance, progress,
-                                                           confirm_later=first_run, known_outputs=known_outputs)
+                                                           confirm_later=first_run)
     # The canonical form validates on the first diagnosis' FP32 outputs (its shadow's: the same
     # ORT kernels as a validation run); if it is not the original's equal, or did not run:
     # canonicalise again, each step validated.
@@ -145,7 +142,7 @@ def fix_model(
         weights.release(model, given)
         model, canon_report, first, _ = _canonical_and_first(given, feeds, canonical, first_run, tolerance,
                                                              strict_cumsum, rel_l2_tolerance, progress,
-                                                             confirm_later=False, known_outputs=known_outputs)
+                                                             confirm_later=False)
     shared = model
     profile = first.profile if first is not None else None
     with progress.phase("passes" if passes else "FP32 reference", total=None) as phase:
@@ -231,7 +228,7 @@ def fix_model(
 
 
 def _canonical_and_first(given, feeds, canonical, first_run, tolerance, strict_cumsum, rel_l2_tolerance, progress,
-                         *, confirm_later, known_outputs=()):
+                         *, confirm_later):
     """The canonical form (shared weights), for ``fix --auto`` alone the fixer's first diagnosis
     of it (one emulation run with an FP32 shadow per sample: the ranges, the FP32 reference and
     the "before" check), and whether that diagnosis ran (False: an unconfirmed canonical form
@@ -241,8 +238,7 @@ def _canonical_and_first(given, feeds, canonical, first_run, tolerance, strict_c
     if canonical:
         with progress.phase("canonicalisation", total=None) as phase:
             # Before sharing: graphsurgeon's constant folding runs ORT on the weights themselves.
-            model, canon_report = canonicalize(given, feeds, tolerance=tolerance, confirm_later=confirm_later,
-                                               known_outputs=known_outputs)
+            model, canon_report = canonicalize(given, feeds, tolerance=tolerance, confirm_later=confirm_later)
             phase.done(canon_report.summary())
     # Weights shared, each held once however often the analysis copies the model (io.weights.share);
     # the result gets them back into its proto (unshare, at the return).
