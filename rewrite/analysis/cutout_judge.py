@@ -29,6 +29,7 @@ from onnx import helper
 
 from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 from onnx_fp16_rewrite.emulation.fp16_emulation import build_emulation, check_fp16, emu_feed
+from onnx_fp16_rewrite.emulation.fp16_report import sample_masks
 from onnx_fp16_rewrite.io.ort_runner import Feed, make_session, run_model, trim_heap
 
 logger = logging.getLogger(__name__)
@@ -229,14 +230,12 @@ class _Error:
         if not np.issubdtype(r.dtype, np.floating):
             self.unequal |= not np.array_equal(g, r)
             return
-        g64, r64 = g.astype(np.float64), r.astype(np.float64)
-        self.nan += int(np.isnan(g64).sum() - np.isnan(r64).sum())
-        self.inf += int(np.isinf(g64).sum() - np.isinf(r64).sum())
-        both = np.isfinite(g64) & np.isfinite(r64)
-        diff = np.abs(g64[both] - r64[both])
-        finite = r64[np.isfinite(r64)]
+        nan, inf, both, finite = sample_masks(g, r)
+        self.nan, self.inf = self.nan + nan, self.inf + inf
+        diff = np.abs(g[both].astype(np.float64) - r[both].astype(np.float64))
+        kept = r[finite].astype(np.float64)
         self.diff_sq += diff.dot(diff)
-        self.ref_sq += finite.dot(finite)
+        self.ref_sq += kept.dot(kept)
 
     def rel_l2(self) -> float:
         if self.unequal or self.nan > 0 or self.inf > 0:

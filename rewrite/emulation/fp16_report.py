@@ -72,11 +72,10 @@ def compare_output(name: str, got: list[np.ndarray], ref: list[np.ndarray], tol:
     nan = inf = 0
     both, finite = [], []
     for g, r in zip(got, ref):
-        g64, r64 = g.astype(np.float64), r.astype(np.float64)
-        nan += int(np.isnan(g64).sum() - np.isnan(r64).sum())
-        inf += int(np.isinf(g64).sum() - np.isinf(r64).sum())
-        finite.append(np.isfinite(r64))
-        both.append(np.isfinite(g64) & finite[-1])
+        n_nan, n_inf, b, f = sample_masks(g, r)
+        nan, inf = nan + n_nan, inf + n_inf
+        both.append(b)
+        finite.append(f)
     diff = np.empty(sum(int(b.sum()) for b in both), np.float64)
     pos = 0
     for g, r, b in zip(got, ref, both):
@@ -100,6 +99,15 @@ def compare_output(name: str, got: list[np.ndarray], ref: list[np.ndarray], tol:
     ref_absmax = float(np.abs(kept).max()) if kept.size else 0.0
     ok = nan <= 0 and inf <= 0 and rel <= tol
     return OutputCheck(name, max(nan, 0), max(inf, 0), max_abs, rel, ref_absmax, ok)
+
+
+def sample_masks(got: np.ndarray, ref: np.ndarray) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """One sample of one float output as compare_output reads it: its NaN and inf counts (the
+    FP16 result's minus the reference's), where both are finite, and where the reference is."""
+    g64, r64 = got.astype(np.float64), ref.astype(np.float64)
+    finite = np.isfinite(r64)
+    return (int(np.isnan(g64).sum() - np.isnan(r64).sum()), int(np.isinf(g64).sum() - np.isinf(r64).sum()),
+            np.isfinite(g64) & finite, finite)
 
 
 def site_stats(site, runs: list[Feed]) -> tuple[float, bool]:
