@@ -176,6 +176,7 @@ def fix_model(
         if fp16_before is None:
             fp16_before = auto_report.before
     searched = graph_key(fixed) if auto_report is not None and auto_report.after is not None else None
+    searched_model = fixed
     if canon_report is not None:  # the emitted model gets the input's dynamic dims back, or says why not
         fixed = restore_dynamic(fixed, canon_report, tolerance=tolerance)
     plan = PrecisionPlan.from_model(fixed)
@@ -192,10 +193,13 @@ def fix_model(
     argv = trtexec_command(model_path, plan, mode="strong" if emit == "mixed" else "weak", shapes=shapes)
     warnings = _build_warnings(fixed, plan)
     with progress.phase(f"FP16 verification ({emit})", total=None) as phase:
+        fp16_after = None
         if emit == "fp32" and searched is not None and searched == graph_key(fixed):
             # The fixer's verdict ran this very graph and plan on every sample.
             fp16_after = auto_report.after
-        else:
+        elif emit == "mixed" and searched is not None:
+            fp16_after = _proved_mixed_verdict(searched_model, fixed, plan, feeds, auto_report, strict_cumsum)
+        if fp16_after is None:
             # A screen first (one sum a tensor); the full statistics only if it shows a failure.
             fp16_after = check_fp16(
                 fixed, feeds, reference, plan=plan, strict_cumsum=strict_cumsum, rel_l2_tolerance=rel_l2_tolerance,
@@ -265,6 +269,21 @@ def _first_diagnosis(model: onnx.ModelProto, feeds: Sequence[Feed], strict_cumsu
     if not all(names) or len(set(names)) != len(names):
         return None
     return first_diagnosis(model, feeds, tolerance=tolerance, strict_cumsum=strict_cumsum, progress=progress)
+
+
+def _proved_mixed_verdict(searched: onnx.ModelProto, mixed: onnx.ModelProto, plan: PrecisionPlan,
+                          feeds: Sequence[Feed], auto_report, strict_cumsum: bool) -> Fp16Report | None:
+    """The mixed model's verification without a run, where value numbering proves the fixer's
+    final (weak) verdict run computed it (emulation.same_values); else None. A diagnosis' clean
+    verdict says every stored tensor is finite only where no FP32 value is non-finite (it passes
+    FP16 non-finiteness where FP32 has it too; the profile flags those only from the first run on)."""
+    from onnx_fp16_rewrite.emulation.same_values import reused_verdict
+
+    run = auto_report.verdict_run
+    if run == "diagnosis" and any(r.fp32_nonfinite for r in auto_report.ranges):
+        return None
+    return reused_verdict(searched, mixed, plan, feeds, auto_report.after, verdict_run=run,
+                          strict_cumsum=strict_cumsum)
 
 
 def _verdict(report: Fp16Report) -> str:

@@ -84,6 +84,8 @@ class AutoFixReport:
     before: Fp16Report | None = None
     after: Fp16Report | None = None
     search_samples: int = 0  # samples the search ran on (the first ones); the verdict used all
+    # What ran ``after``: "screen" (check_fp16 screen: one sum per stored tensor) or "diagnosis".
+    verdict_run: str = ""
 
 
 def auto_fix(
@@ -198,12 +200,14 @@ def auto_fix(
     unresolved = _needs_work(model, diag, search.reference, tolerance)
     if not unresolved:
         after, released = _shrink(model, plan, sites, absmax, search, max_shrink_runs)
+    verdict_run = "screen"
     if after is None:
         # The last diagnosis (or clean screen) ran the emulation under this plan: its verdict needs no further run.
+        verdict_run = "screen" if screened else "diagnosis"
         after = screened or diag.fp16_report(search.reference, tolerance, strict_cumsum=strict_cumsum,
                                              max_findings=MAX_FINDINGS)
     if k < len(feeds):
-        after = search.verdict(model, plan, feeds, reference)
+        after, verdict_run = search.verdict(model, plan, feeds, reference), "screen"
         if not _clean(after) and not unresolved:
             # A sample the search did not see fails: search on with all of them.
             search = _Search(list(feeds), reference, tolerance, exit_absmax, strict_cumsum, progress, search)
@@ -211,6 +215,7 @@ def auto_fix(
             diag, rounds, _ = _pin_rounds(search, model, index, diag, plan, sites, absmax, max_rounds, rounds)
             unresolved = _needs_work(model, diag, reference, tolerance)
             after = diag.fp16_report(reference, tolerance, strict_cumsum=strict_cumsum, max_findings=MAX_FINDINGS)
+            verdict_run = "diagnosis"
     if unresolved:
         sites += [_site_fix(site, "unfixed") for site in diag.sites]
     passed = all(o.ok for o in after.outputs)
@@ -219,7 +224,7 @@ def auto_fix(
         sites=sites, passes_kept=kept, rewrites_tried=tried, fp32_nodes=len(plan), released_by_shrink=released,
         profiling_runs=profile_runs, emulation_runs=search.emulation, validation_runs=search.validation,
         rounds=rounds, passed=passed, ranges=list(measured.ranges.values()), before=before, after=after,
-        search_samples=k,
+        search_samples=k, verdict_run=verdict_run,
     )
     logger.info("auto: %d sites, %d FP32 nodes, %d profiling + %d emulation runs",
                 len(sites), len(plan), report.profiling_runs, report.emulation_runs)

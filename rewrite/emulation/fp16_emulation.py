@@ -111,6 +111,8 @@ class EmulationModel:
     unhandled_bodies: list[str] = field(default_factory=list)  # control flow not emulated: no PASS
     # With an FP32 shadow: graph output -> the graph output carrying its FP32 value (the reference).
     twin_outputs: dict[str, str] = field(default_factory=dict)
+    # A weakly typed screen: each FP32 tensor rounded on an edge into FP16 layers -> its sum.
+    edge_sums: dict[str, str] = field(default_factory=dict)
 
 
 def build_emulation(
@@ -184,6 +186,7 @@ def build_emulation(
     produced = {o for n in g.node for o in n.output if o} if fp32_shadow else set()
     unhandled: list[str] = []
     fp16_valued: set[str] = set()  # weakly typed: tensors an emulated (FP16) node produced
+    edge_sums: dict[str, str] = {}
 
     for i, node in enumerate(g.node):
         float_outs = [o for o in node.output if o and o in is_float]
@@ -203,7 +206,13 @@ def build_emulation(
             for idx, name in enumerate(node.input):
                 if not name or name not in is_float or idx in fixed or name in fp16_valued:
                     continue
-                node.input[idx] = _rounded_edge(name, init_by_name, rounded_edges, new_inits, new_nodes)
+                rounded = node.input[idx] = _rounded_edge(name, init_by_name, rounded_edges, new_inits, new_nodes)
+                if nonfinite_only and with_stats and name not in init_by_name and rounded not in edge_sums:
+                    # A screen also sums what an FP16 layer reads of an FP32 tensor (emulation.same_values).
+                    edge_sums[rounded] = rounded + "__edge_sum"
+                    new_nodes += two_step([helper.make_node("ReduceSum", [rounded], [edge_sums[rounded]],
+                                                            name=edge_sums[rounded], keepdims=0)],
+                                          {rounded: ranks.get(name)}, opset, new_inits)
         renamed = {}
         if emulate and not (node.op_type in EXACT_IN_FP16 and node.domain in ("", "ai.onnx")):
             for idx, out in enumerate(node.output):
@@ -263,6 +272,7 @@ def build_emulation(
         g.output.extend(helper.make_tensor_value_info(name, _FLOAT, []) for name in site.outputs()
                         if name not in site.profile_outs[3:])
         g.output.extend(helper.make_tensor_value_info(name, _FLOAT, None) for name in site.profile_outs[3:])
+    g.output.extend(helper.make_tensor_value_info(name, _FLOAT, []) for name in edge_sums.values())
     twin_outputs = {}
     if fp32_shadow:
         for o in list(g.output[:len(model.graph.output)]):
@@ -274,7 +284,7 @@ def build_emulation(
     for why in unhandled:
         logger.warning("FP16 emulation incomplete: %s", why)
     return EmulationModel(m, mode, sites, fp16_inputs, fp16_nodes, fp32_nodes, notes + unhandled, unhandled,
-                          twin_outputs)
+                          twin_outputs, edge_sums)
 
 
 @weights.shares_model  # each weight held once by the emulation and its sessions (io.weights)
@@ -360,6 +370,8 @@ def check_fp16(
         passed=all(o.ok for o in outputs) and not emu.unhandled_bodies,
         seconds=round(time.perf_counter() - start, 3),
         notes=emu.notes,
+        edges_finite=all(np.isfinite(float(r[o])) for r in runs for o in emu.edge_sums.values())
+        if emu.edge_sums else None,
     )
     logger.info(
         "FP16 emulation (%s): %s, %d failing tensors", emu.mode, "passed" if report.passed else "FAILED",

@@ -54,6 +54,9 @@ class Fp16Report:
     notes: list[str] = field(default_factory=list)
     # TensorRT backend only: why a built engine could not be run here (then nothing was verified).
     not_verified: str | None = None
+    # A screen of a plan with FP32 islands: every FP32 value rounded for an FP16 layer was finite
+    # (the FP16 copy a weakly typed engine hands on; no tensor of the graph, so no finding).
+    edges_finite: bool | None = None
 
 
 def compare_output(name: str, got: list[np.ndarray], ref: list[np.ndarray], tol: float) -> OutputCheck:

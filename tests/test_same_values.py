@@ -1,0 +1,144 @@
+"""Value numbering (emulation.same_values) and the mixed-model verification it spares ``fix --emit mixed``."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_fp16_rewrite import fix as fix_module
+from onnx_fp16_rewrite.emulation.fp16_emulation import check_fp16, emu_feed
+from onnx_fp16_rewrite.emulation.same_values import ValueNumbers
+from onnx_fp16_rewrite.fix import fix_model
+from onnx_fp16_rewrite.io.ort_runner import make_session, run_model
+from onnx_fp16_rewrite.models import DEMO_MODELS, demo_inputs
+from onnx_fp16_rewrite.models.t5_encoder import build_t5_encoder, demo_inputs as t5_inputs
+
+NOTE = "not run again"
+
+
+def test_feed_rounding_is_the_cast_pair_bit_for_bit():
+    """The proof equates rounding a feed in numpy (emu_feed) with the graph's Cast pair (ORT)."""
+    rng = np.random.default_rng(0)
+    special = np.array([0.0, -0.0, 65504.0, 65519.996, 65520.0, -65520.0, 7e4, 1e38, np.inf, -np.inf, np.nan,
+                        2.0**-24, 2.0**-25, 2.0**-25 * 1.0001, 3 * 2.0**-26, 6.1e-5, 5.96e-8, 1e-10], np.float32)
+    x = np.concatenate([special, (rng.standard_normal(200_000) * 10.0 ** rng.uniform(-9, 6, 200_000))
+                        .astype(np.float32)])
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["h"], to=TensorProto.FLOAT16), helper.make_node("Cast", ["h"], ["y"], to=1)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [x.size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [x.size])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    (by_ort,) = make_session(model).run(None, {"x": x})
+    by_numpy = emu_feed({"x": x}, {"x"})["x"]
+    assert np.array_equal(np.isnan(by_ort), np.isnan(by_numpy)) and np.isnan(by_numpy).sum() == 1
+    finite = ~np.isnan(by_numpy)
+    assert np.array_equal(by_ort[finite].view(np.uint32), by_numpy[finite].view(np.uint32))
+
+
+def _graph(nodes, weights, out="y"):
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 8, 8])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v, k) for k, v in weights.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _conv(w="w", x="x", out="y", strides=(1, 1)):
+    return helper.make_node("Conv", [x, w], [out], pads=[1, 1, 1, 1], strides=list(strides))
+
+
+def _round(src, dst):
+    return [helper.make_node("Cast", [src], [dst + "_h"], to=TensorProto.FLOAT16),
+            helper.make_node("Cast", [dst + "_h"], [dst], to=TensorProto.FLOAT)]
+
+
+def test_numbers_see_through_what_changes_no_value_and_nothing_else():
+    w = np.random.default_rng(1).standard_normal((3, 2, 3, 3)).astype(np.float32)
+    numbers = ValueNumbers()
+
+    def out_number(model, rounded=()):
+        return numbers.number(model, set(rounded))["y"]
+
+    base = out_number(_graph([*_round("x", "r"), _conv(x="r")], {"w": w}))
+    # Identity, a Cast to FLOAT of a FLOAT tensor, a second rounding, another weight name: the same value.
+    same = out_number(_graph([*_round("x", "r0"), helper.make_node("Identity", ["r0"], ["i"]),
+                              helper.make_node("Cast", ["i"], ["c"], to=TensorProto.FLOAT), *_round("c", "r"),
+                              _conv(w="other", x="r")], {"other": w.copy()}))
+    # The feed rounded by emu_feed is the Cast pair's rounding.
+    fed = out_number(_graph([_conv(x="x")], {"w": w}), rounded={"x"})
+    assert same == base == fed
+    changed = w.copy()
+    changed[0, 0, 0, 0] = np.nextafter(changed[0, 0, 0, 0], np.float32(np.inf))
+    assert out_number(_graph([*_round("x", "r"), _conv(x="r")], {"w": changed})) != base
+    assert out_number(_graph([*_round("x", "r"), _conv(x="r", strides=(2, 2))], {"w": w})) != base
+    assert out_number(_graph([_conv(x="x")], {"w": w})) != base  # not rounded
+    assert numbers.number(_graph([helper.make_node("Dropout", ["x"], ["y"])], {}), set()) is None
+
+
+def _reference(model, feeds):
+    return run_model(model, feeds)
+
+
+def _fields(report):
+    data = dataclasses.asdict(report)
+    del data["seconds"], data["notes"]
+    return data
+
+
+def _overflow_at_input_model() -> onnx.ModelProto:
+    """x (up to 100) * 1000 overflows FP16 in the node that reads the graph input: the fixer pins
+    it, so it reads x in FP32 in the weak emulation and x's FP16 copy in the mixed model (unless
+    its inputs stay FP32)."""
+    nodes = [helper.make_node("Mul", ["x", "big"], ["a"], name="mul_big"),
+             helper.make_node("Mul", ["a", "small"], ["b"], name="mul_small"),
+             helper.make_node("Relu", ["b"], ["y"], name="relu")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 256])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 256])],
+                              [numpy_helper.from_array(np.array(1000.0, np.float32), "big"),
+                               numpy_helper.from_array(np.array(1e-3, np.float32), "small")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+CASES = {
+    # No FP32 node left: the verdict is the last diagnosis'.
+    "nafnet": (lambda: DEMO_MODELS["nafnet"](), lambda m: [demo_inputs(m)], {}, True),
+    # Pinned regions: the verdict is a screen's, the mixed model's Casts to FP16 its rounded edges.
+    "t5": (build_t5_encoder, lambda m: [t5_inputs(m, seed=0), t5_inputs(m, seed=1)], {}, True),
+    "pinned-input": (_overflow_at_input_model,
+                     lambda m: [{"x": np.random.default_rng(0).uniform(0, 100, (4, 256)).astype(np.float32)}], {},
+                     False),
+    "pinned-input-fp32-io": (_overflow_at_input_model,
+                             lambda m: [{"x": np.random.default_rng(0).uniform(0, 100, (4, 256)).astype(np.float32)}],
+                             {"keep_io_types": True}, True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_mixed_verification_without_a_run_is_the_run(monkeypatch, case):
+    build, inputs, options, proved = CASES[case]
+    model = build()
+    feeds = inputs(model)
+    result = fix_model(model, [], feeds, auto=True, emit="mixed", **options)
+    after = result.report.fp16_after
+    assert (NOTE in " ".join(after.notes)) == proved
+    # The same fix with the mixed model's verification run, as before.
+    monkeypatch.setattr(fix_module, "_proved_mixed_verdict", lambda *a, **k: None)
+    ran = fix_model(model, [], feeds, auto=True, emit="mixed", **options)
+    assert NOTE not in " ".join(ran.report.fp16_after.notes)
+    assert _fields(after) == _fields(ran.report.fp16_after)
+    assert onnx.printer.to_text(result.model.graph) == onnx.printer.to_text(ran.model.graph)
+    # And a check of the emitted model from scratch (its FP32 reference: a plain run of the original).
+    fresh = check_fp16(result.model, feeds, _reference(model, feeds), rel_l2_tolerance=1e-2, max_findings=1000,
+                       screen=True)
+    assert _fields(after) == _fields(fresh)
+    assert after.passed and after.mode == "strong"
+    if case == "t5":
+        assert result.report.auto.verdict_run == "screen" and result.report.mixed.casts_inserted > 0
+        assert result.report.auto.after.edges_finite is True
+    if case.startswith("pinned-input"):
+        assert "mul_big" in result.report.mixed.fp32_nodes
+    if case == "nafnet":
+        assert result.report.auto.verdict_run == "diagnosis" and result.report.auto.fp32_nodes == 0
