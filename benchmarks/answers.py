@@ -6,7 +6,8 @@ each of pin-only (no rewrites) / the registry's rewrites x ``--emit fp32`` / ``m
 ``before`` / ``after`` / ``auto`` (the FP16 verdicts before the fix, after it, and the automatic search's),
 ``exit`` (the CLI's exit code), ``flop`` (FP16 FLOP fraction), ``pinned`` (the nodes the emitted precision plan
 keeps FP32), ``kept`` (rewrites kept) and ``sites`` ((kind, op, tensor, fix) per site), plus ``after_rel`` (each
-output's relative L2 error after the fix: numerics, reported but not an answer).
+output's relative L2 error after the fix: numerics, reported but not an answer) and ``proved`` (the mixed model's
+verification proved from the search's final run, not run: emulation.same_values; not an answer either).
 
 The models are always built by this checkout's code (so both sides see the same graphs); the fixes run in a
 child process, against ``--pythonpath DIR`` when given: DIR holds an ``onnx_fp16_rewrite`` folder laid out as
@@ -17,7 +18,7 @@ Run by hand (from the repository root, in the venv; all cases take ~5 min on 2 c
     python benchmarks/answers.py after.json
     python benchmarks/answers.py --compare before.json after.json
 ``--cases a,b`` runs only those (``--list`` names them). ``--compare`` prints every difference, key by key,
-and exits 1 when an answer (anything but ``after_rel``) differs or a key is missing from one side.
+and exits 1 when an answer (anything but ``after_rel`` and ``proved``) differs or a key is missing from one side.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ import onnx
 EXPORTED = ("guided-filter", "t5-encoder", "gpt2-eager", "vae-decoder", "t5-encoder-dynamic", "bert")
 EXPORTERS = ("torchscript", "dynamo")
 ANSWERS = ("before", "after", "auto", "exit", "flop", "kept", "pinned", "sites")
+# Recorded, not answers: each output's rel L2 after the fix (numerics), and whether the verification
+# of a mixed model was proved from the search's run instead of run (emulation.same_values).
+INFO = ("after_rel", "proved")
 
 
 def _own(module: str, builder: str):
@@ -125,7 +129,8 @@ def worker(folder: Path, out: Path) -> None:
                                "auto": rep.auto.passed, "exit": rep.exit_code, "flop": rep.fp16_flop_fraction,
                                "kept": rep.auto.passes_kept, "pinned": sorted(plan.fp32_nodes),
                                "sites": [(s.kind, s.op, s.tensor, s.fix) for s in rep.auto.sites],
-                               "after_rel": [o.rel_l2 for o in rep.fp16_after.outputs]}
+                               "after_rel": [o.rel_l2 for o in rep.fp16_after.outputs],
+                               "proved": any(n.startswith("not run again") for n in rep.fp16_after.notes)}
                 print(key, result[key]["flop"], len(result[key]["pinned"]), file=sys.stderr, flush=True)
     out.write_text(json.dumps(result, indent=1))
 
@@ -157,13 +162,13 @@ def _differences(key: str, a: dict, b: dict) -> tuple[list[str], bool]:
     """Lines describing how ``b`` differs from ``a``, and whether an answer (not only numerics) differs."""
     if ("error" in a) != ("error" in b):  # one side failed: its error is the difference
         return [f"{key}: {a.get('error', 'answered')} -> {b.get('error', 'answered')}"], True
-    order = [*ANSWERS, "after_rel"]
+    order = [*ANSWERS, *INFO]
     lines, answer = [], False
     for field in sorted(set(a) | set(b), key=lambda f: order.index(f) if f in order else len(order)):
         x, y = a.get(field), b.get(field)
         if x == y:
             continue
-        answer |= field != "after_rel"
+        answer |= field not in INFO
         if field in ("pinned", "kept", "sites") and isinstance(x, list) and isinstance(y, list):
             xs, ys = {json.dumps(v) for v in x}, {json.dumps(v) for v in y}
             gone, new = sorted(xs - ys), sorted(ys - xs)
@@ -172,7 +177,7 @@ def _differences(key: str, a: dict, b: dict) -> tuple[list[str], bool]:
         elif isinstance(x, float) and isinstance(y, float):
             lines.append(f"{key}: {field} {x!r} -> {y!r} ({y - x:+.3g})")
         else:
-            lines.append(f"{key}: {field} {x!r} -> {y!r}" + ("  (numerics)" if field == "after_rel" else ""))
+            lines.append(f"{key}: {field} {x!r} -> {y!r}" + (f"  ({field}: not an answer)" if field in INFO else ""))
     return lines, answer
 
 

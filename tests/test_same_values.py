@@ -142,3 +142,40 @@ def test_mixed_verification_without_a_run_is_the_run(monkeypatch, case):
         assert "mul_big" in result.report.mixed.fp32_nodes
     if case == "nafnet":
         assert result.report.auto.verdict_run == "diagnosis" and result.report.auto.fp32_nodes == 0
+
+
+def test_an_fp32_island_value_that_fp16_cannot_hold_refuses_the_proof():
+    """A pinned node's output of -1e5 read by an FP16 Relu: the weak run is clean (its FP16 copy is -inf,
+    Relu makes it 0) but the mixed model stores that copy (its Cast to FP16) as a tensor of its own, which
+    its check lists as failing. The screen's sum of the rounded edge says so, and the proof is refused."""
+    from onnx_fp16_rewrite.emit.mixed_precision import to_mixed_precision
+    from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
+    from onnx_fp16_rewrite.emulation.same_values import reused_verdict
+
+    nodes = [helper.make_node("Mul", ["x", "big"], ["a"], name="mul_big"),
+             helper.make_node("Relu", ["a"], ["y"], name="relu")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64])],
+                              [numpy_helper.from_array(np.array(-1000.0, np.float32), "big")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = [{"x": np.linspace(0.5, 100, 64, dtype=np.float32)}]
+    plan = PrecisionPlan()
+    plan.pin("mul_big", "test")
+    reference = _reference(model, feeds)
+    weak = check_fp16(model, feeds, reference, plan=plan, screen=True, exact_findings=False)
+    assert weak.passed and weak.failing_tensors == 0 and weak.edges_finite is False
+    mixed, _ = to_mixed_precision(model, plan, keep_io_types=True)
+    assert reused_verdict(model, mixed, plan, feeds, weak, verdict_run="screen") is None
+    strong = check_fp16(mixed, feeds, reference, plan=plan, screen=True)
+    assert strong.passed and strong.failing_tensors == 1
+    # With the island's output in range the same proof holds, and gives the strong check's report.
+    small = onnx.ModelProto()
+    small.CopyFrom(model)
+    small.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.array(-10.0, np.float32), "big"))
+    reference = _reference(small, feeds)
+    weak = check_fp16(small, feeds, reference, plan=plan, screen=True, exact_findings=False)
+    assert weak.edges_finite is True
+    mixed, _ = to_mixed_precision(small, plan, keep_io_types=True)
+    proved = reused_verdict(small, mixed, plan, feeds, weak, verdict_run="screen")
+    assert proved is not None
+    assert _fields(proved) == _fields(check_fp16(mixed, feeds, reference, plan=plan, screen=True))
