@@ -194,10 +194,13 @@ def fix_model(
     warnings = _build_warnings(fixed, plan)
     with progress.phase(f"FP16 verification ({emit})", total=None) as phase:
         fp16_after = None
-        if emit == "fp32" and searched is not None and searched == graph_key(fixed):
+        # first_given: the search's verdicts compared with this very reference (the first diagnosis'
+        # outputs); after --pass, the search compared with the passes' model's own FP32 outputs.
+        reusable = searched is not None and auto_report.first_given
+        if emit == "fp32" and reusable and searched == graph_key(fixed):
             # The fixer's verdict ran this very graph and plan on every sample.
             fp16_after = auto_report.after
-        elif emit == "mixed" and searched is not None:
+        elif emit == "mixed" and reusable:
             fp16_after = _proved_mixed_verdict(searched_model, fixed, plan, feeds, auto_report, strict_cumsum)
         if fp16_after is None:
             # A screen first (one sum a tensor); the full statistics only if it shows a failure.

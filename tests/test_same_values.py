@@ -16,6 +16,8 @@ from onnx_fp16_rewrite.fix import fix_model
 from onnx_fp16_rewrite.io.ort_runner import make_session, run_model
 from onnx_fp16_rewrite.models import DEMO_MODELS, demo_inputs
 from onnx_fp16_rewrite.models.t5_encoder import build_t5_encoder, demo_inputs as t5_inputs
+from onnx_fp16_rewrite.pipeline.pass_base import Pass, PassResult, Site
+from test_fewer_runs import _upstream_site_model
 
 NOTE = "not run again"
 
@@ -179,3 +181,34 @@ def test_an_fp32_island_value_that_fp16_cannot_hold_refuses_the_proof():
     proved = reused_verdict(small, mixed, plan, feeds, weak, verdict_run="screen")
     assert proved is not None
     assert _fields(proved) == _fields(check_fp16(mixed, feeds, reference, plan=plan, screen=True))
+
+
+class _NudgeBranch(Pass):
+    """Scales the branch's constant by 1 + 2^-20: valid in FP32 (1e-6 relative), but not the same bits."""
+
+    name = "nudge-branch"
+    summary = "test pass"
+
+    def run(self, graph, ctx):
+        node = next(n for n in graph.nodes if n.name == "branch")
+        node.inputs[1].values = np.array(3.0 * (1 + 2.0**-20), np.float32)
+        return PassResult(True, rewritten=[Site("branch", "Mul", "nudged")])
+
+
+@pytest.mark.parametrize("emit", ["fp32", "mixed"])
+def test_after_a_pass_the_verification_compares_with_the_original_outputs(emit):
+    """With --pass before --auto the search compares with the passed model's FP32 outputs; the
+    reported verification must compare with the original's, so it is run, not taken from the search."""
+    model = _upstream_site_model()
+    feeds = [{"x": np.random.default_rng(0).uniform(0.5, 2.0, (4, 8)).astype(np.float32)}]
+    result = fix_model(model, [_NudgeBranch()], feeds, auto=True, emit=emit, auto_rewrites=())
+    assert result.report.passes.passes[0].status == "kept" and not result.report.auto.first_given
+    assert result.report.auto.fp32_nodes > 0
+    after = result.report.fp16_after
+    assert NOTE not in " ".join(after.notes)
+    fresh = check_fp16(result.model, feeds, _reference(model, feeds), rel_l2_tolerance=1e-2, max_findings=1000,
+                       screen=True)
+    assert _fields(after) == _fields(fresh)
+    # The search's own verdict compared with the nudged outputs: z differs from the original's.
+    z_search = next(o for o in result.report.auto.after.outputs if o.name == "z")
+    assert z_search.rel_l2 != next(o for o in after.outputs if o.name == "z").rel_l2

@@ -86,6 +86,8 @@ class AutoFixReport:
     search_samples: int = 0  # samples the search ran on (the first ones); the verdict used all
     # What ran ``after``: "screen" (check_fp16 screen: one sum per stored tensor) or "diagnosis".
     verdict_run: str = ""
+    # The caller's first diagnosis was used: its profile's outputs are the reference every verdict compared with.
+    first_given: bool = False
 
 
 def auto_fix(
@@ -121,6 +123,7 @@ def auto_fix(
     k = max(1, min(search_samples, len(feeds)))
     if renamed or not canon.skipped:
         profile = first = None
+    given = first is not None
     if first is None:
         if profile is None:
             first = first_diagnosis(model, feeds, search_samples=k, tolerance=tolerance, exit_absmax=exit_absmax,
@@ -224,7 +227,7 @@ def auto_fix(
         sites=sites, passes_kept=kept, rewrites_tried=tried, fp32_nodes=len(plan), released_by_shrink=released,
         profiling_runs=profile_runs, emulation_runs=search.emulation, validation_runs=search.validation,
         rounds=rounds, passed=passed, ranges=list(measured.ranges.values()), before=before, after=after,
-        search_samples=k, verdict_run=verdict_run,
+        search_samples=k, verdict_run=verdict_run, first_given=given,
     )
     logger.info("auto: %d sites, %d FP32 nodes, %d profiling + %d emulation runs",
                 len(sites), len(plan), report.profiling_runs, report.emulation_runs)
