@@ -43,6 +43,7 @@ from onnx_fp16_rewrite.io.ort_runner import Feed, infer_types, run_model
 from onnx_fp16_rewrite.io.sessions import run_cached
 from onnx_fp16_rewrite.emulation.reductions import two_step
 from onnx_fp16_rewrite.emulation.shadow_errors import shadow_statistics
+from onnx_fp16_rewrite.emulation.stat_sites import BODY_STATS, StatSite, site_stat_nodes
 # The report side lives in fp16_report; its names are re-exported here for existing importers.
 from onnx_fp16_rewrite.emulation.fp16_report import (  # noqa: F401
     FP16_MAX,
@@ -59,7 +60,6 @@ from onnx_fp16_rewrite.emit.schema_types import fixed_type_inputs, inline_consta
 
 logger = logging.getLogger(__name__)
 
-_BODY_STATS = ("max", "min", "sum", "err", "ref", "fmax", "fmin")  # _StatSite's order
 _FLOAT = TensorProto.FLOAT
 _FLOAT16 = TensorProto.FLOAT16
 # Ops whose output values are some of their inputs' values (moved, selected, negated): an FP16
@@ -73,37 +73,12 @@ EXACT_IN_FP16 = frozenset({
 
 
 @dataclass
-class _StatSite:
-    tensor: str
-    node: str
-    op: str
-    fp16: bool
-    max_out: str | None  # None in a shadow graph without statistics (errors only)
-    min_out: str | None
-    sum_out: str | None
-    # With an FP32 shadow: sum of squared FP16-vs-FP32 differences, and of squared FP32 values.
-    err_out: str | None = None
-    ref_out: str | None = None
-    shadow_max_out: str | None = None
-    shadow_min_out: str | None = None
-    # Sampled error statistics (emulation.shadow_errors): the exact sum that shows non-finiteness.
-    nonfinite_out: str | None = None
-    # ``twin_profile``: the FP32 twin's range statistics (max, min, sum, sample; analysis.range_profile).
-    profile_outs: tuple[str, ...] = ()
-
-    def outputs(self) -> tuple[str, ...]:
-        extra = (self.err_out, self.ref_out, self.shadow_max_out, self.shadow_min_out) if self.err_out else ()
-        return tuple(n for n in (self.max_out, self.min_out, self.sum_out) + extra + (self.nonfinite_out,)
-                     + self.profile_outs if n)
-
-
-@dataclass
 class EmulationModel:
     """The rewritten FP32 graph plus what its extra (statistics) outputs mean."""
 
     model: onnx.ModelProto
     mode: str
-    sites: list[_StatSite]
+    sites: list[StatSite]
     fp16_inputs: set[str]
     fp16_nodes: int
     fp32_nodes: int
@@ -172,7 +147,7 @@ def build_emulation(
     opset = _default_opset(m)
 
     new_nodes: list[onnx.NodeProto] = []
-    sites: list[_StatSite] = []
+    sites: list[StatSite] = []
     rounded_edges: dict[str, str] = {}
     new_inits: list[onnx.TensorProto] = []
     init_by_name = {i.name: i for i in g.initializer}
@@ -233,7 +208,7 @@ def build_emulation(
             new_nodes.extend(body.after)
             fp16_nodes, fp32_nodes = fp16_nodes + body.fp16_nodes, fp32_nodes + body.fp32_nodes
             unhandled += body.unhandled
-            sites += [_StatSite(b.tensor, b.node, b.op, b.fp16, *(b.outs.get(k) for k in _BODY_STATS))
+            sites += [StatSite(b.tensor, b.node, b.op, b.fp16, *(b.outs.get(k) for k in BODY_STATS))
                       for b in body.sites]
         if emulate and mode == "weak":
             fp16_valued.update(float_outs)  # rounded below, or exact: values of FP16 inputs
@@ -243,7 +218,7 @@ def build_emulation(
                 new_nodes.extend(round_nodes(raw, out))
             if with_stats:
                 stats: list[onnx.NodeProto] = []
-                sites.append(_stat_nodes(out, raw, node, emulate, stats, nonfinite_only))
+                sites.append(site_stat_nodes(out, raw, node, emulate, stats, nonfinite_only))
                 new_nodes.extend(two_step(stats, {raw: ranks.get(out), out: ranks.get(out)}, opset, new_inits))
         if fp32_shadow:
             # The FP32 twin right after its node, and the error reductions right after it, so
@@ -253,7 +228,7 @@ def build_emulation(
                 if with_stats:
                     site = sites[-len(float_outs) + float_outs.index(out)]
                 else:
-                    site = _StatSite(out, node.name, node.op_type, emulate, None, None, None)
+                    site = StatSite(out, node.name, node.op_type, emulate, None, None, None)
                     sites.append(site)
                 new_nodes.extend(shadow_statistics(site, ranks.get(out), sizes.get(out), opset, new_inits,
                                                    errors=shadow_errors, profile=twin_profile,
@@ -416,24 +391,6 @@ def _rounded_edge(
         new_nodes.extend(round_nodes(name, rounded))
     cache[name] = rounded
     return rounded
-
-
-def _stat_nodes(out: str, raw: str, node: onnx.NodeProto, fp16: bool, nodes: list[onnx.NodeProto],
-                nonfinite_only: bool = False) -> _StatSite:
-    """Three reductions of the FP32-computed value, no elementwise temporaries (they made the
-    emulation 10x slower than a plain run): max and min give the absmax, and the sum is
-    non-finite exactly when some value is (ORT's ReduceMax does not reliably propagate NaN).
-    ``nonfinite_only``: one sum of the stored value (an FP16 overflow is inf there)."""
-    p = f"{out}__stat"
-    if nonfinite_only:
-        nodes.append(helper.make_node("ReduceSum", [out], [p + "_sum"], name=p + "_sum", keepdims=0))
-        return _StatSite(out, node.name, node.op_type, fp16, None, None, p + "_sum")
-    nodes += [
-        helper.make_node("ReduceMax", [raw], [p + "_max"], name=p + "_max", keepdims=0),
-        helper.make_node("ReduceMin", [raw], [p + "_min"], name=p + "_min", keepdims=0),
-        helper.make_node("ReduceSum", [raw], [p + "_sum"], name=p + "_sum", keepdims=0),
-    ]
-    return _StatSite(out, node.name, node.op_type, fp16, p + "_max", p + "_min", p + "_sum")
 
 
 def _default_opset(m: onnx.ModelProto) -> int:
