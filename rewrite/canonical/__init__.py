@@ -28,7 +28,9 @@ a second input shape against the original (``restore.py``). When that fails — 
 shape in — the emitted model stays specialised and the report says so (the CLI on stderr).
 
 Every result is validated like a pass: ORT outputs against the original's within rtol/atol 1e-5
-(the float64 rule of ``Validator`` included); a canonical form that fails is not used.
+(the float64 rule of ``Validator`` included); a canonical form that fails is not used. A step that
+only folded integer shape arithmetic and removed no-op Casts is proved instead, without a run: it
+computes every float value as the original does, bit for bit (``same_computation``).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from onnx_fp16_rewrite.canonical.casts import remove_noop_casts
 from onnx_fp16_rewrite.canonical.dependence import shape_dependent
 from onnx_fp16_rewrite.canonical.fold import fold_dynamic, sanitize_dims, specialise as _specialise
 from onnx_fp16_rewrite.canonical.restore import reattach, verify_dynamic
+from onnx_fp16_rewrite.canonical.same_computation import different_computation
 from onnx_fp16_rewrite.canonical.shared import fresh_tensor_name, unshare_constant
 from onnx_fp16_rewrite.canonical.trace import feed_signature, trace_shapes
 from onnx_fp16_rewrite.errors import one_line
@@ -182,7 +185,10 @@ def canonicalize(model: onnx.ModelProto, feeds: Sequence[Feed], *, specialise: S
         except Exception as exc:  # specialisation is an aid; the dynamic canonical form stands
             report.notes.append(f"not specialised: {type(exc).__name__}: {one_line(exc)}")
     name_nodes(result)
-    object.__setattr__(report, "_as_given", result is work)  # not a field: the JSON report carries none
+    used = [step for step, done in (("folding and no-op Cast removal", dynamic is not work),
+                                    ("specialisation", result is not dynamic)) if done]
+    # Not a field: the JSON report carries none.
+    object.__setattr__(report, "_as_given", all(step in validator.proved for step in used))
     if validator.deferred and result is not work:
         object.__setattr__(report, "_deferred", validator)  # not a field: asdict must not carry it
     elif not report.validation:
@@ -227,8 +233,8 @@ def _attach(report: CanonReport, dynamic: onnx.ModelProto, folded: set[str], fee
 
 def computes_as_given(report: CanonReport) -> bool:
     """Whether ``report``'s canonical form computes what the model given does, node for node
-    (names and declared dims at most changed: nothing folded, removed or specialised), so the
-    given model's FP32 outputs are the canonical form's bit for bit."""
+    (names and declared dims changed, integer shape arithmetic folded and no-op Casts removed at
+    most: ``same_computation``), so the given model's FP32 outputs are the canonical form's bit for bit."""
     return getattr(report, "_as_given", False)
 
 
@@ -259,6 +265,9 @@ def confirm(report: CanonReport, model: onnx.ModelProto, outputs: Sequence[Feed]
     return True
 
 
+PROVED = "FP32 computation proved the original's, node for node (integer shape arithmetic folded, no-op Casts removed)"
+
+
 class _LazyValidator:
     """The original's reference outputs, computed on first use (None without feeds).
     ``deferred``: ``_checked`` leaves the comparison to ``confirm`` and records what it skipped."""
@@ -270,6 +279,7 @@ class _LazyValidator:
         self._validator: Validator | None = None
         self.defer = defer and bool(self.feeds)
         self.deferred: list[str] = []
+        self.proved: list[str] = []  # steps proved to compute what they were given (same_computation)
 
     def get(self) -> Validator | None:
         if self._validator is None and self.feeds:
@@ -290,6 +300,12 @@ def _checked(candidate: onnx.ModelProto, fallback: onnx.ModelProto, lazy: _LazyV
     except Exception as exc:  # a fold that breaks the checker is not used
         report.notes.append(f"{what} not used: the checker rejects it ({one_line(exc)})")
         return fallback
+    why = different_computation(fallback, candidate)
+    if why is None:  # the same FP32 computation, bit for bit: no run can tell them apart
+        lazy.proved.append(what)
+        report.validation = report.validation or PROVED
+        return candidate
+    logger.debug("%s: validated by a run (%s)", what, why)
     if lazy.defer:
         lazy.deferred.append(what)
         return candidate

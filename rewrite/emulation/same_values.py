@@ -81,9 +81,12 @@ class ValueNumbers:
         seen.append((number, flat))
         return number
 
-    def number(self, model: onnx.ModelProto, rounded_inputs: set[str]) -> dict[str, int] | None:
-        """Every tensor of ``model`` (an emulation graph) -> its number; None where the graph has
-        control flow or random ops. ``rounded_inputs``: graph inputs the feed rounds to FP16."""
+    def number(self, model: onnx.ModelProto, rounded_inputs: set[str] = frozenset(),
+               given: dict[str, int] | None = None) -> dict[str, int] | None:
+        """Every tensor of ``model`` (an emulation graph, or any graph) -> its number; None where
+        the graph has control flow or random ops. ``rounded_inputs``: graph inputs the feed rounds
+        to FP16. ``given``: tensors whose number the caller knows (they replace what computes them).
+        A Constant node's tensor is numbered as a weight of its value."""
         g = model.graph
         if any(n.op_type in _RANDOM or subgraphs(n) for n in g.node):
             return None
@@ -101,24 +104,27 @@ class ValueNumbers:
                 ins = [num[x] for x in node.input]
             except KeyError:  # an input produced later: not a topologically sorted graph
                 return None
-            to = next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
-            if node.domain in ("", "ai.onnx") and (node.op_type == "Identity"
-                                                   or (to is not None and types.get(node.input[0]) == to)):
-                num[node.output[0]] = ins[0]
-                continue
-            if node.domain in ("", "ai.onnx") and to == _FLOAT and self._keys[ins[0]][0] == "half":
-                num[node.output[0]] = self.rounded(self._keys[ins[0]][1])
-                continue
-            if node.domain in ("", "ai.onnx") and to == _FLOAT16 and types.get(node.input[0]) == _FLOAT:
-                num[node.output[0]] = self._intern(("half", ins[0]))
-                continue
-            attrs = tuple(sorted((a.name, a.SerializeToString(deterministic=True)) for a in node.attribute))
-            op = self._intern(("node", node.domain or "", node.op_type, attrs, tuple(ins), len(node.output), opsets))
-            for k, out in enumerate(node.output):
+            outs = self._node_numbers(node, ins, types, opsets)
+            for out, k in zip(node.output, outs):
                 if out:
-                    num[out] = self._intern(("out", op, k))
+                    num[out] = given[out] if given and out in given else k
         return num
 
+    def _node_numbers(self, node: onnx.NodeProto, ins: list[int], types: dict[str, int], opsets: tuple) -> list[int]:
+        """The numbers of ``node``'s outputs, from its inputs' numbers ``ins``."""
+        default = node.domain in ("", "ai.onnx")
+        to = next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+        if default and (node.op_type == "Identity" or (to is not None and types.get(node.input[0]) == to)):
+            return [ins[0]]
+        if default and to == _FLOAT and self._keys[ins[0]][0] == "half":
+            return [self.rounded(self._keys[ins[0]][1])]
+        if default and to == _FLOAT16 and types.get(node.input[0]) == _FLOAT:
+            return [self._intern(("half", ins[0]))]
+        if default and node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            return [self.weight(node.attribute[0].t)]
+        attrs = tuple(sorted((a.name, a.SerializeToString(deterministic=True)) for a in node.attribute))
+        op = self._intern(("node", node.domain or "", node.op_type, attrs, tuple(ins), len(node.output), opsets))
+        return [self._intern(("out", op, k)) for k in range(len(node.output))]
 
 
 def reused_verdict(weak_model: onnx.ModelProto, strong_model: onnx.ModelProto, plan, feeds, verdict, *,
