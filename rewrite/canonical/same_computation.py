@@ -46,22 +46,27 @@ def different_computation(before: onnx.ModelProto, after: onnx.ModelProto) -> st
         return "the outputs differ"
     try:
         types, _ = infer_types(before)
+        types_after, _ = infer_types(after)
     except Exception as exc:  # shape inference refuses the graph: nothing is proved
         return f"types unknown ({type(exc).__name__})"
-    numbers = ValueNumbers()
-    got = numbers.number(after)
-    if got is None:
-        return "random ops"
     producer = {o: n for n in before.graph.node for o in n.output if o}
     inits = {t.name: t for t in before.graph.initializer}
     exact: dict[str, bool] = {}
-    folded = {t.name: got[t.name] for t in after.graph.initializer
-              if t.name in producer and _exact_all_the_way(t.name, producer, inits, types, exact)}
-    want = numbers.number(before, given=folded)
-    if want is None:
-        return "random ops"
-    differ = next((o for o in outputs if want.get(o) is None or want.get(o) != got.get(o)), None)
-    return None if differ is None else f"output {differ!r} is computed differently"
+    # First with weights known by type and shape only (no weight read): most differences show
+    # there; then with every weight's values.
+    for numbers in (ValueNumbers(coarse=True), ValueNumbers()):
+        got = numbers.number(after, types=types_after)
+        if got is None:
+            return "random ops"
+        folded = {t.name: got[t.name] for t in after.graph.initializer
+                  if t.name in producer and _exact_all_the_way(t.name, producer, inits, types, exact)}
+        want = numbers.number(before, given=folded, types=types)
+        if want is None:
+            return "random ops"
+        differ = next((o for o in outputs if want.get(o) is None or want.get(o) != got.get(o)), None)
+        if differ is not None:
+            return f"output {differ!r} is computed differently"
+    return None
 
 
 def _exact_all_the_way(name: str, producer: dict, inits: dict, types: dict[str, int],

@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 import onnx
+from onnx import helper
 
 from onnx_fp16_rewrite.emulation.fp16_graph_edits import subgraphs
 from onnx_fp16_rewrite.io import weights
@@ -44,10 +45,24 @@ def _equal_bytes(a: np.ndarray, b: np.ndarray, chunk: int = 1 << 20) -> bool:
     return a.size == b.size and all(np.array_equal(a[i:i + chunk], b[i:i + chunk]) for i in range(0, a.size, chunk))
 
 
-class ValueNumbers:
-    """Numbers shared by several graphs: a number means the same value in each."""
+def _values(t: onnx.TensorProto) -> np.ndarray:
+    """A weight's values, flat: an inline tensor's bytes as they are (no conversion, no copy of
+    an array), a reference's memory map or buffer (io.weights)."""
+    if not weights.is_ref(t) and t.raw_data and t.data_type not in (onnx.TensorProto.STRING,):
+        try:
+            return np.frombuffer(t.raw_data, helper.tensor_dtype_to_np_dtype(t.data_type))
+        except (KeyError, TypeError, ValueError):  # a type numpy cannot view: convert it
+            pass
+    return np.ascontiguousarray(weights.tensor_array(t)).reshape(-1)
 
-    def __init__(self) -> None:
+
+class ValueNumbers:
+    """Numbers shared by several graphs: a number means the same value in each. ``coarse``: a
+    weight's number says only its type and shape (equal values have equal coarse numbers, so
+    graphs whose coarse numbers differ differ: a cheap first look that reads no weight)."""
+
+    def __init__(self, *, coarse: bool = False) -> None:
+        self.coarse = coarse
         self._ids: dict[tuple, int] = {}
         self._keys: list[tuple] = []
         self._weights: dict[tuple, list[tuple[int, np.ndarray]]] = {}  # the weights numbered so far
@@ -66,7 +81,9 @@ class ValueNumbers:
     def weight(self, t: onnx.TensorProto) -> int:
         """A weight's number: equal values, equal numbers. Found by a digest of a sample of its
         bytes, then confirmed byte for byte (faster than digesting every byte: T5's weights)."""
-        values = np.ascontiguousarray(weights.tensor_array(t)).reshape(-1)
+        if self.coarse:
+            return self._intern(("weight", t.data_type, tuple(t.dims)))
+        values = _values(t)
         # Whole elements sampled (a byte stride would read one byte of each: FP16-rounded FP32
         # weights all end in zero bytes).
         sample = np.ascontiguousarray(values[::max(1, values.size // _DIGEST_VALUES)])
@@ -82,15 +99,17 @@ class ValueNumbers:
         return number
 
     def number(self, model: onnx.ModelProto, rounded_inputs: set[str] = frozenset(),
-               given: dict[str, int] | None = None) -> dict[str, int] | None:
+               given: dict[str, int] | None = None, types: dict[str, int] | None = None) -> dict[str, int] | None:
         """Every tensor of ``model`` (an emulation graph, or any graph) -> its number; None where
         the graph has control flow or random ops. ``rounded_inputs``: graph inputs the feed rounds
         to FP16. ``given``: tensors whose number the caller knows (they replace what computes them).
-        A Constant node's tensor is numbered as a weight of its value."""
+        A Constant node's tensor is numbered as a weight of its value. ``types``: the model's
+        element types when the caller has them (else inferred)."""
         g = model.graph
         if any(n.op_type in _RANDOM or subgraphs(n) for n in g.node):
             return None
-        types, _ = infer_types(model)
+        if types is None:
+            types, _ = infer_types(model)
         opsets = tuple(sorted((i.domain or "", i.version) for i in model.opset_import))
         num: dict[str, int] = {"": -1}
         for t in g.initializer:
