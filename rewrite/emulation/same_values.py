@@ -12,7 +12,8 @@ pair (FP32 -> FP16 -> FP32) and the rounding of an FP16 feed (numpy) are one and
 rounding: tests/test_same_values.py checks the two agree bit for bit, subnormals, the overflow
 boundary and NaN included. Two tensors with one number are the same ORT CPU kernels applied in
 the same order to the same values: the same bits. Graphs with control flow or random ops are
-not numbered (None).
+not numbered (None). ``canonical.same_computation`` numbers plain graphs the same way (a Constant
+node as a weight of its value) to prove a canonicalisation step computes what it was given.
 """
 
 from __future__ import annotations
