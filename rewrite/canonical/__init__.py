@@ -29,7 +29,7 @@ shape in — the emitted model stays specialised and the report says so (the CLI
 
 Every result is validated like a pass: ORT outputs against the original's within rtol/atol 1e-5
 (the float64 rule of ``Validator`` included); a canonical form that fails is not used. A step that
-only folded integer shape arithmetic and removed no-op Casts is proved instead, without a run: it
+only folded exact shape arithmetic and removed no-op Casts is proved instead, without a run: it
 computes every float value as the original does, bit for bit (``same_computation``).
 """
 
@@ -233,7 +233,7 @@ def _attach(report: CanonReport, dynamic: onnx.ModelProto, folded: set[str], fee
 
 def computes_as_given(report: CanonReport) -> bool:
     """Whether ``report``'s canonical form computes what the model given does, node for node
-    (names and declared dims changed, integer shape arithmetic folded and no-op Casts removed at
+    (names and declared dims changed, exact shape arithmetic folded and no-op Casts removed at
     most: ``same_computation``), so the given model's FP32 outputs are the canonical form's bit for bit."""
     return getattr(report, "_as_given", False)
 
@@ -265,7 +265,7 @@ def confirm(report: CanonReport, model: onnx.ModelProto, outputs: Sequence[Feed]
     return True
 
 
-PROVED = "FP32 computation proved the original's, node for node (integer shape arithmetic folded, no-op Casts removed)"
+PROVED = "FP32 computation proved the original's, node for node (exact shape arithmetic folded, no-op Casts removed)"
 
 
 class _LazyValidator:

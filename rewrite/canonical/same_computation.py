@@ -52,15 +52,16 @@ def different_computation(before: onnx.ModelProto, after: onnx.ModelProto) -> st
     producer = {o: n for n in before.graph.node for o in n.output if o}
     inits = {t.name: t for t in before.graph.initializer}
     exact: dict[str, bool] = {}
+    # Tensors ``before`` computes and ``after`` holds as constants, exact all the way.
+    folded = [t.name for t in after.graph.initializer
+              if t.name in producer and _exact_all_the_way(t.name, producer, inits, types, exact)]
     # First with weights known by type and shape only (no weight read): most differences show
     # there; then with every weight's values.
     for numbers in (ValueNumbers(coarse=True), ValueNumbers()):
         got = numbers.number(after, types=types_after)
         if got is None:
             return "random ops"
-        folded = {t.name: got[t.name] for t in after.graph.initializer
-                  if t.name in producer and _exact_all_the_way(t.name, producer, inits, types, exact)}
-        want = numbers.number(before, given=folded, types=types)
+        want = numbers.number(before, given={name: got[name] for name in folded}, types=types)
         if want is None:
             return "random ops"
         differ = next((o for o in outputs if want.get(o) is None or want.get(o) != got.get(o)), None)

@@ -43,7 +43,7 @@ from onnx_fp16_rewrite.io.ort_runner import Feed, infer_types, run_model
 from onnx_fp16_rewrite.io.sessions import run_cached
 from onnx_fp16_rewrite.emulation.reductions import two_step
 from onnx_fp16_rewrite.emulation.shadow_errors import shadow_statistics
-from onnx_fp16_rewrite.emulation.stat_sites import BODY_STATS, StatSite, site_stat_nodes
+from onnx_fp16_rewrite.emulation.stat_sites import BODY_STATS, StatSite, site_stat_nodes, sum_node
 # The report side lives in fp16_report; its names are re-exported here for existing importers.
 from onnx_fp16_rewrite.emulation.fp16_report import (  # noqa: F401
     FP16_MAX,
@@ -185,9 +185,8 @@ def build_emulation(
                 if nonfinite_only and with_stats and name not in init_by_name and rounded not in edge_sums:
                     # A screen also sums what an FP16 layer reads of an FP32 tensor (emulation.same_values).
                     edge_sums[rounded] = rounded + "__edge_sum"
-                    new_nodes += two_step([helper.make_node("ReduceSum", [rounded], [edge_sums[rounded]],
-                                                            name=edge_sums[rounded], keepdims=0)],
-                                          {rounded: ranks.get(name)}, opset, new_inits)
+                    new_nodes += two_step([sum_node(rounded, edge_sums[rounded])], {rounded: ranks.get(name)},
+                                          opset, new_inits)
         renamed = {}
         if emulate and not (node.op_type in EXACT_IN_FP16 and node.domain in ("", "ai.onnx")):
             for idx, out in enumerate(node.output):

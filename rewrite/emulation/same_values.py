@@ -181,17 +181,17 @@ def reused_verdict(weak_model: onnx.ModelProto, strong_model: onnx.ModelProto, p
     strong = build_emulation(strong_model, plan, strict_cumsum=strict_cumsum, nonfinite_only=True)
     if strong.unhandled_bodies or weak.unhandled_bodies:
         return refused("control flow the emulation does not handle")
+    fed_fp16 = set()  # inputs emu_feed rounds in both emulations: FP16 in the feeds
+    for name in {n for f in feeds for n in f}:
+        kinds = {np.asarray(f[name]).dtype == np.float16 for f in feeds if name in f}
+        if len(kinds) > 1:
+            return refused(f"input {name!r} is FP16 in some samples only")
+        if kinds == {True}:
+            fed_fp16.add(name)
     numbers = ValueNumbers()
     nums = []
     for emu in (weak, strong):
-        rounded = set(emu.fp16_inputs)
-        for name in {n for f in feeds for n in f}:
-            kinds = {np.asarray(f[name]).dtype == np.float16 for f in feeds if name in f}
-            if len(kinds) > 1:
-                return refused(f"input {name!r} is FP16 in some samples only")
-            if kinds == {True}:
-                rounded.add(name)
-        got = numbers.number(emu.model, rounded)
+        got = numbers.number(emu.model, emu.fp16_inputs | fed_fp16)
         if got is None:
             return refused("control flow or random ops")
         nums.append(got)

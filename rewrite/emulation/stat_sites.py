@@ -40,6 +40,12 @@ class StatSite:
                      + self.profile_outs if n)
 
 
+def sum_node(tensor: str, out: str) -> onnx.NodeProto:
+    """The whole-tensor sum of ``tensor``: non-finite where some value is (inf and NaN
+    propagate through sums); ``reductions.two_step`` spreads it over the threads."""
+    return helper.make_node("ReduceSum", [tensor], [out], name=out, keepdims=0)
+
+
 def site_stat_nodes(out: str, raw: str, node: onnx.NodeProto, fp16: bool, nodes: list[onnx.NodeProto],
                     nonfinite_only: bool = False) -> StatSite:
     """Three reductions of the FP32-computed value, no elementwise temporaries (they made the
@@ -48,7 +54,7 @@ def site_stat_nodes(out: str, raw: str, node: onnx.NodeProto, fp16: bool, nodes:
     ``nonfinite_only``: one sum of the stored value (an FP16 overflow is inf there)."""
     p = f"{out}__stat"
     if nonfinite_only:
-        nodes.append(helper.make_node("ReduceSum", [out], [p + "_sum"], name=p + "_sum", keepdims=0))
+        nodes.append(sum_node(out, p + "_sum"))
         return StatSite(out, node.name, node.op_type, fp16, None, None, p + "_sum")
     nodes += [
         helper.make_node("ReduceMax", [raw], [p + "_max"], name=p + "_max", keepdims=0),
@@ -58,4 +64,4 @@ def site_stat_nodes(out: str, raw: str, node: onnx.NodeProto, fp16: bool, nodes:
     return StatSite(out, node.name, node.op_type, fp16, p + "_max", p + "_min", p + "_sum")
 
 
-__all__ = ["BODY_STATS", "StatSite", "site_stat_nodes"]
+__all__ = ["BODY_STATS", "StatSite", "site_stat_nodes", "sum_node"]
