@@ -2,8 +2,8 @@
 Polygraphy (``--load-inputs``, ``--input-shapes x:[1,3,64,64]``, ``--seed``, ``--val-range``,
 ``--save-inputs``) and trtexec (``--shapes=x:1x3x64x64,y:...``).
 
-Only the parser lives here; ``cli.py`` dispatches the commands (``cli_check``, ``cli_fix``) and ``cli_passes.py`` turns pass flags
-into pass objects.
+Only the parser lives here; ``cli.py`` dispatches the commands (``cli_check``, ``cli_fix``) and
+``cli_passes.py`` turns pass flags into pass objects.
 """
 
 from __future__ import annotations
