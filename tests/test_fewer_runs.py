@@ -1,7 +1,7 @@
 """Runs the fixer no longer makes (issue 11), each shown to give the same answer as the run it replaces.
 
 - A pinning round's plan is screened (no FP32 shadow, one sum a tensor) before it is diagnosed;
-  a clean screen ends the pinning where the diagnosis would have (``auto_fix.SCREEN_PIN_ROUNDS``).
+  a clean screen ends the pinning where the diagnosis would have (``pinning.SCREEN_PIN_ROUNDS``).
 - A rewrite whose every failure site is computed exactly as before (upstream of all it changed)
   is refused without a diagnosis: that diagnosis would name every site again
   (``signatures.emulated_alike``).
@@ -16,12 +16,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_fp16_rewrite.analysis import auto_fix
+from onnx_fp16_rewrite.analysis import auto_fix, pinning
 from onnx_fp16_rewrite.analysis import diagnosis as diagnosis_module
 from onnx_fp16_rewrite.analysis.signatures import emulated_alike
 from onnx_fp16_rewrite.fix import fix_model
 from onnx_fp16_rewrite.models.t5_encoder import build_t5_encoder, demo_inputs
 from onnx_fp16_rewrite.pipeline.pass_base import Pass, PassResult, Site
+from tests.site_models import upstream_site_model
 
 
 def _answer(result):
@@ -52,26 +53,13 @@ def test_screened_pinning_round_gives_the_diagnosed_answer(monkeypatch, rewrites
     calls = _count_diagnoses(monkeypatch)
     screened = fix_model(model, [], feeds, auto=True, auto_rewrites=rewrites)
     with_screen = len(calls)
-    monkeypatch.setattr(auto_fix, "SCREEN_PIN_ROUNDS", False)
+    monkeypatch.setattr(pinning, "SCREEN_PIN_ROUNDS", False)
     calls.clear()
     diagnosed = fix_model(model, [], feeds, auto=True, auto_rewrites=rewrites)
     assert _answer(screened) == _answer(diagnosed)
     rounds = diagnosed.report.auto.rounds
     assert rounds == 1 and diagnosed.report.auto.fp32_nodes > 0 and screened.report.auto.passed
     assert len(calls) - with_screen == rounds  # each round's shadow diagnosis replaced by a screen
-
-
-def _upstream_site_model() -> onnx.ModelProto:
-    """x -> Mul(1e5) overflows FP16 (the site) -> y; a separate branch x -> Mul(3) -> Mul(2) -> z."""
-    inits = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("big", 1e5), ("three", 3.0),
-                                                                               ("two", 2.0), ("small", 1e-5))]
-    nodes = [helper.make_node("Mul", ["x", "big"], ["a"], name="blow_up"),
-             helper.make_node("Mul", ["a", "small"], ["y"], name="back"),
-             helper.make_node("Mul", ["x", "three"], ["b"], name="branch"),
-             helper.make_node("Mul", ["b", "two"], ["z"], name="branch_out")]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
-                          [helper.make_tensor_value_info(n, TensorProto.FLOAT, [4, 8]) for n in ("y", "z")], inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
 class _FoldBranch(Pass):
@@ -90,7 +78,7 @@ class _FoldBranch(Pass):
 
 
 def test_rewrite_that_reaches_no_site_is_refused_without_a_diagnosis(monkeypatch):
-    model = _upstream_site_model()
+    model = upstream_site_model()
     feeds = [{"x": np.random.default_rng(0).uniform(0.5, 2.0, (4, 8)).astype(np.float32)}]
     calls = _count_diagnoses(monkeypatch)
     refused = fix_model(model, [], feeds, auto=True, auto_rewrites=[_FoldBranch()])
@@ -108,7 +96,7 @@ def test_rewrite_that_reaches_no_site_is_refused_without_a_diagnosis(monkeypatch
 
 
 def test_emulated_alike_sees_renames_and_changed_inputs():
-    model = _upstream_site_model()
+    model = upstream_site_model()
     same = onnx.ModelProto()
     same.CopyFrom(model)
     assert emulated_alike(model, same, ["a", "y", "b", "z"]) == {"a", "y", "b", "z"}

@@ -17,7 +17,7 @@ from onnx_fp16_rewrite.io.ort_runner import make_session, run_model
 from onnx_fp16_rewrite.models import DEMO_MODELS, demo_inputs
 from onnx_fp16_rewrite.models.t5_encoder import build_t5_encoder, demo_inputs as t5_inputs
 from onnx_fp16_rewrite.pipeline.pass_base import Pass, PassResult, Site
-from test_fewer_runs import _upstream_site_model
+from tests.site_models import upstream_site_model
 
 NOTE = "not run again"
 
@@ -199,7 +199,7 @@ class _NudgeBranch(Pass):
 def test_after_a_pass_the_verification_compares_with_the_original_outputs(emit):
     """With --pass before --auto the search compares with the passed model's FP32 outputs; the
     reported verification must compare with the original's, so it is run, not taken from the search."""
-    model = _upstream_site_model()
+    model = upstream_site_model()
     feeds = [{"x": np.random.default_rng(0).uniform(0.5, 2.0, (4, 8)).astype(np.float32)}]
     result = fix_model(model, [_NudgeBranch()], feeds, auto=True, emit=emit, auto_rewrites=())
     assert result.report.passes.passes[0].status == "kept" and not result.report.auto.first_given

@@ -23,19 +23,19 @@ Each fact is computed once (issue 11):
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import onnx
 
-from onnx_fp16_rewrite.analysis.diagnosis import CANCELLATION_RATIO, Diagnosis, FailureSite, diagnose
-from onnx_fp16_rewrite.emulation.fp16_emulation import FP16_MAX, Fp16Report, check_fp16, compare_output
+from onnx_fp16_rewrite.analysis.diagnosis import Diagnosis, FailureSite, diagnose
+from onnx_fp16_rewrite.emulation.fp16_emulation import Fp16Report, check_fp16
 from onnx_fp16_rewrite.io.ort_runner import Feed
 from onnx_fp16_rewrite.pipeline.pass_base import Pass
 from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 from onnx_fp16_rewrite.analysis.range_profile import RangeProfile
-from onnx_fp16_rewrite.analysis.regions import GraphIndex, grow_region
+from onnx_fp16_rewrite.analysis.pinning import SiteFix, clean, needs_work, pin_rounds, shrink, site_fix
+from onnx_fp16_rewrite.analysis.regions import GraphIndex
 from onnx_fp16_rewrite.analysis.signatures import emulated_alike
 from onnx_fp16_rewrite.progress import NULL_PROGRESS, Progress
 
@@ -45,23 +45,6 @@ logger = logging.getLogger(__name__)
 # verdict run each (benchmarks/auto_fix_cost.py --samples states it).
 SEARCH_SAMPLES = 4
 MAX_FINDINGS = 1000  # failing tensors a report lists (as fix.MAX_FINDINGS)
-# Each pinning round's plan is screened before it is diagnosed (``_pin_rounds``); False: always diagnosed.
-SCREEN_PIN_ROUNDS = True
-
-
-@dataclass
-class SiteFix:
-    """One failure site and the fix it got: ``fp32-region``, ``pass:<name>`` or ``unfixed``."""
-
-    tensor: str
-    node: str
-    op: str
-    kind: str
-    fp32_absmax: float
-    fp16_rel_error: float
-    back_in_range: str | None
-    fix: str
-    pinned_nodes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -186,9 +169,9 @@ def auto_fix(
             # Also kept: a rewrite after which nothing needs pinning (outputs pass, no non-finite site), even where
             # a finite site is left or newly named (a Log whose scaled input now crosses 1 shows a large relative
             # error that the Add after it undoes: log-mel front ends).
-            done = not _needs_work(candidate, cand_diag, search.reference, tolerance)
+            done = not needs_work(candidate, cand_diag, search.reference, tolerance)
             if fixed and (len(cand_diag.sites) < len(diag.sites) or done):
-                sites += [_site_fix(s, f"pass:{rewrite.name}") for s in fixed]
+                sites += [site_fix(s, f"pass:{rewrite.name}") for s in fixed]
                 kept.append(rewrite.name)
                 model, profile, diag = candidate, cand_diag.profile, cand_diag
                 current_ref = manager.validator.last_outputs or current_ref
@@ -198,11 +181,11 @@ def auto_fix(
     plan = PrecisionPlan.from_model(model)
     index = GraphIndex(model.graph)
     absmax = profile.absmax()
-    diag, rounds, screened = _pin_rounds(search, model, index, diag, plan, sites, absmax, max_rounds, 0)
+    diag, rounds, screened = pin_rounds(search, model, index, diag, plan, sites, absmax, max_rounds, 0)
     after, released = None, []
-    unresolved = _needs_work(model, diag, search.reference, tolerance)
+    unresolved = needs_work(model, diag, search.reference, tolerance)
     if not unresolved:
-        after, released = _shrink(model, plan, sites, absmax, search, max_shrink_runs)
+        after, released = shrink(model, plan, sites, absmax, search, max_shrink_runs)
     verdict_run = "screen"
     if after is None:
         # The last diagnosis (or clean screen) ran the emulation under this plan: its verdict needs no further run.
@@ -211,16 +194,16 @@ def auto_fix(
                                              max_findings=MAX_FINDINGS)
     if k < len(feeds):
         after, verdict_run = search.verdict(model, plan, feeds, reference), "screen"
-        if not _clean(after) and not unresolved:
+        if not clean(after) and not unresolved:
             # A sample the search did not see fails: search on with all of them.
             search = _Search(list(feeds), reference, tolerance, exit_absmax, strict_cumsum, progress, search)
             diag = search.diagnose(model, profile, plan, "diagnosis (all samples)")
-            diag, rounds, _ = _pin_rounds(search, model, index, diag, plan, sites, absmax, max_rounds, rounds)
-            unresolved = _needs_work(model, diag, reference, tolerance)
+            diag, rounds, _ = pin_rounds(search, model, index, diag, plan, sites, absmax, max_rounds, rounds)
+            unresolved = needs_work(model, diag, reference, tolerance)
             after = diag.fp16_report(reference, tolerance, strict_cumsum=strict_cumsum, max_findings=MAX_FINDINGS)
             verdict_run = "diagnosis"
     if unresolved:
-        sites += [_site_fix(site, "unfixed") for site in diag.sites]
+        sites += [site_fix(site, "unfixed") for site in diag.sites]
     passed = all(o.ok for o in after.outputs)
     plan.store_in(model)
     report = AutoFixReport(
@@ -289,126 +272,14 @@ class _Search:
         return report
 
 
-def _pin_rounds(search, model, index, diag, plan, sites, absmax, max_rounds, rounds):
-    """Pin a region per site and diagnose again, until no site is left or ``max_rounds``.
-    Returns the last diagnosis, the rounds, and the check report of a clean screen that ended
-    the pinning (else None).
-
-    Each round's plan is first screened (``check_fp16(screen=True)``: no FP32 shadow, one sum a
-    tensor): a clean screen (outputs pass, no tensor non-finite) means the diagnosis would name
-    no non-finite site and pass the outputs, so the pinning stops exactly where it would have,
-    for a third of the run. Not on models whose FP32 values hold inf/NaN or mask sentinels:
-    those go non-finite in FP16 harmlessly, so their screen is never clean."""
-    screenable = SCREEN_PIN_ROUNDS and not any(r.fp32_nonfinite or r.sentinels for r in diag.profile.ranges.values())
-    while _needs_work(model, diag, search.reference, search.tolerance) and rounds < max_rounds:
-        rounds += 1
-        before = set(plan.fp32_nodes)
-        for site in diag.sites:
-            region = _site_region(index, site, absmax, search.exit_absmax, plan)
-            for name, reason in region.items():
-                plan.pin(name, f"auto: {site.kind} at {site.tensor}: {reason}")
-            previous = next((s for s in sites if s.tensor == site.tensor and s.fix == "fp32-region"), None)
-            if previous:
-                previous.pinned_nodes = sorted(set(previous.pinned_nodes) | set(region))
-            else:
-                sites.append(_site_fix(site, "fp32-region", sorted(region)))
-        if set(plan.fp32_nodes) == before:
-            # Nothing new pinned: the next diagnosis would repeat this one, and every later
-            # round would grow the same regions (a round is a function of the plan and sites).
-            break
-        if screenable:
-            with search.progress.phase(f"pinning round {rounds}: screen", total=None) as phase:
-                report = search.check(model, plan)
-                phase.done("clean" if _clean(report) else "not clean: diagnosing")
-            if _clean(report):
-                return Diagnosis([], [], [], diag.profile), rounds, report
-        diag = search.diagnose(model, diag.profile, plan, f"pinning round {rounds}")
-    return diag, rounds, None
-
-
 def _verdict(report: Fp16Report) -> str:
     nan, inf = sum(o.nan for o in report.outputs), sum(o.inf for o in report.outputs)
     worst = max((o.rel_l2 for o in report.outputs), default=0.0)
     return f"{'PASS' if report.passed else 'FAIL'} ({nan} NaN, {inf} Inf, worst rel L2 {worst:.3g})"
 
 
-def _clean(report: Fp16Report) -> bool:
-    return report.passed and not report.failing_tensors
-
-
-def _site_region(
-    index: GraphIndex, site: FailureSite, absmax: dict[str, float], exit_absmax: float, plan: PrecisionPlan
-) -> dict[str, str]:
-    """The region to pin for a site. An overflow grows both ways until values are back within
-    ``exit_absmax``. Any other site (cancellation, precision, underflow) has a small result: it
-    grows backward only, through inputs much larger than the result (they carry the digits the
-    result needs); a site already pinned that still fails reaches further back."""
-    seeds = {site.node: f"{site.kind} site"}
-    if site.kind == "overflow":
-        return grow_region(index, seeds, absmax, exit_absmax)
-    limit = min(max(site.fp32_absmax * CANCELLATION_RATIO, 1.0), exit_absmax)
-    if plan.is_fp32(site.node):
-        limit /= 16
-    return grow_region(index, seeds, absmax, limit, forward=False)
-
-
-def _shrink(model, plan, sites, absmax, search, budget) -> tuple[Fp16Report | None, list[str]]:
-    """Release pinned nodes whose inputs and outputs all fit FP16 with room to spare, in groups
-    (all at once, then per site), keeping each release the emulation accepts. Returns the check
-    report of the last release kept (the verdict under the final plan; None if none) and the
-    released nodes."""
-    index = GraphIndex(model.graph)
-
-    def fits(name: str) -> bool:
-        node = index.nodes[name]
-        values = [absmax[t] for t in list(node.input) + list(node.output) if t in absmax]
-        return all(v <= FP16_MAX / 2 for v in values)
-
-    groups = [[n for n in s.pinned_nodes if fits(n)] for s in sites if s.fix == "fp32-region"]
-    groups = [g for g in groups if g]
-    all_candidates = sorted({n for g in groups for n in g})
-    attempts = [all_candidates] + groups if len(groups) > 1 else groups
-    accepted, released = None, []
-    with search.progress.phase("shrinking regions", total=min(len(attempts), budget)) as phase:
-        for group in attempts[:budget]:
-            phase.advance()
-            group = [n for n in group if plan.is_fp32(n)]
-            if not group:
-                continue
-            trial = PrecisionPlan({k: v for k, v in plan.fp32_nodes.items() if k not in group})
-            report = search.check(model, trial)
-            if _clean(report):
-                plan.fp32_nodes = trial.fp32_nodes
-                accepted = report
-                released += group
-                for s in sites:
-                    s.pinned_nodes = [n for n in s.pinned_nodes if n not in group]
-        phase.done(f"{len(released)} node(s) released")
-    return accepted, released
-
-
-def _needs_work(model: onnx.ModelProto, diag, reference: list[Feed], tolerance: float) -> bool:
-    """More pinning is due while an output fails or a site still goes non-finite (a clean
-    output can hide an inf that a different input would surface)."""
-    if any(math.isinf(s.fp16_rel_error) for s in diag.sites):
-        return bool(diag.sites)
-    return bool(diag.sites) and not _outputs_ok(model, diag.outputs, reference, tolerance)
-
-
-def _outputs_ok(model: onnx.ModelProto, got: list[Feed], reference: list[Feed], tolerance: float) -> bool:
-    return all(
-        compare_output(o.name, [g[o.name] for g in got], [r[o.name] for r in reference], tolerance).ok
-        for o in model.graph.output
-    )
-
-
 def _still_failing(site: FailureSite, sites: list[FailureSite]) -> bool:
     return any(s.tensor == site.tensor or s.node == site.node for s in sites)
-
-
-def _site_fix(site: FailureSite, fix: str, nodes: list[str] | None = None) -> SiteFix:
-    return SiteFix(site.tensor, site.node, site.op, site.kind, site.fp32_absmax, site.fp16_rel_error,
-                   site.back_in_range, fix, nodes or [])
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
