@@ -140,8 +140,7 @@ def test_cli_check_takes_the_fp32_twin_from_the_preflight(tmp_path, monkeypatch,
     np.savez(tmp_path / "in.npz", **nafnet_inputs(model))
     shadows = []
     real = fp16_emulation.build_emulation
-    monkeypatch.setattr(fp16_emulation, "build_emulation",
-                        lambda *a, **k: shadows.append(k.get("fp32_shadow", False)) or real(*a, **k))
+    monkeypatch.setattr(fp16_emulation, "build_emulation", lambda *a, **k: _twinned(shadows, real(*a, **k)))
 
     def report():
         out = tmp_path / "report.json"
@@ -161,6 +160,51 @@ def test_cli_check_takes_the_fp32_twin_from_the_preflight(tmp_path, monkeypatch,
     assert fast_shadows == ([True] if change == "float-fold" else [False])
     assert fast[0] == twin[0] == 4  # EXIT_FP16_FAILS
     assert fast[1]["failing_tensors"] and fast[1] == twin[1]
+
+
+def _twinned(shadows: list, emu):
+    shadows.append(bool(emu.twin_outputs))  # whether the emulation graph carries the FP32 twin
+    return emu
+
+
+def test_cli_check_of_a_mixed_model_builds_its_emulation_once(tmp_path, monkeypatch):
+    """A strongly typed model (FP16 tensors: a plain run computes them in FP16, the twin in FP32)
+    keeps the twin, and its emulation is built once, twin included; the report is the twin's."""
+    from onnx_fp16_rewrite import canonical
+    from onnx_fp16_rewrite.cli import main
+    from onnx_fp16_rewrite.emulation import fp16_emulation
+
+    scale = numpy_helper.from_array(np.array(300.0, np.float16), "scale")
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["x16"], name="to16", to=TensorProto.FLOAT16),
+         helper.make_node("Mul", ["x16", "scale"], ["big"], name="scale_up"),
+         helper.make_node("Mul", ["big", "big"], ["sq"], name="square"),  # past 65504 for |x| > 0.85
+         helper.make_node("Cast", ["sq"], ["y"], name="to32", to=TensorProto.FLOAT)],
+        "mixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])], [scale])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "in.npz", x=np.linspace(-1, 1, 32, dtype=np.float32).reshape(4, 8))
+    shadows: list = []
+    real = fp16_emulation.build_emulation
+    monkeypatch.setattr(fp16_emulation, "build_emulation", lambda *a, **k: _twinned(shadows, real(*a, **k)))
+
+    def report():
+        out = tmp_path / "report.json"
+        out.unlink(missing_ok=True)
+        code = main(["check", str(tmp_path / "m.onnx"), "--inputs", str(tmp_path / "in.npz"), "--report", str(out),
+                     "-q"])
+        data = json.loads(out.read_text())
+        del data["details"]["check"]["seconds"]
+        return code, data
+
+    given = report()
+    assert shadows == [True]  # once, with the twin (it was built without it, then again with it)
+    shadows.clear()
+    monkeypatch.setattr(canonical, "computes_as_given", lambda _report: False)
+    twin = report()
+    assert shadows == [True]
+    assert given[0] == twin[0] == 4 and given[1] == twin[1]  # EXIT_FP16_FAILS: the square overflows
+    assert len(given[1]["failing_tensors"]) >= 1 and given[1]["details"]["check"]["mode"] == "strong"
 
 
 def test_cli_fix_runs_no_preflight_but_says_when_the_inputs_are_at_fault(tmp_path, monkeypatch, capsys):

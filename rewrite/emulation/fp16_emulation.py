@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -97,7 +98,7 @@ def build_emulation(
     strict_cumsum: bool = False,
     round_fp16: bool = True,
     with_stats: bool = True,
-    fp32_shadow: bool = False,
+    fp32_shadow: bool | Literal["strong"] = False,
     shadow_ranges: Container[str] | None = None,
     shadow_errors: bool = True,
     twin_profile: bool = False,
@@ -120,7 +121,7 @@ def build_emulation(
     ``twin_profile`` adds the range profile's statistics of every twin tensor
     (``profile_outs``: the profile comes from this run). ``nonfinite_only``: a main-graph
     tensor's statistics are one sum of its stored (FP16-rounded) value, non-finite exactly when
-    it holds inf/NaN, an FP16 overflow included (a screen: no absmax).
+    it holds inf/NaN, an FP16 overflow included (a screen: no absmax). ``fp32_shadow="strong"``: only if strongly typed.
     """
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -130,6 +131,8 @@ def build_emulation(
     types, ranks = infer_types(m, sizes)
     sub_types = body_types(m)  # If/Loop/Scan bodies: emulated like the main graph (control_flow)
     mode = "strong" if any(t == _FLOAT16 for t in (*types.values(), *sub_types.values())) else "weak"
+    if fp32_shadow == "strong":
+        fp32_shadow = mode == "strong"
     notes: list[str] = []
     g = m.graph
     if mode == "strong":
@@ -303,12 +306,10 @@ def check_fp16(
     twin = (reference is None and not any(i.type.tensor_type.elem_type == _FLOAT16 for i in model.graph.input)
             and not any(subgraphs(n) for n in model.graph.node))
     given = twin and fp32_run is not None and len(fp32_run) == len(feeds)
-    emu = build_emulation(model, plan, strict_cumsum=strict_cumsum, fp32_shadow=twin and not given,
+    # FP16 tensors ("strong"): the twin computes them in FP32, a plain run in FP16, so only it will do.
+    emu = build_emulation(model, plan, strict_cumsum=strict_cumsum, fp32_shadow="strong" if given else twin,
                           shadow_errors=False, nonfinite_only=screen)
-    if given and emu.mode != "weak":  # FP16 tensors: the twin computes them in FP32, a plain run in FP16
-        given = False
-        emu = build_emulation(model, plan, strict_cumsum=strict_cumsum, fp32_shadow=True, shadow_errors=False,
-                              nonfinite_only=screen)
+    given = given and emu.mode == "weak"
     if reference is None and not twin:
         reference = _fp32_outputs(model, feeds)
     out_names = [o.name for o in model.graph.output]
