@@ -260,3 +260,39 @@ def test_cli_parses_the_model_file_once(tmp_path, monkeypatch):
     model_io.external_data_files(path)
     model_io.load_model(path)
     assert parses.count(str(path)) == 2 and model_io._parsed is None
+
+
+def _fp16_io_model() -> onnx.ModelProto:
+    """FP16 in, FP16 out (an --emit mixed model without --keep-io-types): x*300 squared overflows FP16."""
+    scale = numpy_helper.from_array(np.array(300.0, np.float16), "scale")
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "scale"], ["big"], name="scale_up"),
+         helper.make_node("Mul", ["big", "big"], ["y"], name="square")],
+        "fp16_io", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [4, 8])], [scale])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("fed", ["float16", "float32"])
+def test_check_of_fp16_inputs_takes_its_reference_from_the_twin(monkeypatch, fed):
+    """FP16-typed inputs fed FP16 values: the FP32 twin in the emulation graph reads the very values
+    a separate FP32 run would (one session instead of two), and gives its outputs bit for bit.
+    Fed FP32 values, the FP16 side reads them rounded and a plain FP32 run does not: that run stays."""
+    import dataclasses
+
+    from onnx_fp16_rewrite.emulation import fp16_emulation
+
+    model = _fp16_io_model()
+    x = np.linspace(-1, 1, 32, dtype=np.float64).reshape(4, 8) + 1e-4  # not FP16 values as FP32
+    feeds = [{"x": x.astype(fed)}]
+    separate = fp16_emulation._fp32_outputs(model, feeds)
+    runs = []
+    real = fp16_emulation._fp32_outputs
+    monkeypatch.setattr(fp16_emulation, "_fp32_outputs", lambda *a, **k: runs.append(1) or real(*a, **k))
+    got: list = []
+    report = fp16_emulation.check_fp16(model, feeds, fp32_outputs=got)
+    assert np.array_equal(got[0]["y"], separate[0]["y"])  # the same reference, bit for bit
+    assert len(runs) == (0 if fed == "float16" else 1)
+    assert not report.passed and report.failing_tensors >= 1 and report.mode == "strong"
+    given = fp16_emulation.check_fp16(model, feeds, separate)  # the reference given: no twin, no FP32 run
+    assert dataclasses.replace(given, seconds=report.seconds) == report

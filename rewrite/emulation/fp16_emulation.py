@@ -300,11 +300,11 @@ def check_fp16(
     start = time.perf_counter()
     if plan is None:
         plan = PrecisionPlan.from_model(model)
-    # Without a reference, the FP32 model runs as a twin inside the emulation graph (one session,
-    # one run per feed), unless FP16-typed inputs would round the twin's inputs too or control
-    # flow would need its bodies twinned.
-    twin = (reference is None and not any(i.type.tensor_type.elem_type == _FLOAT16 for i in model.graph.input)
-            and not any(subgraphs(n) for n in model.graph.node))
+    # Without a reference, the FP32 model runs as a twin in the emulation graph (one session, one run a feed),
+    # unless control flow would need its bodies twinned, or an FP16-typed input is fed FP32 values (rounded for both).
+    half_in = [i.name for i in model.graph.input if i.type.tensor_type.elem_type == _FLOAT16]
+    twin = (reference is None and not any(subgraphs(n) for n in model.graph.node)
+            and all(np.asarray(f[n]).dtype == np.float16 for f in feeds for n in half_in if n in f))
     given = twin and fp32_run is not None and len(fp32_run) == len(feeds)
     # FP16 tensors ("strong"): the twin computes them in FP32, a plain run in FP16, so only it will do.
     emu = build_emulation(model, plan, strict_cumsum=strict_cumsum, fp32_shadow="strong" if given else twin,
