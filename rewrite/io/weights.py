@@ -28,6 +28,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_fp16_rewrite.io import fp16_cast
+
 logger = logging.getLogger(__name__)
 
 # Tensors this large stay out of ModelProtos (a parameter of load_model / make_tensor; tests use less).
@@ -321,11 +323,11 @@ FP16_MAX = 65504.0
 
 
 def _round16(a: np.ndarray) -> np.ndarray:
-    return np.clip(np.asarray(a, np.float32), -FP16_MAX, FP16_MAX).astype(np.float16).astype(np.float32)
+    return fp16_cast.round_fp16(np.clip(np.asarray(a, np.float32), -FP16_MAX, FP16_MAX))
 
 
 def _to16(a: np.ndarray) -> np.ndarray:
-    return np.clip(a.astype(np.float32), -FP16_MAX, FP16_MAX).astype(np.float16)
+    return fp16_cast.to_fp16(np.clip(a.astype(np.float32), -FP16_MAX, FP16_MAX))
 
 
 def rounded_fp16(t: TensorProto, name: str) -> TensorProto:
@@ -355,7 +357,7 @@ def clamp_to_fp16(arr: np.ndarray) -> tuple[np.ndarray, int, float]:
             clamped += k
             worst = max(worst, float(np.abs(c[over]).max()))
             c = np.where(over, np.clip(c, -FP16_MAX, FP16_MAX), c)
-        dst[start:start + step] = c
+        dst[start:start + step] = fp16_cast.to_fp16(c)
         has_inf = has_inf or bool(np.isinf(c).any())
         _drop_pages(arr)
     src_entry = _views.get(id(arr))
