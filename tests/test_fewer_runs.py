@@ -118,8 +118,6 @@ def test_cli_check_takes_the_fp32_twin_from_the_preflight(tmp_path, monkeypatch,
     removed: canonical.same_computation). A folded float value that an implementation may round
     differently (Pow) is not proved: the twin then."""
     from onnx_fp16_rewrite import canonical
-    from onnx_fp16_rewrite.cli import main
-    from onnx_fp16_rewrite.emulation import fp16_emulation
     from onnx_fp16_rewrite.models import build_nafnet
     from onnx_fp16_rewrite.models.nafnet import demo_inputs as nafnet_inputs
 
@@ -138,41 +136,51 @@ def test_cli_check_takes_the_fp32_twin_from_the_preflight(tmp_path, monkeypatch,
         first.input[0] = "input_f32"
     onnx.save(model, str(tmp_path / "m.onnx"))
     np.savez(tmp_path / "in.npz", **nafnet_inputs(model))
-    shadows = []
-    real = fp16_emulation.build_emulation
-    monkeypatch.setattr(fp16_emulation, "build_emulation", lambda *a, **k: _twinned(shadows, real(*a, **k)))
+    shadows = _count_twins(monkeypatch)
 
-    def report():
-        out = tmp_path / "report.json"
-        out.unlink(missing_ok=True)
-        code = main(["check", str(tmp_path / "m.onnx"), "--inputs", str(tmp_path / "in.npz"), "--report", str(out),
-                     "-q"])
-        data = json.loads(out.read_text())
-        del data["details"]["check"]["seconds"]
-        return code, data
-
-    fast = report()
+    fast = _cli_check_report(tmp_path)
     fast_shadows = list(shadows)
     monkeypatch.setattr(canonical, "computes_as_given", lambda _report: False)  # the twin, as before
     shadows.clear()
-    twin = report()
+    twin = _cli_check_report(tmp_path)
     assert shadows == [True]
     assert fast_shadows == ([True] if change == "float-fold" else [False])
     assert fast[0] == twin[0] == 4  # EXIT_FP16_FAILS
     assert fast[1]["failing_tensors"] and fast[1] == twin[1]
 
 
-def _twinned(shadows: list, emu):
-    shadows.append(bool(emu.twin_outputs))  # whether the emulation graph carries the FP32 twin
-    return emu
+def _count_twins(monkeypatch) -> list:
+    """Each emulation built from now on appends whether its graph carries the FP32 twin."""
+    from onnx_fp16_rewrite.emulation import fp16_emulation
+
+    shadows: list = []
+    real = fp16_emulation.build_emulation
+
+    def built(*a, **k):
+        emu = real(*a, **k)
+        shadows.append(bool(emu.twin_outputs))
+        return emu
+
+    monkeypatch.setattr(fp16_emulation, "build_emulation", built)
+    return shadows
+
+
+def _cli_check_report(folder) -> tuple[int, dict]:
+    """``onnx-rewrite check m.onnx --inputs in.npz`` in ``folder``: its exit code and JSON report (less its time)."""
+    from onnx_fp16_rewrite.cli import main
+
+    out = folder / "report.json"
+    out.unlink(missing_ok=True)
+    code = main(["check", str(folder / "m.onnx"), "--inputs", str(folder / "in.npz"), "--report", str(out), "-q"])
+    data = json.loads(out.read_text())
+    del data["details"]["check"]["seconds"]
+    return code, data
 
 
 def test_cli_check_of_a_mixed_model_builds_its_emulation_once(tmp_path, monkeypatch):
     """A strongly typed model (FP16 tensors: a plain run computes them in FP16, the twin in FP32)
     keeps the twin, and its emulation is built once, twin included; the report is the twin's."""
     from onnx_fp16_rewrite import canonical
-    from onnx_fp16_rewrite.cli import main
-    from onnx_fp16_rewrite.emulation import fp16_emulation
 
     scale = numpy_helper.from_array(np.array(300.0, np.float16), "scale")
     graph = helper.make_graph(
@@ -184,24 +192,13 @@ def test_cli_check_of_a_mixed_model_builds_its_emulation_once(tmp_path, monkeypa
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])], [scale])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
     np.savez(tmp_path / "in.npz", x=np.linspace(-1, 1, 32, dtype=np.float32).reshape(4, 8))
-    shadows: list = []
-    real = fp16_emulation.build_emulation
-    monkeypatch.setattr(fp16_emulation, "build_emulation", lambda *a, **k: _twinned(shadows, real(*a, **k)))
+    shadows = _count_twins(monkeypatch)
 
-    def report():
-        out = tmp_path / "report.json"
-        out.unlink(missing_ok=True)
-        code = main(["check", str(tmp_path / "m.onnx"), "--inputs", str(tmp_path / "in.npz"), "--report", str(out),
-                     "-q"])
-        data = json.loads(out.read_text())
-        del data["details"]["check"]["seconds"]
-        return code, data
-
-    given = report()
+    given = _cli_check_report(tmp_path)
     assert shadows == [True]  # once, with the twin (it was built without it, then again with it)
     shadows.clear()
     monkeypatch.setattr(canonical, "computes_as_given", lambda _report: False)
-    twin = report()
+    twin = _cli_check_report(tmp_path)
     assert shadows == [True]
     assert given[0] == twin[0] == 4 and given[1] == twin[1]  # EXIT_FP16_FAILS: the square overflows
     assert len(given[1]["failing_tensors"]) >= 1 and given[1]["details"]["check"]["mode"] == "strong"
