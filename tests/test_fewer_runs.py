@@ -177,20 +177,28 @@ def _cli_check_report(folder) -> tuple[int, dict]:
     return code, data
 
 
+def _mixed_model(*, keep_io_types: bool) -> onnx.ModelProto:
+    """A strongly typed model, as --emit mixed writes one: x*300 squared in FP16 overflows for |x| > 0.85.
+    ``keep_io_types``: FP32 input and output around Casts; else FP16 in and out."""
+    x16, y16 = ("x16", "y16") if keep_io_types else ("x", "y")
+    nodes = [helper.make_node("Mul", [x16, "scale"], ["big"], name="scale_up"),
+             helper.make_node("Mul", ["big", "big"], [y16], name="square")]
+    if keep_io_types:
+        nodes = [helper.make_node("Cast", ["x"], [x16], name="to16", to=TensorProto.FLOAT16), *nodes,
+                 helper.make_node("Cast", [y16], ["y"], name="to32", to=TensorProto.FLOAT)]
+    io = TensorProto.FLOAT if keep_io_types else TensorProto.FLOAT16
+    graph = helper.make_graph(nodes, "mixed", [helper.make_tensor_value_info("x", io, [4, 8])],
+                              [helper.make_tensor_value_info("y", io, [4, 8])],
+                              [numpy_helper.from_array(np.array(300.0, np.float16), "scale")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
 def test_cli_check_of_a_mixed_model_builds_its_emulation_once(tmp_path, monkeypatch):
     """A strongly typed model (FP16 tensors: a plain run computes them in FP16, the twin in FP32)
     keeps the twin, and its emulation is built once, twin included; the report is the twin's."""
     from onnx_fp16_rewrite import canonical
 
-    scale = numpy_helper.from_array(np.array(300.0, np.float16), "scale")
-    graph = helper.make_graph(
-        [helper.make_node("Cast", ["x"], ["x16"], name="to16", to=TensorProto.FLOAT16),
-         helper.make_node("Mul", ["x16", "scale"], ["big"], name="scale_up"),
-         helper.make_node("Mul", ["big", "big"], ["sq"], name="square"),  # past 65504 for |x| > 0.85
-         helper.make_node("Cast", ["sq"], ["y"], name="to32", to=TensorProto.FLOAT)],
-        "mixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])], [scale])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    onnx.save(_mixed_model(keep_io_types=True), str(tmp_path / "m.onnx"))
     np.savez(tmp_path / "in.npz", x=np.linspace(-1, 1, 32, dtype=np.float32).reshape(4, 8))
     shadows = _count_twins(monkeypatch)
 
@@ -259,17 +267,6 @@ def test_cli_parses_the_model_file_once(tmp_path, monkeypatch):
     assert parses.count(str(path)) == 2 and model_io._parsed is None
 
 
-def _fp16_io_model() -> onnx.ModelProto:
-    """FP16 in, FP16 out (an --emit mixed model without --keep-io-types): x*300 squared overflows FP16."""
-    scale = numpy_helper.from_array(np.array(300.0, np.float16), "scale")
-    graph = helper.make_graph(
-        [helper.make_node("Mul", ["x", "scale"], ["big"], name="scale_up"),
-         helper.make_node("Mul", ["big", "big"], ["y"], name="square")],
-        "fp16_io", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [4, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [4, 8])], [scale])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
 @pytest.mark.parametrize("fed", ["float16", "float32"])
 def test_check_of_fp16_inputs_takes_its_reference_from_the_twin(monkeypatch, fed):
     """FP16-typed inputs fed FP16 values: the FP32 twin in the emulation graph reads the very values
@@ -279,7 +276,7 @@ def test_check_of_fp16_inputs_takes_its_reference_from_the_twin(monkeypatch, fed
 
     from onnx_fp16_rewrite.emulation import fp16_emulation
 
-    model = _fp16_io_model()
+    model = _mixed_model(keep_io_types=False)
     x = np.linspace(-1, 1, 32, dtype=np.float64).reshape(4, 8) + 1e-4  # not FP16 values as FP32
     feeds = [{"x": x.astype(fed)}]
     separate = fp16_emulation._fp32_outputs(model, feeds)
