@@ -10,7 +10,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-import numpy as np
 import onnx
 
 from onnx_fp16_rewrite.analysis.flops import fp16_flop_fraction
@@ -18,10 +17,11 @@ from onnx_fp16_rewrite.canonical import CanonReport, canonicalize, restore_dynam
 from onnx_fp16_rewrite.canonical import confirm as confirm_canonical, unconfirmed
 from onnx_fp16_rewrite.emulation.fp16_emulation import Fp16Report, check_fp16
 from onnx_fp16_rewrite.io import weights
-from onnx_fp16_rewrite.io.ort_runner import Feed, run_model
+from onnx_fp16_rewrite.io.ort_runner import Feed
 from onnx_fp16_rewrite.io.sessions import graph_key
 from onnx_fp16_rewrite.pipeline.pass_base import Pass
 from onnx_fp16_rewrite.pipeline.pass_manager import PassManager, RunReport
+from onnx_fp16_rewrite.emit.mixed_ort_run import MixedOrtRun, MixedRunError
 from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 from onnx_fp16_rewrite.emit.trtexec import format_command, store_validated_shapes, trtexec_command
 from onnx_fp16_rewrite.pipeline.validate import Tolerance
@@ -39,16 +39,6 @@ EXIT_FP16_FAILS = 4
 EXIT_NOT_VERIFIED = 6  # TensorRT built the engine but could not run it here (e.g. TensorRT-RTX on an H200)
 # Failing tensors a report lists (their count is always given); the terminal shows the first few.
 MAX_FINDINGS = 1000
-
-
-@dataclass
-class MixedRunError:
-    """How far the mixed-precision model, run as typed in ORT, is from the FP32 reference
-    (FP16 weights alone cost ~1e-4 relative: expected, reported, not a failure)."""
-
-    output: str
-    max_abs_error: float
-    rel_l2: float
 
 
 @dataclass
@@ -180,13 +170,14 @@ def fix_model(
     if canon_report is not None:  # the emitted model gets the input's dynamic dims back, or says why not
         fixed = restore_dynamic(fixed, canon_report, tolerance=tolerance)
     plan = PrecisionPlan.from_model(fixed)
-    mixed_report, mixed_errors = None, []
+    mixed_report, mixed_run = None, None
     before_emit = fixed
     if emit == "mixed":
         from onnx_fp16_rewrite.emit.mixed_precision import to_mixed_precision
 
         fixed, mixed_report = to_mixed_precision(fixed, plan, keep_io_types=keep_io_types)
-        mixed_errors = _mixed_ort_error(fixed, feeds, reference)
+        # On a thread of its own while the verification, annotation and FLOP count go on.
+        mixed_run = MixedOrtRun(fixed, feeds, reference)
     # The shapes that were validated, so trtexec does not build dynamic dims as 1.
     shapes = profile_shapes(fixed, feeds)
     store_validated_shapes(fixed, shapes)  # `onnx-rewrite trtexec fixed.onnx` prints them too
@@ -210,6 +201,7 @@ def fix_model(
             )
         phase.done(_verdict(fp16_after))
     _annotate(fixed, before_emit, run_report, auto_report, mixed_report)
+    flop_fraction = fp16_flop_fraction(fixed, plan, feeds)
     report = FixReport(
         emit=emit,
         keep_io_types=keep_io_types,
@@ -217,12 +209,12 @@ def fix_model(
         fp16_before=fp16_before,
         fp16_after=fp16_after,
         mixed=mixed_report,
-        mixed_ort_error=mixed_errors,
+        mixed_ort_error=mixed_run.result() if mixed_run is not None else [],
         trtexec=format_command(argv),
         trtexec_argv=argv,
         warnings=warnings,
         auto=auto_report,
-        fp16_flop_fraction=fp16_flop_fraction(fixed, plan, feeds),
+        fp16_flop_fraction=flop_fraction,
         canonical=canon_report,
     )
     if trt_library is not None:
@@ -329,20 +321,3 @@ def _build_warnings(model: onnx.ModelProto, plan: PrecisionPlan) -> list[str]:
     from onnx_fp16_rewrite.tensorrt.trt_pitfalls import find_pitfalls
 
     return [p.message for p in find_pitfalls(model, plan)]
-
-
-def _mixed_ort_error(model: onnx.ModelProto, feeds: Sequence[Feed], reference: Sequence[Feed]) -> list[MixedRunError]:
-    """Run the mixed model as typed (inputs cast to its input types) and compare with FP32."""
-    from onnx import helper
-
-    types = {i.name: helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in model.graph.input}
-    typed = [{k: np.asarray(v).astype(types.get(k, np.asarray(v).dtype)) for k, v in f.items()} for f in feeds]
-    # With ORT's optimizations, as a user's session runs it (and a quarter faster than without).
-    got = run_model(model, typed, as_user=True)
-    errors = []
-    for out in model.graph.output:
-        g = np.concatenate([np.asarray(r[out.name], np.float64).ravel() for r in got])
-        r = np.concatenate([np.asarray(x[out.name], np.float64).ravel() for x in reference])
-        norm = float(np.linalg.norm(r)) or 1.0
-        errors.append(MixedRunError(out.name, float(np.abs(g - r).max()), float(np.linalg.norm(g - r) / norm)))
-    return errors
