@@ -21,15 +21,18 @@ def _edge_values() -> np.ndarray:
     return np.concatenate([values] * (1 + fp16_cast.MIN_ELEMENTS // values.size))
 
 
+@pytest.mark.parametrize("clamp", [False, True])
 @pytest.mark.parametrize("kind", ["to_fp16", "round_fp16"])
-def test_ort_cast_gives_numpys_bits(kind):
+def test_ort_cast_gives_numpys_bits(kind, clamp):
     values = _edge_values()
     assert values.size >= fp16_cast.MIN_ELEMENTS  # the ORT path
+    # clamp: the ORT graph's Clip node gives numpy's np.clip (infinities and 7e4 to the edge, -0.0 kept).
+    src = np.clip(values, -65504.0, 65504.0) if clamp else values
     with np.errstate(over="ignore"):
-        want = values.astype(np.float16)
+        want = src.astype(np.float16)
     if kind == "round_fp16":
         want = want.astype(np.float32)
-    got = getattr(fp16_cast, kind)(values.reshape(-1, 2))
+    got = getattr(fp16_cast, kind)(values.reshape(-1, 2), clamp=clamp)
     assert got.dtype == want.dtype and got.shape == (values.size // 2, 2)
     assert np.array_equal(got.reshape(-1).view(np.uint16 if kind == "to_fp16" else np.uint32),
                           want.view(np.uint16 if kind == "to_fp16" else np.uint32))
@@ -40,3 +43,11 @@ def test_nan_and_small_arrays_take_numpy():
     values[7] = np.float32(np.nan)
     assert not fp16_cast._fast(values) and not fp16_cast._fast(values[:100].copy() * 0)
     assert np.isnan(fp16_cast.round_fp16(values)[7])
+
+
+def test_clamp_on_the_numpy_path():
+    values = _edge_values()[:1000].copy()
+    values[7] = np.float32(np.nan)
+    got = fp16_cast.round_fp16(values, clamp=True)
+    assert np.isnan(got[7]) and np.abs(got[np.isfinite(got)]).max() <= 65504.0
+    assert np.isfinite(got).sum() == values.size - 1  # infinities clamped to the edge, NaN kept

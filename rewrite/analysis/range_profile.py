@@ -245,7 +245,7 @@ def _add_statistics(m: onnx.ModelProto, tensors: list[str], rng: np.random.Gener
             if t in wanted:
                 added: list[onnx.NodeProto] = []
                 stats[t] = stat_nodes(t, added, empty_safe, known.get(t), new_inits)
-                nodes += two_step(added, {t: ranks.get(t)}, opset, new_inits)
+                nodes += two_step(added, {t: ranks.get(t)}, opset, new_inits, known.get(t))
     g.initializer.extend(new_inits)
     del g.node[:]
     g.node.extend(nodes)

@@ -189,7 +189,7 @@ def build_emulation(
                     # A screen also sums what an FP16 layer reads of an FP32 tensor (emulation.same_values).
                     edge_sums[rounded] = rounded + "__edge_sum"
                     new_nodes += two_step([sum_node(rounded, edge_sums[rounded])], {rounded: ranks.get(name)},
-                                          opset, new_inits)
+                                          opset, new_inits, sizes.get(name))
         renamed = {}
         if emulate and not (node.op_type in EXACT_IN_FP16 and node.domain in ("", "ai.onnx")):
             for idx, out in enumerate(node.output):
@@ -221,7 +221,7 @@ def build_emulation(
             if with_stats:
                 stats: list[onnx.NodeProto] = []
                 sites.append(site_stat_nodes(out, raw, node, emulate, stats, nonfinite_only))
-                new_nodes.extend(two_step(stats, {raw: ranks.get(out), out: ranks.get(out)}, opset, new_inits))
+                new_nodes += two_step(stats, {raw: ranks.get(out), out: ranks.get(out)}, opset, new_inits, sizes.get(out))
         if fp32_shadow:
             # The FP32 twin right after its node, and the error reductions right after it, so
             # each pair of tensors is freed early (all at the end kept every activation alive).

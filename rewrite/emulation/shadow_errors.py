@@ -45,7 +45,7 @@ def shadow_statistics(site, rank: int | None, size: int | None, opset: int, new_
         if not any(i.name == "__prof_frac" for i in new_inits):
             new_inits += stat_initializers(np.random.default_rng(0), opset >= 10)
         site.profile_outs = stat_nodes(twin, nodes, opset >= 10, size, new_inits)
-    return two_step(nodes, {twin: rank, out: rank, out + "__e_diff": rank}, opset, new_inits)
+    return two_step(nodes, {twin: rank, out: rank, out + "__e_diff": rank}, opset, new_inits, size)
 
 
 def shadow_error_nodes(tensor: str, size: int | None, opset: int, ranged: bool,

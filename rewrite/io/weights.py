@@ -323,11 +323,11 @@ FP16_MAX = 65504.0
 
 
 def _round16(a: np.ndarray) -> np.ndarray:
-    return fp16_cast.round_fp16(np.clip(np.asarray(a, np.float32), -FP16_MAX, FP16_MAX))
+    return fp16_cast.round_fp16(np.asarray(a, np.float32), clamp=True)
 
 
 def _to16(a: np.ndarray) -> np.ndarray:
-    return fp16_cast.to_fp16(np.clip(a.astype(np.float32), -FP16_MAX, FP16_MAX))
+    return fp16_cast.to_fp16(np.asarray(a, np.float32), clamp=True)
 
 
 def rounded_fp16(t: TensorProto, name: str) -> TensorProto:
