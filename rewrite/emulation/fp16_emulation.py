@@ -34,6 +34,7 @@ from onnx_fp16_rewrite.emulation.fp16_graph_edits import (
     retype_fp16_as_fp32,
     SHADOW,
     round_nodes,
+    rounded_edge,
     shadow_nodes,
     strict_cumsum_nodes,
     subgraphs,
@@ -44,7 +45,7 @@ from onnx_fp16_rewrite.io.ort_runner import Feed, infer_types, run_model
 from onnx_fp16_rewrite.io.sessions import run_cached
 from onnx_fp16_rewrite.emulation.reductions import two_step
 from onnx_fp16_rewrite.emulation.shadow_errors import shadow_statistics
-from onnx_fp16_rewrite.emulation.stat_sites import BODY_STATS, StatSite, site_stat_nodes, sum_node
+from onnx_fp16_rewrite.emulation.stat_sites import BODY_STATS, StatSite, alias_site, site_stat_nodes, sum_node
 # The report side lives in fp16_report; its names are re-exported here for existing importers.
 from onnx_fp16_rewrite.emulation.fp16_report import (  # noqa: F401
     FP16_MAX,
@@ -165,6 +166,8 @@ def build_emulation(
     unhandled: list[str] = []
     fp16_valued: set[str] = set()  # weakly typed: tensors an emulated (FP16) node produced
     edge_sums: dict[str, str] = {}
+    site_of: dict[str, StatSite] = {}  # main-graph tensor -> its own site
+    aliases: set[int] = set()  # sites that read another's outputs (no outputs of their own)
 
     for i, node in enumerate(g.node):
         float_outs = [o for o in node.output if o and o in is_float]
@@ -184,7 +187,7 @@ def build_emulation(
             for idx, name in enumerate(node.input):
                 if not name or name not in is_float or idx in fixed or name in fp16_valued:
                     continue
-                rounded = node.input[idx] = _rounded_edge(name, init_by_name, rounded_edges, new_inits, new_nodes)
+                rounded = node.input[idx] = rounded_edge(name, init_by_name, rounded_edges, new_inits, new_nodes)
                 if nonfinite_only and with_stats and name not in init_by_name and rounded not in edge_sums:
                     # A screen also sums what an FP16 layer reads of an FP32 tensor (emulation.same_values).
                     edge_sums[rounded] = rounded + "__edge_sum"
@@ -214,23 +217,33 @@ def build_emulation(
                       for b in body.sites]
         if emulate and mode == "weak":
             fp16_valued.update(float_outs)  # rounded below, or exact: values of FP16 inputs
+        own = []  # outputs with statistics of their own (the others alias their input's: stat_sites)
         for out in float_outs:
             raw = renamed.get(out, out)
             if raw != out:
                 new_nodes.extend(round_nodes(raw, out))
+            ranged = shadow_ranges is None or out in shadow_ranges
+            alias = alias_site(node, out, site_of, emulate, sizes, bool(fp32_shadow) and shadow_errors and ranged
+                               and not twin_profile) if nonfinite_only or not with_stats else None
+            if alias is not None:
+                sites.append(alias)
+                aliases.add(id(alias))
+                continue
+            own.append(out)
             if with_stats:
                 stats: list[onnx.NodeProto] = []
-                sites.append(site_stat_nodes(out, raw, node, emulate, stats, nonfinite_only))
+                site_of[out] = site_stat_nodes(out, raw, node, emulate, stats, nonfinite_only)
+                sites.append(site_of[out])
                 new_nodes += two_step(stats, {raw: ranks.get(out), out: ranks.get(out)}, opset, new_inits, sizes.get(out))
         if fp32_shadow:
             # The FP32 twin right after its node, and the error reductions right after it, so
             # each pair of tensors is freed early (all at the end kept every activation alive).
             new_nodes.append(shadows[i])
-            for out in float_outs:
+            for out in own:
                 if with_stats:
-                    site = sites[-len(float_outs) + float_outs.index(out)]
+                    site = site_of[out]
                 else:
-                    site = StatSite(out, node.name, node.op_type, emulate, None, None, None)
+                    site = site_of[out] = StatSite(out, node.name, node.op_type, emulate, None, None, None)
                     sites.append(site)
                 new_nodes.extend(shadow_statistics(site, ranks.get(out), sizes.get(out), opset, new_inits,
                                                    errors=shadow_errors, profile=twin_profile,
@@ -245,7 +258,7 @@ def build_emulation(
     del g.initializer[:]
     g.initializer.extend(kept)
     del g.value_info[:]
-    for site in sites:
+    for site in (s for s in sites if id(s) not in aliases):
         g.output.extend(helper.make_tensor_value_info(name, _FLOAT, []) for name in site.outputs()
                         if name not in site.profile_outs[3:])
         g.output.extend(helper.make_tensor_value_info(name, _FLOAT, None) for name in site.profile_outs[3:])
@@ -370,27 +383,6 @@ def emu_feed(feed: Feed, fp16_inputs: set[str]) -> Feed:
                 arr = arr.astype(np.float16).astype(np.float32)
         out[name] = arr
     return out
-
-
-def _rounded_edge(
-    name: str,
-    init_by_name: dict[str, onnx.TensorProto],
-    cache: dict[str, str],
-    new_inits: list[onnx.TensorProto],
-    new_nodes: list[onnx.NodeProto],
-) -> str:
-    """The FP16-rounded version of an FP32 tensor, made once and shared by all FP16 readers."""
-    if name in cache:
-        return cache[name]
-    rounded = name + "__r16"
-    if name in init_by_name:
-        # An engine converts weights to FP16 by clamping to the FP16 range, not by overflowing.
-        # (chunked, one shared copy per weight; large weights stay out of the proto: io.weights)
-        new_inits.append(weights.rounded_fp16(init_by_name[name], rounded))
-    else:
-        new_nodes.extend(round_nodes(name, rounded))
-    cache[name] = rounded
-    return rounded
 
 
 def _default_opset(m: onnx.ModelProto) -> int:

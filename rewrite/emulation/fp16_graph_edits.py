@@ -40,6 +40,27 @@ def round_nodes(src: str, dst: str) -> list[onnx.NodeProto]:
     ]
 
 
+def rounded_edge(
+    name: str,
+    init_by_name: dict[str, onnx.TensorProto],
+    cache: dict[str, str],
+    new_inits: list[onnx.TensorProto],
+    new_nodes: list[onnx.NodeProto],
+) -> str:
+    """The FP16-rounded version of an FP32 tensor, made once and shared by all FP16 readers."""
+    if name in cache:
+        return cache[name]
+    rounded = name + "__r16"
+    if name in init_by_name:
+        # An engine converts weights to FP16 by clamping to the FP16 range, not by overflowing.
+        # (chunked, one shared copy per weight; large weights stay out of the proto: io.weights)
+        new_inits.append(weights.rounded_fp16(init_by_name[name], rounded))
+    else:
+        new_nodes.extend(round_nodes(name, rounded))
+    cache[name] = rounded
+    return rounded
+
+
 def strict_cumsum_nodes(
     node: onnx.NodeProto,
     init_by_name: dict[str, onnx.TensorProto],
