@@ -31,8 +31,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         cli_common.say(args, render_fp16(report, trt_library.label))
     else:
         from onnx_fp16_rewrite.canonical import canonicalize, computes_as_given, confirm, unconfirmed
+        from onnx_fp16_rewrite.io import weights
 
-        given = model
+        # Weights shared first: canonicalisation copies the model several times (as fix does).
+        given = weights.share(model)
         for later in (True, False):
             with progress.phase("canonicalisation") as phase:
                 # What fix analyses: folded shape arithmetic, no no-op Casts. Validated on the FP32

@@ -119,9 +119,12 @@ def fix_model(
     # Canonical form first (onnx_fp16_rewrite.canonical): folded shape arithmetic, no no-op Casts;
     # the passes, the analysis and the FP32 reference all work on it.
     given = model
+    # Weights shared before anything copies the model (io.weights.share): canonicalisation copies
+    # it several times (T5 from TorchScript, 124 MB: 0.25-0.8 s -> 0.11-0.15 s).
+    source = weights.share(given)
     canon_report = None
     first_run = auto and not passes
-    model, canon_report, first, ran = _canonical_and_first(given, feeds, canonical, first_run, tolerance,
+    model, canon_report, first, ran = _canonical_and_first(source, feeds, canonical, first_run, tolerance,
                                                            strict_cumsum, rel_l2_tolerance, progress,
                                                            confirm_later=first_run)
     # The canonical form validates on the first diagnosis' FP32 outputs (its shadow's: the same
@@ -129,8 +132,8 @@ def fix_model(
     # canonicalise again, each step validated.
     if canon_report is not None and not (ran and confirm_canonical(
             canon_report, model, first.profile.outputs if first is not None else None)):
-        weights.release(model, given)
-        model, canon_report, first, _ = _canonical_and_first(given, feeds, canonical, first_run, tolerance,
+        weights.release(model, source)
+        model, canon_report, first, _ = _canonical_and_first(source, feeds, canonical, first_run, tolerance,
                                                              strict_cumsum, rel_l2_tolerance, progress,
                                                              confirm_later=False)
     shared = model
@@ -222,7 +225,8 @@ def fix_model(
             _verify_trt(report, fixed, feeds, reference, plan, trt_library, rel_l2_tolerance)
             phase.done(_verdict(report.trt_after))
     fixed = weights.unshare(fixed)
-    weights.release(shared, given)  # the result holds its weights again: the shared buffers can go
+    weights.release(shared, source)  # the result holds its weights again: the shared buffers can go
+    weights.release(source, given)
     return FixResult(fixed, report)
 
 
@@ -236,7 +240,6 @@ def _canonical_and_first(given, feeds, canonical, first_run, tolerance, strict_c
     model, canon_report = given, None
     if canonical:
         with progress.phase("canonicalisation", total=None) as phase:
-            # Before sharing: graphsurgeon's constant folding runs ORT on the weights themselves.
             model, canon_report = canonicalize(given, feeds, tolerance=tolerance, confirm_later=confirm_later)
             phase.done(canon_report.summary())
     # Weights shared, each held once however often the analysis copies the model (io.weights.share);

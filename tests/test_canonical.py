@@ -361,3 +361,36 @@ def test_an_unconfirmed_canonical_form_that_fails_to_run_is_redone_step_by_step(
     monkeypatch.setattr(fix_module, "_first_diagnosis", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("bug")))
     with pytest.raises(RuntimeError, match="bug"):
         fix_module.fix_model(padded, [], feeds, auto=True, auto_rewrites=())
+
+
+def test_shared_weights_fold_as_in_proto_ones():
+    """fix shares the weights before canonicalising (one buffer, cheap copies): a fold that reads a
+    weight (GPT-2's position table gathered at positions from the input's shape) folds the same,
+    and the canonical model's bytes are those of the unshared run (io.weights.load_refs)."""
+    from onnx_fp16_rewrite.io import weights as w
+
+    rng = np.random.default_rng(0)
+    wpe = onnx.numpy_helper.from_array(rng.standard_normal((64, 16)).astype(np.float32), "wpe")
+    wte = onnx.numpy_helper.from_array(rng.standard_normal((100, 16)).astype(np.float32), "wte")
+    consts = [onnx.numpy_helper.from_array(np.array(v, np.int64), n) for v, n in ((1, "one"), (0, "zero"))]
+    nodes = [
+        onnx.helper.make_node("Shape", ["ids"], ["shape"], name="shape"),
+        onnx.helper.make_node("Gather", ["shape", "one"], ["n"], name="n", axis=0),
+        onnx.helper.make_node("Range", ["zero", "n", "one"], ["pos"], name="pos"),
+        onnx.helper.make_node("Gather", ["wpe", "pos"], ["pe"], name="pe", axis=0),
+        onnx.helper.make_node("Gather", ["wte", "ids"], ["te"], name="te", axis=0),
+        onnx.helper.make_node("Add", ["te", "pe"], ["y"], name="add"),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes, "g", [onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [1, 32])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 32, 16])], [wpe, wte, *consts])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    feeds = [{"ids": rng.integers(0, 100, (1, 32)).astype(np.int64)}]
+    plain, plain_report = canonicalize(model, feeds)
+    shared = w.share(model)
+    assert w.is_ref(next(t for t in shared.graph.initializer if t.name == "wpe"))
+    folded, report = canonicalize(shared, feeds)
+    assert [n.op_type for n in plain.graph.node] == ["Gather", "Add"]  # the position gather folded
+    assert w.unshare(folded).SerializeToString() == plain.SerializeToString()
+    assert report.summary() == plain_report.summary()
+    w.release(shared, model)

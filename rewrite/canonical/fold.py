@@ -161,6 +161,7 @@ def _fold_rounds(model: onnx.ModelProto, max_rounds: int) -> onnx.ModelProto:
     for _ in range(max_rounds):
         before = len(current.graph.node)
         graph = weights.import_graph(_infer(current))
+        weights.load_refs(graph)  # graphsurgeon evaluates folds in ORT from exported values: arrays, not references
         graph.fold_constants(fold_shapes=True, error_ok=True, size_threshold=SIZE_THRESHOLD,
                              should_exclude_node=lambda n: n.op in _NEVER_FOLD)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()

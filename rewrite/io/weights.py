@@ -427,6 +427,17 @@ def import_graph(model: onnx.ModelProto):
     return graph
 
 
+def load_refs(graph) -> None:
+    """Referenced constants of a graphsurgeon graph as their arrays (views of the store, no copy):
+    graphsurgeon exports a lazy constant as its TensorProto, which ORT cannot read when it is a
+    reference; ``keep_refs`` turns the arrays back into references before the graph's export."""
+    import onnx_graphsurgeon as gs
+
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Constant) and _is_lazy(t._values) and is_ref(t._values.tensor):
+            t._values = t._values.load()
+
+
 def keep_refs(graph) -> None:
     """Before ``gs.export_onnx``: a referenced constant whose values a pass only read (graphsurgeon
     caches them as an array) is exported as its reference again, not inlined into the proto."""
