@@ -163,3 +163,29 @@ def test_a_library_writer_failing_mid_write_is_one_line_exit_2(tmp_path):
         with plan.transaction() as tx:
             tx.write_with("--save-inputs", full_disk)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_checker_on_the_skeleton_still_refuses_short_raw_data():
+    """Past 4 MB of in-proto float weights the ONNX checker sees the weight-less skeleton (no
+    copy of the weights through protobuf); the raw-data length it would check is checked here,
+    with its message, and a well-formed model passes either way."""
+    from onnx import TensorProto, helper
+
+    from onnx_fp16_rewrite.errors import BadInputError
+    from onnx_fp16_rewrite.io import model_io
+
+    def model(short: bool):
+        w = TensorProto()
+        w.name, w.data_type = "w", TensorProto.FLOAT
+        w.dims.extend([1024, 1024])
+        w.raw_data = np.zeros(1024 * 1024 - (1 if short else 0), np.float32).tobytes()
+        g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1024])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1024])], [w])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    assert 4 * 1024 * 1024 >= model_io._CHECK_COPY  # the skeleton path
+    model_io.check_model(model(short=False), "model")
+    with pytest.raises(BadInputError, match=r"fails the ONNX checker: .*tensor name: w.* raw_data size \(4194300 bytes\) "
+                                            r"is too small .*4194304 bytes required"):
+        model_io.check_model(model(short=True), "model")
