@@ -76,6 +76,11 @@ def bfloat16_model(d: Path) -> list[str]:
     return ["check", str(save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), d / "m.onnx"))]
 
 
+def bfloat16_model_fix(d: Path) -> list[str]:
+    """The same model given to ``fix --auto``: refused before any analysis as ``check`` refuses it."""
+    return ["fix", bfloat16_model(d)[1], "--auto", "-o", str(d / "out" / "f.onnx")]
+
+
 def zero_dim_input(d: Path) -> list[str]:
     m = small_model()
     m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 0

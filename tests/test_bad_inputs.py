@@ -38,6 +38,7 @@ CASES = [
     ("opset-30", C.opset_30, 2, "opset"),
     ("shapes-disagree", C.bad_shapes, 2, "mm"),
     ("bfloat16-cpu", C.bfloat16_model, 2, "sin"),
+    ("bfloat16-cpu-fix", C.bfloat16_model_fix, 2, "ONNX Runtime cannot load input model"),
     ("zero-dim-input", C.zero_dim_input, 2, "'x'"),
     ("sequence-input", C.sequence_input, 2, "'s'"),
     ("optional-input", C.optional_input, 2, "'o'"),
