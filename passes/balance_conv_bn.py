@@ -35,6 +35,8 @@ from onnx_fp16_rewrite.patterns.norm_patterns import consumers
 
 logger = logging.getLogger(__name__)
 
+_NO_SITE = "no Conv -> BatchNormalization with constant parameters"
+
 
 class BalanceConvBn(Pass):
     name = "balance-conv-bn"
@@ -51,6 +53,11 @@ class BalanceConvBn(Pass):
         self.min_cancel = float(min_cancel)
         self.nodes = tuple(nodes)
 
+    def nothing_to_do(self, model: onnx.ModelProto) -> PassResult | None:
+        if any(n.op_type == "BatchNormalization" and (not self.nodes or n.name in self.nodes) for n in model.graph.node):
+            return None
+        return PassResult(modified=False, skipped=[Site("-", "-", _NO_SITE)])
+
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         result = PassResult(modified=False)
         sites = [s for s in (_match(n, graph) for n in graph.nodes if n.op == "BatchNormalization"
@@ -60,7 +67,7 @@ class BalanceConvBn(Pass):
         sites = [(n, r) for n, r in sites if not isinstance(r, str)]
         if not sites:
             if not result.skipped:
-                result.skipped.append(Site("-", "-", "no Conv -> BatchNormalization with constant parameters"))
+                result.skipped.append(Site("-", "-", _NO_SITE))
             return result
         spreads = _spreads(ctx, [(conv.outputs[0].name, p["mean"]) for _, (conv, p) in sites])
         names = NameSource(graph)

@@ -68,6 +68,9 @@ class BoxFilter(Pass):
         self.max_partial = float(max_partial)
         self.max_flop_ratio = float(max_flop_ratio)
 
+    def nothing_to_do(self, model: onnx.ModelProto) -> PassResult | None:
+        return None if any(n.op_type == "CumSum" for n in model.graph.node) else PassResult(modified=False)
+
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         result = PassResult(modified=False)
         cumsums = [n for n in graph.nodes if n.op == "CumSum"]

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from onnx_fp16_rewrite.analysis.cutout_judge import Cutout, judge_cutouts
@@ -81,6 +82,9 @@ class RescaleAccumulation(Pass):
         self.target_absmax = float(target_absmax)
         self.max_rel_l2 = float(max_rel_l2)
         self.max_underflow_share = float(max_underflow_share)
+
+    def nothing_to_do(self, model: onnx.ModelProto) -> PassResult | None:
+        return None if any(n.op_type in self.seed_ops for n in model.graph.node) else PassResult(modified=False)
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         result = PassResult(modified=False)

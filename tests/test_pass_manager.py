@@ -155,3 +155,31 @@ def test_registry_did_you_mean():
     assert get_pass_class("protect-fp32") is ProtectFp32
     with pytest.raises(UnknownPassError, match="did you mean 'protect-fp32'"):
         parse_pipeline("protect-fp32,protect-fp3")
+
+
+@pytest.mark.parametrize("pass_name", ["rescale-accumulation", "box-filter", "balance-conv-bn"])
+def test_nothing_to_do_is_what_run_returns(pass_name, monkeypatch):
+    """A pass whose ops are absent answers from the op types (``Pass.nothing_to_do``): the same
+    record as running it (rewritten, skipped with its reasons), without importing the graph;
+    where its ops are present it runs."""
+    from onnx_fp16_rewrite.io import weights
+    from onnx_fp16_rewrite.models.t5_encoder import build_t5_encoder, demo_inputs
+    from onnx_fp16_rewrite.models.nafnet import build_nafnet
+    from onnx_fp16_rewrite.pipeline.pass_context import PassContext
+    from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
+
+    cls = get_pass_class(pass_name)
+    absent = build_t5_encoder(seq_len=16, d_model=128, heads=2, d_ff=128, layers=1)  # no CumSum/ReduceSum/BN
+    assert not {n.op_type for n in absent.graph.node} & {"CumSum", "ReduceSum", "BatchNormalization"}
+    feeds = [demo_inputs(absent, seed=0)]
+    quick = cls().nothing_to_do(absent)
+    assert quick is not None and not quick.modified
+    ran = cls().run(weights.import_graph(absent), PassContext(model=absent, feeds=feeds, plan=PrecisionPlan()))
+    assert (quick.rewritten, quick.skipped, quick.values_changed) == (ran.rewritten, ran.skipped, ran.values_changed)
+    imports = []
+    real = weights.import_graph
+    monkeypatch.setattr(weights, "import_graph", lambda m: imports.append(1) or real(m))
+    _, report = PassManager([cls()], feeds).run(absent)
+    assert report.passes[0].status == "unchanged" and report.passes[0].skipped == ran.skipped and not imports
+    if pass_name != "balance-conv-bn":  # NAFNet has CumSums (no BatchNormalization): the pass must run
+        assert cls().nothing_to_do(build_nafnet(height=32, width=32, channels=8, blocks=1)) is None

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
+    import onnx
     import onnx_graphsurgeon as gs
 
     from onnx_fp16_rewrite.pipeline.pass_context import PassContext
@@ -49,6 +50,12 @@ class Pass:
 
     def run(self, graph: "gs.Graph", ctx: "PassContext") -> PassResult:
         raise NotImplementedError
+
+    def nothing_to_do(self, model: "onnx.ModelProto") -> PassResult | None:
+        """The result ``run`` would return, where the model's op types alone show it has nothing
+        to do (None: run it). The PassManager then skips graphsurgeon's import of the model
+        (~0.03 s for a 230-node graph; ``fix --auto`` tries six rewrites on every model)."""
+        return None
 
     def options(self) -> dict[str, object]:
         """The pass's options as plain data, for reports (subclasses are dataclass-like)."""

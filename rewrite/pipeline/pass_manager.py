@@ -115,6 +115,12 @@ class PassManager:
         assert self.validator is not None
         start = time.perf_counter()
         record = PassRecord(p.name, p.options(), "unchanged")
+        quick = p.nothing_to_do(model)
+        if quick is not None:  # what run would return: no copy, no import
+            assert not quick.modified, f"{p.name}.nothing_to_do returned a modified result"
+            record.rewritten, record.skipped, record.values_changed = quick.rewritten, quick.skipped, quick.values_changed
+            record.seconds = _since(start)
+            return record, model
         # A protobuf copy is deep: unlike gs.Graph.copy() it shares no weights with the pass's graph.
         snapshot = onnx.ModelProto()
         snapshot.CopyFrom(model)
