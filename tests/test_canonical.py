@@ -394,3 +394,29 @@ def test_shared_weights_fold_as_in_proto_ones():
     assert w.unshare(folded).SerializeToString() == plain.SerializeToString()
     assert report.summary() == plain_report.summary()
     w.release(shared, model)
+
+
+def test_a_large_weight_read_from_its_file_folds_as_in_memory(tmp_path):
+    """A weight past LARGE_TENSOR_BYTES stays a reference to the model's file (io.weights); a
+    Transpose of it folds as it does for the same model in memory (graphsurgeon's fold reads the
+    reference's array: weights.load_refs; before, ORT could not read it and the fold was skipped),
+    and the folded model computes the same outputs."""
+    from onnx_fp16_rewrite.io import weights as w
+    from onnx_fp16_rewrite.io.model_io import load_model
+
+    rng = np.random.default_rng(0)
+    weight = onnx.numpy_helper.from_array(rng.standard_normal((48, 64)).astype(np.float32), "W")
+    nodes = [onnx.helper.make_node("Transpose", ["W"], ["WT"], name="t", perm=[1, 0]),
+             onnx.helper.make_node("MatMul", ["x", "WT"], ["y"], name="mm")]
+    graph = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 64])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 48])], [weight])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    onnx.save_model(model, str(tmp_path / "m.onnx"))
+    loaded = load_model(tmp_path / "m.onnx", large_tensor_bytes=1024)
+    assert w.is_ref(loaded.graph.initializer[0])
+    feeds = [{"x": rng.standard_normal((2, 64)).astype(np.float32)}]
+    in_memory, _ = canonicalize(model, feeds)
+    from_file, report = canonicalize(loaded, feeds)
+    assert [n.op_type for n in from_file.graph.node] == [n.op_type for n in in_memory.graph.node] == ["MatMul"]
+    assert report.folded == 1
+    np.testing.assert_array_equal(run_model(from_file, feeds)[0]["y"], run_model(model, feeds)[0]["y"])
