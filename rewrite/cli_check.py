@@ -21,6 +21,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         raise BadInputError("--strict-cumsum applies to the emulation backend only")
     trt_library = cli_common.require_trt(args.backend == "trt")
     model, feeds, known = cli_common.load(args)
+    loaded, shared = model, None
     progress = progress_for(sys.stdout, sys.stderr, quiet=args.quiet)
     if trt_library:
         from onnx_fp16_rewrite.tensorrt.trt_backend import check_trt
@@ -34,7 +35,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         from onnx_fp16_rewrite.io import weights
 
         # Weights shared first: canonicalisation copies the model several times (as fix does).
-        given = weights.share(model)
+        given = shared = weights.share(model)
         for later in (True, False):
             with progress.phase("canonicalisation") as phase:
                 # What fix analyses: folded shape arithmetic, no no-op Casts. Validated on the FP32
@@ -72,6 +73,10 @@ def cmd_check(args: argparse.Namespace) -> int:
                               want_json=bool(args.report), want_html=bool(args.html),
                               strict_cumsum=args.strict_cumsum, tolerance=args.rel_l2)
         cli_common.write_reports(args, texts)
+    if shared is not None:
+        from onnx_fp16_rewrite.io import weights
+
+        weights.release(shared, loaded)  # nothing holds the shared buffers now (main() may run again in-process)
     return code
 
 

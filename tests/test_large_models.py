@@ -164,3 +164,16 @@ def test_check_releases_its_shared_weights():
     assert len(weights._store) == held
     assert [(o.nan, o.inf, o.rel_l2) for r in reports for o in r.outputs] == \
         [(o.nan, o.inf, o.rel_l2) for o in reports[0].outputs] * 2
+
+
+def test_cli_check_releases_its_shared_weights(tmp_path, capsys):
+    """CLI check shares the model's weights before canonicalising and releases them at the end:
+    main() run again in-process (an export script, the tests) does not grow the store."""
+    path = tmp_path / "m.onnx"
+    onnx.save_model(table_model(rows=300), str(path))
+    codes, held = [], len(weights._store)
+    for _ in range(2):
+        codes.append(main(["check", str(path), "-q"]))
+        assert len(weights._store) == held
+    assert codes[0] == codes[1] and codes[0] in (0, 4)
+    capsys.readouterr()
