@@ -290,3 +290,23 @@ def test_check_of_fp16_inputs_takes_its_reference_from_the_twin(monkeypatch, fed
     assert not report.passed and report.failing_tensors >= 1 and report.mode == "strong"
     given = fp16_emulation.check_fp16(model, feeds, separate)  # the reference given: no twin, no FP32 run
     assert dataclasses.replace(given, seconds=report.seconds) == report
+
+
+def test_cli_check_takes_the_fp32_twin_from_the_preflight_with_matmul_weights(tmp_path, monkeypatch):
+    """The preflight stands in for the twin bit for bit on a MatMul model too: every session of
+    ours handles its weights alike (ORT's weight prepacking off: a packed MatMul rounds
+    differently from an unpacked one), so the report is the twin's, findings and rel L2 and all."""
+    from onnx_fp16_rewrite import canonical
+
+    model = build_t5_encoder()  # its outlier dims overflow FP16: a failing check with findings
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "in.npz", **demo_inputs(model))
+    shadows = _count_twins(monkeypatch)
+    fast = _cli_check_report(tmp_path)
+    assert shadows == [False]
+    monkeypatch.setattr(canonical, "computes_as_given", lambda _report: False)
+    shadows.clear()
+    twin = _cli_check_report(tmp_path)
+    assert shadows == [True]
+    assert fast[0] == twin[0] == 4  # EXIT_FP16_FAILS
+    assert fast[1]["failing_tensors"] and fast[1] == twin[1]
