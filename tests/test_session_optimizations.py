@@ -125,6 +125,10 @@ def test_our_sessions_do_not_prepack_weights_and_a_users_does():
         assert session.get_session_options().get_session_config_entry("session.disable_prepacking") == "1"
     with pytest.raises(RuntimeError, match="disable_prepacking"):  # not set: ORT's default (packing)
         user.get_session_options().get_session_config_entry("session.disable_prepacking")
+    # The user-like session runs on a thread beside our work: its idle workers do not spin.
+    assert user.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    with pytest.raises(RuntimeError, match="allow_spinning"):
+        ours[0].get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
     results = [s.run(["y"], {"x": x})[0] for s in (*ours, user)]
     assert np.array_equal(results[0], results[1])
     np.testing.assert_allclose(results[2], x.astype(np.float64) @ w, rtol=1e-4, atol=1e-3)
