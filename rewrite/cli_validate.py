@@ -13,8 +13,7 @@ from typing import Any
 import numpy as np
 
 from onnx_fp16_rewrite.errors import BadInputError
-
-FP16_MAX = 65504.0
+from onnx_fp16_rewrite.fp16_limits import FP16_MAX
 
 
 def _number(text: str) -> float:

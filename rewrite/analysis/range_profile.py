@@ -25,11 +25,10 @@ from onnx_fp16_rewrite.io.ort_runner import Feed, infer_types, make_session
 from onnx_fp16_rewrite.emit.schema_types import inline_constants
 from onnx_fp16_rewrite.emulation.control_flow import BodySite, ControlFlowEmulator, body_types
 from onnx_fp16_rewrite.emulation.fp16_graph_edits import subgraphs, weights_not_inputs
+from onnx_fp16_rewrite.fp16_limits import FP16_MAX, FP16_MIN_NORMAL
 
 logger = logging.getLogger(__name__)
 
-FP16_MAX = 65504.0
-FP16_MIN_NORMAL = 2.0**-14
 # |x| at or beyond this is a mask sentinel (finfo(float32).min fills, -1e38 style), not data.
 SENTINEL_ABS = 1e30
 SAMPLE = 16384  # values drawn per tensor and sample for the percentile and subnormal share

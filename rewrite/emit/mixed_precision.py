@@ -30,13 +30,13 @@ from onnx_fp16_rewrite.emit.graph_scopes import (
 )
 from onnx_fp16_rewrite.emit.index_arithmetic import index_arithmetic_nodes
 from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
+from onnx_fp16_rewrite.fp16_limits import FP16_MAX
 
 __all__ = ["FP16_MAX", "MixedPrecisionReport", "to_mixed_precision"]
 
 logger = logging.getLogger(__name__)
 
 FP32, FP16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
-FP16_MAX = 65504.0
 _SUFFIX = {FP16: "fp16", FP32: "fp32"}
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _FORCED = "converter: "  # prefix of the reasons this module gives (plan reasons are kept as is)

@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from onnx_fp16_rewrite.io.ort_runner import Feed
-
-FP16_MAX = 65504.0
+from onnx_fp16_rewrite.fp16_limits import FP16_MAX
 
 
 @dataclass

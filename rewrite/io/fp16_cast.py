@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from onnx_fp16_rewrite.fp16_limits import FP16_MAX
+
 # Below this many elements a session run costs more than numpy's loop.
 MIN_ELEMENTS = 1 << 16
-
-FP16_MAX = 65504.0
 
 _sessions: dict[tuple[str, bool], object] = {}
 

@@ -29,6 +29,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_fp16_rewrite.io import fp16_cast
+from onnx_fp16_rewrite.fp16_limits import FP16_MAX
 
 logger = logging.getLogger(__name__)
 
@@ -317,9 +318,6 @@ def derive(t: TensorProto, op: str, fn: Callable[[np.ndarray], np.ndarray], name
             out = np.asarray(fn(np.zeros((0,), _np_dtype(t)))).reshape(-1)
         _derived[key] = _keep(out.reshape(tuple(t.dims)))
     return _ref_tensor(_derived[key], name)
-
-
-FP16_MAX = 65504.0
 
 
 def _round16(a: np.ndarray) -> np.ndarray:

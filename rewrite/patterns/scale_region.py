@@ -31,8 +31,8 @@ import onnx_graphsurgeon as gs
 
 from onnx_fp16_rewrite.pipeline.graph_edit import const_value
 from onnx_fp16_rewrite.patterns.norm_patterns import NORM_OPS, NormMatch, consumers
+from onnx_fp16_rewrite.fp16_limits import FP16_MAX
 
-FP16_MAX = 65504.0
 
 # Ops with out(s*x) == s*out(x) for s > 0 in their first input (other inputs are shapes, indices or parameters).
 HOMOGENEOUS = {"Relu", "LeakyRelu", "Abs", "PRelu", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",

@@ -17,9 +17,9 @@ from collections.abc import Iterable, Mapping
 import onnx
 
 from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
+from onnx_fp16_rewrite.fp16_limits import FP16_MAX
 
 TOOL_KEY = "onnx_fp16_rewrite.tool"
-FP16_MAX = 65504.0
 # Lines this module writes start with one of these; a re-run replaces them, keeps the rest.
 _PREFIXES = ("rewritten by ", "FP32 (pinned by ", "FP32 (", "added by ", "FP16 (")
 

@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 
 from onnx_fp16_rewrite.errors import BadInputError
 from onnx_fp16_rewrite.report.plot_data import PlotData
+from onnx_fp16_rewrite.fp16_limits import FP16_MAX, FP16_MIN_NORMAL
 
-FP16_MAX = 65504.0
-FP16_MIN_NORMAL = 2.0**-14
 DPI = 100
 HEIGHT_IN = 7.0
 SITE_RGB = (214, 39, 40)  # the failure-site bands (tests look for this colour)
