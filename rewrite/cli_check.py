@@ -73,9 +73,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                               want_json=bool(args.report), want_html=bool(args.html),
                               strict_cumsum=args.strict_cumsum, tolerance=args.rel_l2)
         cli_common.write_reports(args, texts)
-    if shared is not None:
-        from onnx_fp16_rewrite.io import weights
-
+    if shared is not None:  # the emulation branch above shared them (and imported weights)
         weights.release(shared, loaded)  # nothing holds the shared buffers now (main() may run again in-process)
     return code
 
