@@ -18,7 +18,9 @@ Run by hand (from the repository root, in the venv):
 Models (one plain inference on 2 cores): ``nafnet9`` (NAFNet-Local 512^2, ~1 s), ``vae`` (diffusers AutoencoderKL
 decoder, latent 32 -> 256^2, TorchScript export, 1-1.5 s), ``t5`` (our T5 v1.1-style builder, seq 256),
 ``t5-torchscript`` (transformers T5EncoderModel, t5-small-like, seq 256, TorchScript export, ~1 s); the earlier
-``vae-small`` (our builder, 0.1 s) and ``t5-torchscript-small`` (the corpus' tiny T5, 0.02 s) stay for comparison.
+``vae-small`` (our builder, 0.1 s) and ``t5-torchscript-small`` (the corpus' tiny T5, 0.02 s) stay for comparison;
+``t5-base-torchscript`` (t5-base's encoder, 420 MB) and ``sd-vae-torchscript`` (Stable Diffusion's VAE decoder widths at
+256x256, ~3 s) are real sizes, given by name.
 Each prints its nodes, weight MB, plain-inference seconds and whether ``check`` fails before any fix.
 ``--versions before=DIR,after=.`` measures several copies side by side, job by job interleaved, and
 ``--repeat N`` runs each job N times and reports medians (this machine's noise is +-15 % a run).
@@ -89,6 +91,8 @@ print(json.dumps({"seconds": seconds, "peak_mb": peak / 1024, "delta_mb": (peak 
 
 MODELS = ("nafnet9", "vae", "t5", "t5-torchscript")
 SMALL = ("vae-small", "t5-torchscript-small")  # the models of earlier runs: too small for the targets to mean much
+# Real-size exports (--models to add them; 0.5-2 GB of RSS each): where users' cost lies, compute beside overhead.
+LARGE = ("t5-base-torchscript", "sd-vae-torchscript")
 JOBS = ("check", "fix-fp32", "fix-mixed")
 CLI_JOBS = ("cli-check", "cli-fix")  # the CLI on the same model and first sample (--jobs to add them)
 
@@ -108,7 +112,7 @@ def build(name: str, samples: int) -> tuple[onnx.ModelProto, list[dict[str, np.n
         from onnx_fp16_rewrite.models.t5_encoder import build_t5_encoder, demo_inputs
 
         model = build_t5_encoder(seq_len=256, d_model=512, heads=8, d_ff=1024, layers=6)
-    elif name in ("vae", "t5-torchscript", "t5-torchscript-small"):
+    elif name in ("vae", "t5-torchscript", "t5-torchscript-small", *LARGE):
         # vae: diffusers AutoencoderKL decoder, latent 32 -> 256x256; t5-torchscript: transformers
         # T5EncoderModel, t5-small-like at seq 256; -small: the corpus' tiny t5-encoder. All through
         # torch.onnx.export(dynamo=False), cached on disk (the first run exports them: ~20 s each).
@@ -119,13 +123,17 @@ def build(name: str, samples: int) -> tuple[onnx.ModelProto, list[dict[str, np.n
             spec = sized.vae_decoder()
         elif name == "t5-torchscript":
             spec = sized.t5_encoder()
+        elif name == "t5-base-torchscript":  # t5-base's encoder: d_model 768, 12 layers of 12 heads, 420 MB
+            spec = sized.t5_encoder(d_model=768, d_kv=64, d_ff=2048, layers=12, heads=12)
+        elif name == "sd-vae-torchscript":  # Stable Diffusion's VAE decoder widths (128-512, 3 resnets a block)
+            spec = sized.vae_decoder(channels=(128, 256, 512, 512), layers_per_block=2)
         else:
             spec = exported.spec("t5-encoder")
         model = exported.build(spec, "torchscript")
         feeds = spec.feeds()
         return model, [feeds[i % len(feeds)] for i in range(samples)]
     else:
-        raise SystemExit(f"unknown model {name!r} (known: {', '.join(MODELS + SMALL)})")
+        raise SystemExit(f"unknown model {name!r} (known: {', '.join(MODELS + SMALL + LARGE)})")
     return model, [demo_inputs(model, seed=i) for i in range(samples)]
 
 
