@@ -75,6 +75,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         cli_common.write_reports(args, texts)
     if shared is not None:  # the emulation branch above shared them (and imported weights)
         weights.release(shared, loaded)  # nothing holds the shared buffers now (main() may run again in-process)
+    cli_common.release_model(loaded)
     return code
 
 

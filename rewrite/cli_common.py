@@ -28,8 +28,8 @@ def load(args: argparse.Namespace, *, preflight_now: bool = True):
             raise BadInputError(f"unknown demo {args.demo!r} (known: {', '.join(DEMO_MODELS)})")
         model = DEMO_MODELS[args.demo]()
     else:
-        model = load_model(args.model)
-        session = check_input_model(model, f"input model {args.model}")  # checker, I/O, opsets, domains, ORT loads it
+        # Checker, I/O, opsets, domains, ORT loads it; its float weights shared from here on (release_model frees them).
+        model, session = check_input_model(load_model(args.model), f"input model {args.model}")
     try:
         feeds = feeds_from_args(args, model)
     except MemoryError:
@@ -46,6 +46,13 @@ def load(args: argparse.Namespace, *, preflight_now: bool = True):
         else:
             save_inputs(feeds, args.save_inputs)
     return model, feeds, known
+
+
+def release_model(model) -> None:
+    """Free the weights ``load`` shared for ``model`` (main() may run again in-process)."""
+    from onnx_fp16_rewrite.io import weights
+
+    weights.release(model, None)
 
 
 def say(args: argparse.Namespace, text: str) -> None:

@@ -90,6 +90,7 @@ def cmd_fix(args: argparse.Namespace) -> int:
                             output_path=str(out), want_json=bool(args.report), want_html=bool(args.html),
                             strict_cumsum=args.strict_cumsum, tolerance=args.rel_l2)
         cli_common.write_reports(args, texts)
+    cli_common.release_model(model)
     return rep.exit_code
 
 

@@ -166,14 +166,29 @@ def test_check_releases_its_shared_weights():
         [(o.nan, o.inf, o.rel_l2) for o in reports[0].outputs] * 2
 
 
-def test_cli_check_releases_its_shared_weights(tmp_path, capsys):
-    """CLI check shares the model's weights before canonicalising and releases them at the end:
-    main() run again in-process (an export script, the tests) does not grow the store."""
+@pytest.mark.parametrize("command", ["check", "fix"])
+def test_cli_releases_its_shared_weights(tmp_path, capsys, monkeypatch, command):
+    """The CLI shares the model's weights as it loads it (before the input model's ORT session,
+    which then reads the shared buffers instead of copying each weight out of the proto) and
+    releases them at the end: main() run again in-process (an export script, the tests) does not
+    grow the store."""
+    from onnx_fp16_rewrite.io import model_io
+
     path = tmp_path / "m.onnx"
     onnx.save_model(table_model(rows=300), str(path))
+    sessions = []
+    real = model_io.check_input_model
+    monkeypatch.setattr(model_io, "check_input_model", lambda m, what: sessions.append(real(m, what)) or sessions[-1])
     codes, held = [], len(weights._store)
-    for _ in range(2):
-        codes.append(main(["check", str(path), "-q"]))
+    for k in range(2):
+        argv = [command, str(path), "-q"] + (["--auto", "-o", str(tmp_path / f"out{k}.onnx")] if command == "fix" else [])
+        codes.append(main(argv))
         assert len(weights._store) == held
     assert codes[0] == codes[1] and codes[0] in (0, 4)
+    shared, _ = sessions[0]
+    assert all(weights.is_ref(t) for t in shared.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
+    if command == "fix":  # the result holds its weights again
+        fixed = onnx.load(str(tmp_path / "out0.onnx"))
+        assert not any(weights.is_ref(t) for t in fixed.graph.initializer)
+        assert {t.name for t in onnx.load(str(path)).graph.initializer} <= {t.name for t in fixed.graph.initializer}
     capsys.readouterr()

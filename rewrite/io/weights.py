@@ -164,8 +164,10 @@ def release(shared: onnx.ModelProto, given: onnx.ModelProto) -> None:
     """Drop what ``share(given) -> shared`` put in the store since, and what was derived from it
     (rounded copies, a pass's new weights, FP16 copies): call once no model holding those
     references is used again (the caller's result unshared). A no-op when ``shared is given``."""
+    if shared is given:  # share found nothing to move: what it returned is the caller's own
+        return
     start = _share_start.pop(id(shared), None)
-    if shared is given or start is None:
+    if start is None:
         return
     dropped = {k for k in _shared if k >= start}
     for (source, _op), key in list(_derived.items()):
