@@ -213,10 +213,11 @@ def check_input_model(model: onnx.ModelProto, what: str = "model"):
     check_model(model, what)
     # Shared before the session: built from the proto, it copied every in-proto weight out of it
     # (t5-base's 420 MB: 1.1 s), and the analysis then shared them in a copy of its own.
-    model = weights.share(model)
+    shared = weights.share(model)
     try:
-        return model, make_session(model)
+        return shared, make_session(shared)
     except Exception as exc:  # ORT raises its own exception types
+        weights.release(shared, model)
         raise BadInputError(f"ONNX Runtime cannot load {what}: {ort_reason(exc)}") from None
 
 
