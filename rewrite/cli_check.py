@@ -34,7 +34,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         from onnx_fp16_rewrite.canonical import canonicalize, computes_as_given, confirm, unconfirmed
         from onnx_fp16_rewrite.io import weights
 
-        # Weights shared first: canonicalisation copies the model several times (as fix does).
+        # Weights shared first: canonicalisation copies the model several times (as fix does). A model
+        # file's are already (cli_common.load): then share returns it as it is; a demo's are shared here.
         given = shared = weights.share(model)
         for later in (True, False):
             with progress.phase("canonicalisation") as phase:
@@ -73,9 +74,9 @@ def cmd_check(args: argparse.Namespace) -> int:
                               want_json=bool(args.report), want_html=bool(args.html),
                               strict_cumsum=args.strict_cumsum, tolerance=args.rel_l2)
         cli_common.write_reports(args, texts)
-    if shared is not None:  # the emulation branch above shared them (and imported weights)
-        weights.release(shared, loaded)  # nothing holds the shared buffers now (main() may run again in-process)
-    cli_common.release_model(loaded)
+    # Nothing holds the shared buffers now (main() may run again in-process): those load shared, or
+    # the emulation branch's (the same model unless a demo's weights were shared there).
+    cli_common.release_model(shared if shared is not None else loaded)
     return code
 
 
