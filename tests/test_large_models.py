@@ -192,3 +192,27 @@ def test_cli_releases_its_shared_weights(tmp_path, capsys, monkeypatch, command)
         assert not any(weights.is_ref(t) for t in fixed.graph.initializer)
         assert {t.name for t in onnx.load(str(path)).graph.initializer} <= {t.name for t in fixed.graph.initializer}
     capsys.readouterr()
+
+
+def test_a_share_never_released_is_not_taken_by_a_later_model():
+    """A run that raises never releases its share. Its model must not die while its scope is on
+    record: a later model at the same address would take the scope, and releasing that model (the
+    fixer releases a share() result that found nothing to move) would drop the weights of every
+    share made since."""
+    import gc
+
+    earlier = set(weights._store)  # other tests' leftovers are not this test's to judge
+    leaked = weights.share(table_model(rows=200))
+    address = id(leaked)
+    del leaked
+    gc.collect()
+    # The scope's model is alive (so no other object can have its address) and is the one recorded.
+    assert id(weights._share_start[address][1]) == address
+    kept = weights.share(table_model(rows=300))  # a share made since: its weights must survive
+    held = {k for k in weights._store if k in weights._shared} - earlier
+    later = onnx.ModelProto()  # where CPython reuses a freed address, this one would have it
+    weights.release(later, None)  # not made by share: nothing to release
+    assert held <= set(weights._store)
+    weights.release(weights._share_start[address][1], None)
+    weights.release(kept, None)
+    assert not held & set(weights._store)

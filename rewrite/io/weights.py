@@ -129,7 +129,7 @@ def share(model: onnx.ModelProto) -> onnx.ModelProto:
     if not any(shareable(t) for t in model.graph.initializer):
         return model
     out = onnx.ModelProto()
-    _share_start[id(out)] = next(_ids)
+    _share_start[id(out)] = (next(_ids), out)
     _copy_fields(out, model, skip="graph")
     _copy_fields(out.graph, model.graph, skip="initializer")
     for t in model.graph.initializer:
@@ -157,7 +157,10 @@ def unshare(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-_share_start: dict[int, int] = {}  # id(model share made) -> the first store key of its scope
+# id(model share made) -> (the first store key of its scope, that model). Holding the model keeps its id
+# from being reused while the entry lives: an entry never released (a run that raised) would otherwise
+# be taken by a later model at the same address, whose release then dropped others' weights.
+_share_start: dict[int, tuple[int, onnx.ModelProto]] = {}
 
 
 def release(shared: onnx.ModelProto, given: onnx.ModelProto) -> None:
@@ -166,9 +169,10 @@ def release(shared: onnx.ModelProto, given: onnx.ModelProto) -> None:
     references is used again (the caller's result unshared). A no-op when ``shared is given``."""
     if shared is given:  # share found nothing to move: what it returned is the caller's own
         return
-    start = _share_start.pop(id(shared), None)
-    if start is None:
+    entry = _share_start.pop(id(shared), None)
+    if entry is None:
         return
+    start = entry[0]
     dropped = {k for k in _shared if k >= start}
     for (source, _op), key in list(_derived.items()):
         if _key_of_location(source[0]) in dropped:
