@@ -3,9 +3,12 @@
 Exact statistics (the sum of squared differences over the whole tensor, and of squared FP32
 values) cost five passes over every tensor: on NAFNet 512x512 more than the emulation and its
 shadow together. A large tensor's relative L2 error is instead estimated from a systematic
-sample: every k-th element of the flat tensor, k the smallest prime giving at most
-``SAMPLE`` elements (a prime stride visits every column of power-of-two-sized layouts). The
-sample is read in the graph (a strided Slice of a free Reshape) and only scalars leave it.
+sample of about ``SAMPLE`` elements, read in the graph (a strided Slice of a free Reshape; only
+scalars leave it): the flat tensor as rows of ``BLOCK`` contiguous elements, every k-th row, k
+the smallest prime giving at most ``SAMPLE`` elements (an odd stride visits every column of
+power-of-two-sized layouts). Rows, not single elements: a sampled element a cache line made the
+Slices 12 % of NAFNet's diagnosis run (0.3 s); a row of 16 reads one line for 16 elements. A size
+that rows do not divide takes every k-th element instead.
 Non-finiteness stays exact: one ReduceSum of the whole emulated tensor (NaN and inf propagate
 through sums). Tensors up to ``SAMPLE`` elements, or of unknown size, keep the exact statistics.
 """
@@ -21,7 +24,9 @@ from onnx_fp16_rewrite.emulation.reductions import two_step
 
 # Elements in a sampled error statistic (tensors up to this size are measured exactly).
 SAMPLE = 1 << 16
+BLOCK = 16  # contiguous elements a sampled row (64 bytes of FP32: one cache line)
 _FLAT = "__err_flat"
+_ROWS = "__err_rows"
 _AXIS0 = "__err_axis0"
 _END = "__err_end"
 
@@ -58,6 +63,8 @@ def shadow_error_nodes(tensor: str, size: int | None, opset: int, ranged: bool,
         exact = [n for n in exact if n.output[0] not in (tensor + "__fmax", tensor + "__fmin")]
     if size is None or size <= SAMPLE or opset < 10:
         return exact, None
+    block = BLOCK if size % BLOCK == 0 else 1
+    # In elements, or in rows of ``block``: either way a sample of about size / stride elements.
     stride = _prime_at_least(-(-size // SAMPLE))
     _constants(new_inits)
     p = tensor + "__s"
@@ -68,7 +75,8 @@ def shadow_error_nodes(tensor: str, size: int | None, opset: int, ranged: bool,
     nodes = [n for n in exact if n.op_type in ("ReduceMax", "ReduceMin")]
     for src, tag in ((tensor, "emu"), (tensor + SHADOW, "ref")):
         nodes += [
-            helper.make_node("Reshape", [src, _FLAT], [f"{p}_{tag}_flat"], name=f"{p}_{tag}_flat"),
+            helper.make_node("Reshape", [src, _ROWS if block > 1 else _FLAT], [f"{p}_{tag}_flat"],
+                             name=f"{p}_{tag}_flat"),
             helper.make_node("Slice", [f"{p}_{tag}_flat", start, _END, _AXIS0, step], [f"{p}_{tag}"],
                              name=f"{p}_{tag}"),
         ]
@@ -85,6 +93,7 @@ def _constants(new_inits: list[onnx.TensorProto]) -> None:
     if any(i.name == _FLAT for i in new_inits):
         return
     new_inits += [numpy_helper.from_array(np.array([-1], np.int64), _FLAT),
+                  numpy_helper.from_array(np.array([-1, BLOCK], np.int64), _ROWS),
                   numpy_helper.from_array(np.array([0], np.int64), _AXIS0),
                   numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64), _END)]
 
