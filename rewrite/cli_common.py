@@ -31,20 +31,26 @@ def load(args: argparse.Namespace, *, preflight_now: bool = True):
         # Checker, I/O, opsets, domains, ORT loads it; its float weights shared from here on (release_model frees them).
         model, session = check_input_model(load_model(args.model), f"input model {args.model}")
     try:
-        feeds = feeds_from_args(args, model)
-    except MemoryError:
-        shapes = " ".join(args.shape) or "the model's own shapes"
-        raise BadInputError(f"--shape: inputs of these shapes ({shapes}) do not fit in memory") from None
-    source = " ".join(map(str, args.inputs)) if args.inputs else "generated inputs"
-    check_feeds(feeds, source)  # finite, non-empty (cli_validate)
-    # ORT's refusals are the input's (exit 2); its outputs are the FP32 reference on that feed.
-    known = [preflight(model, feeds[0], f"input model {args.model}", session)] if preflight_now and not args.demo else []
-    del session
-    if args.save_inputs:  # staged: lands with the other outputs when the run succeeds (io.paths)
-        if getattr(args, "tx", None):
-            args.tx.write_with("--save-inputs", lambda path: save_inputs(feeds, path))
-        else:
-            save_inputs(feeds, args.save_inputs)
+        try:
+            feeds = feeds_from_args(args, model)
+        except MemoryError:
+            shapes = " ".join(args.shape) or "the model's own shapes"
+            raise BadInputError(f"--shape: inputs of these shapes ({shapes}) do not fit in memory") from None
+        source = " ".join(map(str, args.inputs)) if args.inputs else "generated inputs"
+        check_feeds(feeds, source)  # finite, non-empty (cli_validate)
+        # ORT's refusals are the input's (exit 2); its outputs are the FP32 reference on that feed.
+        known = ([preflight(model, feeds[0], f"input model {args.model}", session)]
+                 if preflight_now and not args.demo else [])
+        del session
+        if args.save_inputs:  # staged: lands with the other outputs when the run succeeds (io.paths)
+            if getattr(args, "tx", None):
+                args.tx.write_with("--save-inputs", lambda path: save_inputs(feeds, path))
+            else:
+                save_inputs(feeds, args.save_inputs)
+    except BaseException:  # refused inputs (exit 2) or an interrupt: the caller never gets the model to release
+        session = None
+        release_model(model)
+        raise
     return model, feeds, known
 
 

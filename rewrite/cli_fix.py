@@ -32,65 +32,67 @@ def cmd_fix(args: argparse.Namespace) -> int:
     # form's validation runs the original itself when it needs its outputs. Only when the fix fails
     # does a plain run of the model say whether the model or its inputs are at fault (exit 2).
     model, feeds, _ = cli_common.load(args, preflight_now=False)
-    from onnx_fp16_rewrite.cli_validate import check_node_names
+    try:  # the weights load shared are released whatever happens (main() may run again in-process)
+        from onnx_fp16_rewrite.cli_validate import check_node_names
 
-    check_node_names([*passes, *rewrites], model)  # --nodes names a node of the model ('did you mean')
-    progress = progress_for(sys.stdout, sys.stderr, quiet=args.quiet)
-    try:
-        result = fix_model(
-            model, passes, feeds, emit=args.emit, keep_io_types=args.keep_io_types,
-            strict_cumsum=args.strict_cumsum, tolerance=Tolerance(args.rtol, args.atol),
-            per_output=per_output, rel_l2_tolerance=args.rel_l2, model_path=str(out), verify=args.verify,
-            auto=auto, auto_rewrites=rewrites, progress=progress,
-        )
-    except (RewriteError, MemoryError):
-        raise
-    except Exception:  # ORT's errors are many types
-        if not args.demo:
-            from onnx_fp16_rewrite.io.ort_runner import preflight
+        check_node_names([*passes, *rewrites], model)  # --nodes names a node of the model ('did you mean')
+        progress = progress_for(sys.stdout, sys.stderr, quiet=args.quiet)
+        try:
+            result = fix_model(
+                model, passes, feeds, emit=args.emit, keep_io_types=args.keep_io_types,
+                strict_cumsum=args.strict_cumsum, tolerance=Tolerance(args.rtol, args.atol),
+                per_output=per_output, rel_l2_tolerance=args.rel_l2, model_path=str(out), verify=args.verify,
+                auto=auto, auto_rewrites=rewrites, progress=progress,
+            )
+        except (RewriteError, MemoryError):
+            raise
+        except Exception:  # ORT's errors are many types
+            if not args.demo:
+                from onnx_fp16_rewrite.io.ort_runner import preflight
 
-            preflight(model, feeds[0], f"input model {args.model}")  # BadInputError when the inputs are at fault
-        raise
-    rep = result.report
-    if rep.canonical is not None:
-        if rep.canonical.changed() and not args.quiet:
-            print(rep.canonical.summary())
-        if rep.canonical.specialised_warning():
-            print(f"warning: {rep.canonical.specialised_warning()}", file=sys.stderr)
-    if not args.quiet:
-        print(render_fp16(rep.fp16_before, "before: FP16 emulation"))
-        if rep.passes.passes:
-            print(render_passes(rep.passes))
-        for e in rep.mixed_ort_error:
-            print(f"mixed model in ORT vs FP32 reference: {e.output}: max abs {e.max_abs_error:.3g}, "
-                  f"rel L2 {e.rel_l2:.3g} (FP16 weights)")
-        if rep.auto is not None:
-            print(render_auto(rep.auto))
-        if rep.fp16_flop_fraction is not None:
-            print(f"FP16 FLOP fraction: {rep.fp16_flop_fraction:.1%} of estimated FLOPs still run in FP16")
-    cli_common.say(args, render_fp16(rep.fp16_after, f"after ({args.emit}): FP16 emulation"))
-    if rep.trt_after is not None:
-        cli_common.say(args, render_fp16(rep.trt_after, f"after ({args.emit}): TensorRT"))
-        if rep.trt_after.not_verified:
-            print(f"onnx-rewrite: not verified: {rep.trt_after.not_verified}", file=sys.stderr)
-    args.tx.write_model("--output", result.model)  # renamed into place with the reports at the end
-    print(f"wrote {out}")
-    _print_build_line(rep)
-    if not args.quiet and args.emit == "mixed" and not args.keep_io_types:
-        print("note: the model's inputs and outputs are FLOAT16 now (--keep-io-types keeps them FP32)")
-    if not args.quiet:
-        for warning in rep.warnings:
-            print(f"warning: {warning}")
-    for line in _whats_left(rep, args):
-        print(line)
-    if args.report or args.html:
-        from onnx_fp16_rewrite.report.outputs import fix_reports
+                preflight(model, feeds[0], f"input model {args.model}")  # BadInputError when the inputs are at fault
+            raise
+        rep = result.report
+        if rep.canonical is not None:
+            if rep.canonical.changed() and not args.quiet:
+                print(rep.canonical.summary())
+            if rep.canonical.specialised_warning():
+                print(f"warning: {rep.canonical.specialised_warning()}", file=sys.stderr)
+        if not args.quiet:
+            print(render_fp16(rep.fp16_before, "before: FP16 emulation"))
+            if rep.passes.passes:
+                print(render_passes(rep.passes))
+            for e in rep.mixed_ort_error:
+                print(f"mixed model in ORT vs FP32 reference: {e.output}: max abs {e.max_abs_error:.3g}, "
+                      f"rel L2 {e.rel_l2:.3g} (FP16 weights)")
+            if rep.auto is not None:
+                print(render_auto(rep.auto))
+            if rep.fp16_flop_fraction is not None:
+                print(f"FP16 FLOP fraction: {rep.fp16_flop_fraction:.1%} of estimated FLOPs still run in FP16")
+        cli_common.say(args, render_fp16(rep.fp16_after, f"after ({args.emit}): FP16 emulation"))
+        if rep.trt_after is not None:
+            cli_common.say(args, render_fp16(rep.trt_after, f"after ({args.emit}): TensorRT"))
+            if rep.trt_after.not_verified:
+                print(f"onnx-rewrite: not verified: {rep.trt_after.not_verified}", file=sys.stderr)
+        args.tx.write_model("--output", result.model)  # renamed into place with the reports at the end
+        print(f"wrote {out}")
+        _print_build_line(rep)
+        if not args.quiet and args.emit == "mixed" and not args.keep_io_types:
+            print("note: the model's inputs and outputs are FLOAT16 now (--keep-io-types keeps them FP32)")
+        if not args.quiet:
+            for warning in rep.warnings:
+                print(f"warning: {warning}")
+        for line in _whats_left(rep, args):
+            print(line)
+        if args.report or args.html:
+            from onnx_fp16_rewrite.report.outputs import fix_reports
 
-        texts = fix_reports(result, model, feeds, argv=args.argv, model_path=args.model, demo=args.demo,
-                            output_path=str(out), want_json=bool(args.report), want_html=bool(args.html),
-                            strict_cumsum=args.strict_cumsum, tolerance=args.rel_l2)
-        cli_common.write_reports(args, texts)
-    cli_common.release_model(model)
+            texts = fix_reports(result, model, feeds, argv=args.argv, model_path=args.model, demo=args.demo,
+                                output_path=str(out), want_json=bool(args.report), want_html=bool(args.html),
+                                strict_cumsum=args.strict_cumsum, tolerance=args.rel_l2)
+            cli_common.write_reports(args, texts)
+    finally:
+        cli_common.release_model(model)
     return rep.exit_code
 
 

@@ -194,6 +194,26 @@ def test_cli_releases_its_shared_weights(tmp_path, capsys, monkeypatch, command)
     capsys.readouterr()
 
 
+@pytest.mark.parametrize("command", ["check", "fix"])
+def test_cli_refusing_its_input_after_loading_releases_the_shared_weights(tmp_path, capsys, command):
+    """Exit 2 after the model's weights were shared (inputs of the wrong dtype, refused while
+    loading; a --nodes name the model lacks, refused after it): the store is as before. Both
+    kept the model's weights in the store before."""
+    path = tmp_path / "m.onnx"
+    onnx.save_model(table_model(rows=300), str(path))
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, ids=np.zeros([4, 16], np.float32))  # the model reads int64 ids
+    argv = (["check", str(path), "--inputs", str(bad)] if command == "check" else
+            ["fix", str(path), "-o", str(tmp_path / "out.onnx"), "--pass", "protect-fp32",
+             "--pass-option", "protect-fp32.nodes=no_such_node"])
+    held = len(weights._store)
+    assert main(argv + ["-q"]) == 2
+    assert len(weights._store) == held
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("dtype float32" in err if command == "check" else "no_such_node" in err)
+    assert not (tmp_path / "out.onnx").exists()
+
+
 def test_a_share_never_released_is_not_taken_by_a_later_model():
     """A run that raises never releases its share. Its model must not die while its scope is on
     record: a later model at the same address would take the scope, and releasing that model (the
