@@ -23,7 +23,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     model, feeds, known = cli_common.load(args)
     # What to release at the end, whatever happens (main() may run again in-process): the weights load
     # shared, or the emulation branch's (the same model unless a demo's weights were shared there).
-    held = [model]
+    held = model
     try:
         progress = progress_for(sys.stdout, sys.stderr, quiet=args.quiet)
         if trt_library:
@@ -40,7 +40,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
             # Weights shared first: canonicalisation copies the model several times (as fix does). A model
             # file's are already (cli_common.load): then share returns it as it is; a demo's are shared here.
-            given = held[0] = weights.share(model)
+            given = held = weights.share(model)
             for later in (True, False):
                 with progress.phase("canonicalisation") as phase:
                     # What fix analyses: folded shape arithmetic, no no-op Casts. Validated on the FP32
@@ -79,7 +79,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                                   strict_cumsum=args.strict_cumsum, tolerance=args.rel_l2)
             cli_common.write_reports(args, texts)
     finally:
-        cli_common.release_model(held[0])
+        cli_common.release_model(held)
     return code
 
 

@@ -13,7 +13,7 @@ TRT10_LABEL = "TensorRT 10 only"
 def load(args: argparse.Namespace, *, preflight_now: bool = True):
     """The model, its feeds, and its FP32 outputs on the first feed when the preflight ran it
     (``preflight_now=False``: none; the caller runs ``ort_runner.preflight`` when its work fails)."""
-    from onnx_fp16_rewrite.cli_inputs import feeds_from_args, save_inputs
+    from onnx_fp16_rewrite.cli_inputs import save_inputs
     from onnx_fp16_rewrite.cli_validate import check_feeds
     from onnx_fp16_rewrite.io.model_io import check_input_model, load_model
     from onnx_fp16_rewrite.io.ort_runner import preflight
@@ -31,11 +31,7 @@ def load(args: argparse.Namespace, *, preflight_now: bool = True):
         # Checker, I/O, opsets, domains, ORT loads it; its float weights shared from here on (release_model frees them).
         model, session = check_input_model(load_model(args.model), f"input model {args.model}")
     try:
-        try:
-            feeds = feeds_from_args(args, model)
-        except MemoryError:
-            shapes = " ".join(args.shape) or "the model's own shapes"
-            raise BadInputError(f"--shape: inputs of these shapes ({shapes}) do not fit in memory") from None
+        feeds = _feeds(args, model)
         source = " ".join(map(str, args.inputs)) if args.inputs else "generated inputs"
         check_feeds(feeds, source)  # finite, non-empty (cli_validate)
         # ORT's refusals are the input's (exit 2); its outputs are the FP32 reference on that feed.
@@ -48,10 +44,21 @@ def load(args: argparse.Namespace, *, preflight_now: bool = True):
             else:
                 save_inputs(feeds, args.save_inputs)
     except BaseException:  # refused inputs (exit 2) or an interrupt: the caller never gets the model to release
-        session = None
+        session = None  # ORT reads the shared buffers: the session goes before they are freed
         release_model(model)
         raise
     return model, feeds, known
+
+
+def _feeds(args: argparse.Namespace, model):
+    """The feeds the arguments ask for; inputs too large for memory are the input's fault (exit 2)."""
+    from onnx_fp16_rewrite.cli_inputs import feeds_from_args
+
+    try:
+        return feeds_from_args(args, model)
+    except MemoryError:
+        shapes = " ".join(args.shape) or "the model's own shapes"
+        raise BadInputError(f"--shape: inputs of these shapes ({shapes}) do not fit in memory") from None
 
 
 def release_model(model) -> None:
