@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnx_fp16_rewrite.analysis.cutout_judge import Cutout, judge_cutouts
+from onnx_fp16_rewrite.analysis.cutout_judge import Cutout, judge_with_l1
 from onnx_fp16_rewrite.errors import BadInputError, one_line
 from onnx_fp16_rewrite.emulation.fp16_emulation import FP16_MAX
 from onnx_fp16_rewrite.pipeline.graph_edit import Emitter, const_value
@@ -111,19 +111,19 @@ class RescaleAccumulation(Pass):
         if not chains:
             return result
         ks = [max(1, math.ceil(math.log2(c.absmax / self.target_absmax))) for c in chains]
-        # One FP32 run a sample for every chain's entries (the scale's inputs) and exits (the judge's
-        # reference), streamed: the underflow sums and the judges take each sample as it comes. Every
-        # chain is judged (a score does not depend on the others judged beside it); those the
-        # underflow refuses are not rewritten whatever their score.
-        sums = [[0.0, 0.0] for _ in chains]
-
-        def add_sample(values):
-            for chain, k, acc in zip(chains, ks, sums):
-                self._underflow_sums(chain, k, values, acc)
-
-        scores = judge_cutouts(ctx.model, [Cutout(c.seed, c.entries, c.exits, functools.partial(_apply, chain=c, k=k))
-                                           for c, k in zip(chains, ks)], ctx.feeds, on_values=add_sample)
-        underflow = [self._underflow(k, *acc) for k, acc in zip(ks, sums)]
+        # Every chain is judged (a score does not depend on the others judged beside it), with the
+        # L1 mass of its inputs and the part of it that 2^-k pushes below FP16's smallest
+        # subnormal; those the underflow refuses are not rewritten whatever their score. The
+        # judge is judge_cutouts' (one FP32 run a sample for every chain's entries and exits,
+        # streamed) unless the caller brings its own (fix --auto: the candidate's diagnosis).
+        below = {c.seed: FP16_MIN_SUBNORMAL * 2.0**k for c, k in zip(chains, ks)}
+        cutouts = [Cutout(c.seed, c.entries, c.exits, functools.partial(_apply, chain=c, k=k)) for c, k in zip(chains, ks)]
+        if ctx.judge is not None:
+            scores, l1 = ctx.judge(ctx.model, cutouts, below)
+        else:
+            scores, l1 = judge_with_l1(ctx.model, cutouts, ctx.feeds, below)
+        # Sums of |x| scaled by 2^-k after the fact: a power of two, so bit for bit the sums of |x| * 2^-k.
+        underflow = [self._underflow(k, *(v * 2.0**-k for v in l1[c.seed])) for c, k in zip(chains, ks)]
         for chain, k, reason in zip(chains, ks, underflow):
             seed = next(n for n in graph.nodes if n.name == chain.seed)
             judged = ""
@@ -144,18 +144,6 @@ class RescaleAccumulation(Pass):
                 f"{chain.absmax / 2**k:.4g}); {len(chain.folds)} folded into a constant Div/Mul, "
                 f"{len(chain.unscaled)} undone by Mul(2^{k}); {judged}")))
         return result
-
-    @staticmethod
-    def _underflow_sums(chain: _Chain, k: int, values: dict[str, np.ndarray], acc: list[float]) -> None:
-        """Adds one sample's L1 mass of ``chain``'s inputs scaled by 2^-k, and the part of it FP16
-        underflow loses, to ``acc`` (mass, lost)."""
-        for name in chain.entries:
-            # |x| * 2^-k summed in float64 is sum(|x|) * 2^-k bit for bit (a power of two, no
-            # float64 under/overflow), and |x| * 2^-k < 2^-24 exactly when |x| < 2^(k-24).
-            v = values[name].astype(np.float64)
-            np.abs(v, out=v)
-            acc[0] += float(v.sum()) * 2.0**-k
-            acc[1] += float(v[v < FP16_MIN_SUBNORMAL * 2.0**k].sum()) * 2.0**-k
 
     def _underflow(self, k: int, mass: float, lost: float) -> str | None:
         """Why scaling a chain by 2^-k loses too much to FP16 underflow (its inputs' summed

@@ -23,6 +23,7 @@ Each fact is computed once (issue 11):
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -141,10 +142,14 @@ def auto_fix(
             # The candidate's diagnosis runs first: its FP32 shadow's outputs are what the FP32
             # validation compares (no validation run of its own).
             diagnosed: list[Diagnosis] = []
+            speculation = _Speculation(search.feeds)
 
             def shadow_outputs(cand, record, diag=diag):
-                diagnosed.append(search.diagnose(cand, profile, None, None, refresh_profile=True, previous=diag,
-                                                 changed=record.values_changed))
+                if speculation.same(cand):  # what the trusting run rewrote: its diagnosis is this one's
+                    diagnosed.append(speculation.diagnosis)
+                else:
+                    diagnosed.append(search.diagnose(cand, profile, None, None, refresh_profile=True, previous=diag,
+                                                     changed=record.values_changed, judges=speculation.take()))
                 return diagnosed[-1].reference
 
             def refuse(cand, record, diag=diag):
@@ -156,10 +161,22 @@ def auto_fix(
                     return "no failure site depends on what it changed"
                 return None
 
-            manager = PassManager([rewrite], search.feeds, initial_absmax=profile.absmax(), reference=current_ref,
-                                  outputs_of=shadow_outputs, refuse=refuse)
-            candidate, report = manager.run(model)
-            record = report.passes[0]
+            def run_pass():
+                manager = PassManager([rewrite], search.feeds, initial_absmax=profile.absmax(), reference=current_ref,
+                                      outputs_of=shadow_outputs, refuse=refuse, judge=speculation.judge)
+                candidate, report = manager.run(model)
+                return manager, candidate, report.passes[0]
+
+            manager, candidate, record = run_pass()
+            if speculation.trusting:
+                # Its sites were rewritten on trust and judged in the candidate's diagnosis: the
+                # pass runs again with those judgements (or, without them, judging as usual).
+                judged = diagnosed[-1].judged if record.status == "kept" and diagnosed else None
+                speculation.settle(judged, candidate, diagnosed[-1] if judged is not None else None)
+                diagnosed.clear()
+                first_seconds = record.seconds
+                manager, candidate, record = run_pass()
+                record.seconds = round(first_seconds + record.seconds, 3)
             tried.append(record)
             if record.status != "kept":
                 phase.done(record.status)
@@ -235,6 +252,62 @@ def first_diagnosis(model: onnx.ModelProto, feeds: Sequence[Feed], *, search_sam
     return diag
 
 
+class _Speculation:
+    """fix --auto's cut-out judge for one rewrite (``PassContext.judge``).
+
+    A pass that judges its sites on cut-outs (rescale-accumulation) first gets every site passed
+    on trust, so it rewrites all of them, and the cut-outs go into the candidate's diagnosis run
+    (``embedded_judges``: fed from its FP32 twin, which the exact rewrite leaves bit for bit at
+    their entries and exits) instead of an FP32 run of their own (NAFNet-9: a plain inference).
+    ``settle`` hands the judgements that run made to the pass's second run; when that run rewrites
+    the same graph (every site passed, the usual case), the diagnosis already made is its
+    candidate's. Where the cut-outs cannot be embedded, the trusting candidate is not kept, or
+    its judgement is unknown, the pass judges as without fix --auto (``judge_with_l1``)."""
+
+    def __init__(self, feeds: Sequence[Feed]) -> None:
+        self.feeds = feeds
+        self.trusting = False  # the first run passed its sites on trust
+        self.settled = False
+        self.judged = None  # (scores, l1) the diagnosis gave; None once settled: judge as usual
+        self.diagnosis: Diagnosis | None = None
+        self._pending = None  # EmbeddedJudges for the next diagnosis
+        self._trusted: bytes | None = None  # the graph the trusting run rewrote
+
+    def judge(self, model, cutouts, l1_below):
+        from onnx_fp16_rewrite.analysis.cutout_judge import judge_with_l1
+        from onnx_fp16_rewrite.analysis.embedded_judges import EmbeddedJudges
+
+        if self.settled:
+            keys = {c.key for c in cutouts}
+            if self.judged is not None and set(self.judged[0]) == keys and set(self.judged[1]) == set(l1_below):
+                return self.judged
+            return judge_with_l1(model, cutouts, self.feeds, l1_below)
+        try:
+            self._pending = EmbeddedJudges(model, cutouts, l1_below)
+        except Exception as exc:  # e.g. a site that cannot be extracted: judged on its own, with its reason
+            logger.debug("cut-outs judged on their own: %s", exc)
+            self.settled = True
+            return judge_with_l1(model, cutouts, self.feeds, l1_below)
+        self.trusting = True
+        return {c.key: (math.nan, 0.0) for c in cutouts}, {key: (1.0, 0.0) for key in l1_below}
+
+    def take(self):
+        pending, self._pending = self._pending, None
+        return pending
+
+    def settle(self, judged, candidate: onnx.ModelProto, diagnosis: Diagnosis | None) -> None:
+        self.settled, self.judged, self.diagnosis = True, judged, diagnosis
+        self._pending = None
+        self._trusted = _graph_bytes(candidate) if judged is not None else None
+
+    def same(self, candidate: onnx.ModelProto) -> bool:
+        return self._trusted is not None and _graph_bytes(candidate) == self._trusted
+
+
+def _graph_bytes(model: onnx.ModelProto) -> bytes:
+    return model.graph.SerializeToString(deterministic=True)
+
+
 class _Search:
     """The samples the search runs on, and the model runs it costs (the report states them)."""
 
@@ -246,12 +319,13 @@ class _Search:
         self.emulation = counts.emulation if counts else 0
         self.validation = counts.validation if counts else 0
 
-    def diagnose(self, model, profile, plan, phase_name, refresh_profile=False, previous=None, changed=None):
+    def diagnose(self, model, profile, plan, phase_name, refresh_profile=False, previous=None, changed=None,
+                 judges=None):
         self.emulation += len(self.feeds)
         with (self.progress if phase_name else NULL_PROGRESS).phase(phase_name or "", total=None) as phase:
             diag = diagnose(model, self.feeds, profile, plan, tolerance=self.tolerance, exit_absmax=self.exit_absmax,
                             strict_cumsum=self.strict_cumsum, refresh_profile=refresh_profile, previous=previous,
-                            changed=changed)
+                            changed=changed, judges=judges)
             phase.done(f"{len(diag.sites)} failure site(s)")
         return diag
 

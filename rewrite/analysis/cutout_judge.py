@@ -126,6 +126,27 @@ def judge_cutouts(model: onnx.ModelProto, cutouts: Sequence[Cutout], feeds: Sequ
     return out
 
 
+def judge_with_l1(model: onnx.ModelProto, cutouts: Sequence[Cutout], feeds: Sequence[Feed],
+                  l1_below: dict[str, float]) -> tuple[dict[str, Score | Exception], dict[str, tuple[float, float]]]:
+    """``judge_cutouts``' scores, and for each cut-out keyed in ``l1_below`` the L1 mass of its
+    entries' FP32 values over every feed with the part of it below the threshold given (float64
+    sums, from the same stream of values): a pass's judge (PassContext.judge has this signature
+    without the feeds)."""
+    by_key = {c.key: c for c in cutouts}
+    sums = {key: [0.0, 0.0] for key in l1_below}
+
+    def add(values: Feed) -> None:
+        for key, below in l1_below.items():
+            for name in by_key[key].entries:
+                v = values[name].astype(np.float64)
+                np.abs(v, out=v)
+                sums[key][0] += float(v.sum())
+                sums[key][1] += float(v[v < below].sum())
+
+    scores = judge_cutouts(model, cutouts, feeds, on_values=add)
+    return scores, {key: (mass, lost) for key, (mass, lost) in sums.items()}
+
+
 class _TogetherFailed(Exception):
     def __init__(self, cause: Exception) -> None:
         super().__init__(str(cause))

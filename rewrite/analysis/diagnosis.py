@@ -64,6 +64,7 @@ class Diagnosis:
     seconds: float = 0.0
     _signatures: dict[str, str] | None = field(default=None, repr=False)
     reference: list[Feed] | None = None  # the FP32 outputs of ``model`` on the diagnosed feeds (the shadow's)
+    judged: tuple | None = None  # the embedded cut-out judges' (scores, L1 sums), when it ran any
 
     def signatures(self) -> dict[str, str]:
         """``value_signatures`` of the diagnosed model (hashing the weights only when a rewrite asks)."""
@@ -110,6 +111,7 @@ def diagnose(
     profile_feeds: Sequence[Feed] = (),
     on_run=None,
     changed: Sequence[str] | None = None,
+    judges=None,
 ) -> Diagnosis:
     """One emulation run per feed (with an FP32 shadow), then classification from ``profile``.
     ``profile=None``: the same run profiles the FP32 ranges (the shadow carries the profile's
@@ -122,7 +124,9 @@ def diagnose(
     computed; elsewhere the shadow measures only what the profile lacks. ``on_run()`` is called
     after each run (a progress counter). ``changed``: with ``refresh_profile``, the tensors whose
     FP32 values the rewrite changed, as the pass declared them (PassResult.values_changed); every
-    other tensor keeps its profiled range, and only these and new tensors are measured."""
+    other tensor keeps its profiled range, and only these and new tensors are measured.
+    ``judges``: cut-out judges run in the same graph (error_attribution.error_run; their
+    judgement is ``Diagnosis.judged``)."""
     start = time.perf_counter()
     twin = profile is None and not any(subgraphs(n) for n in model.graph.node)
     if profile is None and not twin:  # control flow: the shadow has no body profile (range_profile has)
@@ -135,7 +139,7 @@ def diagnose(
     elif refresh_profile:
         keep &= unchanged(previous.signatures(), value_signatures(model)) if previous is not None else set()
     run = error_run(model, feeds, plan, strict_cumsum=strict_cumsum, shadow_ranges=() if twin else _Except(keep),
-                    twin_profile=twin, on_run=on_run, profile_runs=len(feeds) + len(profile_feeds))
+                    twin_profile=twin, on_run=on_run, profile_runs=len(feeds) + len(profile_feeds), judges=judges)
     if twin:
         profile = _twin_profile(model, run, profile_feeds, on_run)
         run.profile = None  # its samples (16384 values a tensor a sample) are in the profile's percentiles now
@@ -172,7 +176,7 @@ def diagnose(
                                  _back_in_range(index, e.tensor, absmax, exit_absmax)))
     logger.info("diagnosis: %d failure sites", len(sites))
     return Diagnosis(sites, errors, outputs, profile, run, model, time.perf_counter() - start,
-                     reference=run.reference)
+                     reference=run.reference, judged=run.judged)
 
 
 def _twin_profile(model: onnx.ModelProto, run: ErrorRun, more: Sequence[Feed], on_run=None) -> RangeProfile:

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 
 from onnx_fp16_rewrite.emulation.fp16_emulation import build_emulation, emu_feed, site_stats
+from onnx_fp16_rewrite.emulation.fp16_graph_edits import SHADOW
 from onnx_fp16_rewrite.analysis.range_profile import ProfileAccumulator
 from onnx_fp16_rewrite.io.ort_runner import Feed, make_session, trim_heap
 from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
@@ -49,6 +50,8 @@ class ErrorRun:
     reference: list[Feed] | None = None  # the FP32 twin's graph outputs (the model's FP32 outputs)
     # ``twin_profile``: the twin's statistics (a range_profile.ProfileAccumulator; ``.profile(reference)``).
     profile: object | None = None
+    # ``judges``: (scores, L1 sums) of the embedded cut-out judges, None where unknown (embedded_judges).
+    judged: tuple | None = None
 
 
 def tensor_errors(
@@ -76,6 +79,7 @@ def error_run(
     twin_profile: bool = False,
     on_run=None,
     profile_runs: int | None = None,
+    judges=None,
 ) -> ErrorRun:
     """``tensor_errors`` with the emulation's mode, node counts and notes.
 
@@ -85,9 +89,15 @@ def error_run(
     ``twin_profile``: the run also profiles every FP32 twin tensor (``ErrorRun.profile``, the same
     statistics ``profile_ranges`` takes; the graph outputs' twins are ``ErrorRun.reference``;
     ``profile_runs``: how many runs that profile will have in all, these and any added later,
-    so it keeps only what its percentiles need: range_profile.ProfileAccumulator)."""
+    so it keeps only what its percentiles need: range_profile.ProfileAccumulator).
+    ``judges``: an ``analysis.embedded_judges.EmbeddedJudges`` run in the same graph, fed from the
+    twin (``ErrorRun.judged``: what its ``read`` gives)."""
     emu = build_emulation(model, plan, strict_cumsum=strict_cumsum, fp32_shadow=True, with_stats=False,
                           shadow_ranges=shadow_ranges, twin_profile=twin_profile)
+    if judges is not None:
+        produced = {o for n in model.graph.node for o in n.output if o}
+        judges.embed(emu.model.graph, lambda name: name + SHADOW if name in produced else name,
+                     _opset(model))
     out_names = [o.name for o in model.graph.output]
     # Optimizations off: the twin's outputs are the reference and must equal a plain FP32 run's
     # (ORT's basic level fuses Conv+Add in the twin), and it ran faster without them here.
@@ -135,5 +145,9 @@ def error_run(
             absmax = max(abs(hi), abs(lo))
         errors.append(TensorError(s.tensor, s.node, s.op, s.fp16, rel, nonfinite, absmax, s.nonfinite_out is not None))
     return ErrorRun(errors, [{k: r[k] for k in out_names} for r in runs], emu.mode, emu.fp16_nodes, emu.fp32_nodes,
-                    emu.notes, emu.unhandled_bodies, reference, acc)
+                    emu.notes, emu.unhandled_bodies, reference, acc, judges.read(runs) if judges is not None else None)
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 17)
 

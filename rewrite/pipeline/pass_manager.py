@@ -76,6 +76,7 @@ class PassManager:
         reference: Sequence[Feed] | None = None,
         outputs_of: Callable[[onnx.ModelProto, PassRecord], Sequence[Feed]] | None = None,
         refuse: Callable[[onnx.ModelProto, PassRecord], str | None] | None = None,
+        judge: Callable | None = None,
     ) -> None:
         """``initial_absmax``: FP32 ranges already measured on ``feeds`` for the model ``run``
         will get, so the first pass need not measure them again; ``reference``: that model's FP32
@@ -83,8 +84,10 @@ class PassManager:
         ``outputs_of(model, record)``: gives a rewritten model's FP32 outputs on ``feeds`` instead
         of a validation run (the fixer's candidate diagnosis computes them anyway; the pass's
         record says which values it changed); ``refuse(model, record)``: a reason to drop a
-        rewritten model before its validation (the fixer: it cannot fix any failure site), or None."""
+        rewritten model before its validation (the fixer: it cannot fix any failure site), or None;
+        ``judge``: every pass's ``PassContext.judge`` (the fixer's cut-out judge)."""
         self.reference = reference
+        self.judge = judge
         self.refuse = refuse
         self.outputs_of = outputs_of
         self.passes = list(passes)
@@ -124,7 +127,8 @@ class PassManager:
         # A protobuf copy is deep: unlike gs.Graph.copy() it shares no weights with the pass's graph.
         snapshot = onnx.ModelProto()
         snapshot.CopyFrom(model)
-        ctx = PassContext(model=snapshot, feeds=self.feeds, plan=PrecisionPlan.from_model(model), _absmax=absmax)
+        ctx = PassContext(model=snapshot, feeds=self.feeds, plan=PrecisionPlan.from_model(model), _absmax=absmax,
+                          judge=self.judge)
         try:
             graph = weights.import_graph(model)  # large weights readable, kept as references
             result = p.run(graph, ctx)
