@@ -18,7 +18,9 @@ for 3x3 windows on 256x256). So every site is judged in the FP16 emulation befor
 chain is cut out (inputs = its entries, outputs = its exits), emulated with every tensor FP16,
 and compared with FP32; above ``max_rel_l2`` the site is skipped with the numbers (box-filter or
 protect-fp32 are the fixes there). All chains of a run are judged together, in one cut-out
-(``analysis.cutout_judge``: the same scores as judging each alone, at the cost of about one).
+(``analysis.cutout_judge``: the same scores as judging each alone, at the cost of about one); under
+fix --auto, inside the candidate's own diagnosis run instead (``PassContext.judge``,
+``analysis.embedded_judges``: no FP32 run of the judges' own).
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ Each fact is computed once (issue 11):
    first diagnosis is also the "before" check report.
 3. Rewrites first (when given): each candidate pass is applied through the PassManager (FP32
    validated, rolled back on failure) and kept when it removes sites without adding any; its
-   diagnosis re-measures ranges only where the rewrite changed how tensors are computed.
+   diagnosis re-measures ranges only where the rewrite changed how tensors are computed. A pass
+   that judges its sites on cut-outs (rescale-accumulation) has them judged inside that
+   diagnosis run (``_Speculation``, analysis.embedded_judges), not in FP32 runs of their own.
 4. Pin what is left: each site gets a region grown from it on measured ranges (forward until
    values are back in range, back to where inputs are safe), then the emulation verifies; a site
    that still fails grows further.
