@@ -20,10 +20,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.backend == "trt" and args.strict_cumsum:
         raise BadInputError("--strict-cumsum applies to the emulation backend only")
     trt_library = cli_common.require_trt(args.backend == "trt")
-    # No preflight run for the emulation: its FP32 twin is the model's FP32 run, in the same graph (a
-    # run beside the emulation costs more than the twin: NAFNet-9 0.68 s against 0.5 s). Only when the
-    # check fails does a plain run say whether the model or its inputs are at fault (exit 2), as in fix.
-    model, feeds, _ = cli_common.load(args, preflight_now=bool(trt_library))
+    model, feeds, known = cli_common.load(args)
     # What to release at the end, whatever happens (main() may run again in-process): the weights load
     # shared, or the emulation branch's (the same model unless a demo's weights were shared there).
     held = model
@@ -38,7 +35,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                 phase.done("NOT VERIFIED" if report.not_verified else ("PASS" if report.passed else "FAIL"))
             cli_common.say(args, render_fp16(report, trt_library.label))
         else:
-            from onnx_fp16_rewrite.canonical import canonicalize, confirm, unconfirmed
+            from onnx_fp16_rewrite.canonical import canonicalize, computes_as_given, confirm, unconfirmed
             from onnx_fp16_rewrite.io import weights
 
             # Weights shared first: canonicalisation copies the model several times (as fix does). A model
@@ -49,20 +46,19 @@ def cmd_check(args: argparse.Namespace) -> int:
                     # What fix analyses: folded shape arithmetic, no no-op Casts. Validated on the FP32
                     # outputs the check's shadow computes (one FP32 run fewer); if refused (or it does
                     # not run), canonicalised again, each step validated, as fix does.
-                    model, canon = canonicalize(given, feeds, confirm_later=later)
+                    model, canon = canonicalize(given, feeds, confirm_later=later, known_outputs=known)
                     phase.done(canon.summary())
                 fp32: list = []
+                # The preflight's outputs are the FP32 twin's, bit for bit, when the canonical form
+                # computes what the model given does: the emulation graph then carries no twin.
                 try:
                     with progress.phase("FP16 emulation") as phase:
                         report = check_fp16(model, feeds, strict_cumsum=args.strict_cumsum,
-                                            rel_l2_tolerance=args.rel_l2, max_findings=MAX_FINDINGS, fp32_outputs=fp32)
+                                            rel_l2_tolerance=args.rel_l2, max_findings=MAX_FINDINGS, fp32_outputs=fp32,
+                                            fp32_run=known if computes_as_given(canon) else None)
                         phase.done(f"{'PASS' if report.passed else 'FAIL'}, {report.failing_tensors} failing tensor(s)")
                 except Exception:  # ORT's errors are many types
                     if not unconfirmed(canon):
-                        if not args.demo:
-                            from onnx_fp16_rewrite.io.ort_runner import preflight
-
-                            preflight(given, feeds[0], f"input model {args.model}")  # BadInputError: the inputs' fault
                         raise
                     continue
                 if confirm(canon, model, fp32 or None):

@@ -289,10 +289,10 @@ def test_graphs_with_nothing_to_fold_skip_the_folding_round_trip(padded):
 
 
 def test_cli_runs_the_original_once_and_validates_on_the_check_shadow(padded, tmp_path, monkeypatch, capsys):
-    """CLI check and fix: the original runs once (no preflight: the canonical form's validation's
-    own run gives its FP32 reference), the canonical form never by itself (it is validated on the
-    FP32 twin's outputs of the check's or the diagnosis' run); the report says the same as
-    canonicalize's own validation."""
+    """CLI check and fix: the original runs once (check: the preflight, its FP32 reference for the
+    canonical form's validation; fix: that validation's own run, no preflight), the canonical
+    form never by itself (check validates it on its FP32 shadow's outputs); the report says the
+    same as canonicalize's own validation."""
     from onnx_fp16_rewrite.cli import main
     from onnx_fp16_rewrite.io import ort_runner
 
@@ -307,14 +307,13 @@ def test_cli_runs_the_original_once_and_validates_on_the_check_shadow(padded, tm
     monkeypatch.setattr(validate, "run_model", ort_runner.run_model)
     report = tmp_path / "check.json"
     assert main(["check", str(path), "--inputs", str(tmp_path / "in.npz"), "--report", str(report)]) in (0, 1)
-    # the original's sessions: the load check's (no run) and the validation's own run
-    assert sessions.count(len(padded.graph.node)) == 2
+    assert sessions.count(len(padded.graph.node)) == 1  # the preflight
     assert 6 not in sessions  # the canonical form (6 nodes) never ran by itself
     capsys.readouterr()
     sessions.clear()
     assert main(["fix", str(path), "--auto", "--inputs", str(tmp_path / "in.npz"), "-o", str(tmp_path / "f.onnx"),
                  "--report", str(tmp_path / "fix.json")]) == 0
-    # fix alike
+    # fix runs no preflight: the original's sessions are the load check's and the validation's own run
     assert sessions.count(len(padded.graph.node)) == 2 and 6 not in sessions
     import json
 

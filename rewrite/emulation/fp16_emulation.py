@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -98,7 +99,7 @@ def build_emulation(
     strict_cumsum: bool = False,
     round_fp16: bool = True,
     with_stats: bool = True,
-    fp32_shadow: bool = False,
+    fp32_shadow: bool | Literal["strong"] = False,
     shadow_ranges: Container[str] | None = None,
     shadow_errors: bool = True,
     twin_profile: bool = False,
@@ -121,7 +122,7 @@ def build_emulation(
     ``twin_profile`` adds the range profile's statistics of every twin tensor
     (``profile_outs``: the profile comes from this run). ``nonfinite_only``: a main-graph
     tensor's statistics are one sum of its stored (FP16-rounded) value, non-finite exactly when
-    it holds inf/NaN, an FP16 overflow included (a screen: no absmax).
+    it holds inf/NaN, an FP16 overflow included (a screen: no absmax). ``fp32_shadow="strong"``: only if strongly typed.
     """
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -131,6 +132,8 @@ def build_emulation(
     types, ranks = infer_types(m, sizes)
     sub_types = body_types(m)  # If/Loop/Scan bodies: emulated like the main graph (control_flow)
     mode = "strong" if any(t == _FLOAT16 for t in (*types.values(), *sub_types.values())) else "weak"
+    if fp32_shadow == "strong":
+        fp32_shadow = mode == "strong"
     notes: list[str] = []
     g = m.graph
     if mode == "strong":
@@ -293,6 +296,7 @@ def check_fp16(
     screen: bool = False,
     exact_findings: bool = True,
     fp32_outputs: list[Feed] | None = None,
+    fp32_run: Sequence[Feed] | None = None,
 ) -> Fp16Report:
     """Emulate an FP16 engine on ``feeds`` and compare every output with ``reference``
     (``cache``: through ``onnx_fp16_rewrite.io.sessions``, for a graph that will run again).
@@ -306,7 +310,10 @@ def check_fp16(
     means the same either way, but for values in (65504, 65520), which FP16 rounds to 65504:
     the full statistics count them as overflow, the screen does not. ``fp32_outputs``: a list
     that receives the FP32 outputs compared against, one dict per feed (the FP32 twin's when
-    no ``reference`` is given: the model's own FP32 run).
+    no ``reference`` is given: the model's own FP32 run). ``fp32_run``: the model's outputs from a
+    plain FP32 run of it on ``feeds`` (ORT, optimizations off: the CLI's preflight), one dict per
+    feed; where the FP32 twin would compute exactly that (no ``reference``, an FP32 model without
+    control flow) they stand in for it: the same report, without the twin's half of the run.
     """
     start = time.perf_counter()
     if plan is None:
@@ -316,15 +323,21 @@ def check_fp16(
     half_in = [i.name for i in model.graph.input if i.type.tensor_type.elem_type == _FLOAT16]
     twin = (reference is None and not any(subgraphs(n) for n in model.graph.node)
             and all(np.asarray(f[n]).dtype == np.float16 for f in feeds for n in half_in if n in f))
-    emu = build_emulation(model, plan, strict_cumsum=strict_cumsum, fp32_shadow=twin, shadow_errors=False,
-                          nonfinite_only=screen)
+    given = twin and fp32_run is not None and len(fp32_run) == len(feeds)
+    # FP16 tensors ("strong"): the twin computes them in FP32, a plain run in FP16, so only it will do.
+    emu = build_emulation(model, plan, strict_cumsum=strict_cumsum, fp32_shadow="strong" if given else twin,
+                          shadow_errors=False, nonfinite_only=screen)
+    given = given and emu.mode == "weak"
     if reference is None and not twin:
         reference = _fp32_outputs(model, feeds)
     out_names = [o.name for o in model.graph.output]
     # Cached: the fixer's last accepted plan and the final verification run the same graph.
-    # Optimizations off beside the twin (its outputs must be a plain FP32 run's).
+    # Optimizations off beside the twin (its outputs must be a plain FP32 run's), and where a plain
+    # run stands in for it (the FP16 values as with the twin, bit for bit).
     runs = run_cached(emu.model, [emu_feed(f, emu.fp16_inputs) for f in feeds], optimize=not twin, cache=cache)
-    if twin:
+    if given:
+        reference = [{n: np.asarray(r[n]) for n in out_names} for r in fp32_run]
+    elif twin:
         reference = [{k: r[t] for k, t in emu.twin_outputs.items()} for r in runs]
     if fp32_outputs is not None:
         fp32_outputs[:] = [{n: ref[n] for n in out_names} for ref in reference]
@@ -337,7 +350,7 @@ def check_fp16(
         # The screen failed: the full statistics name the failing tensors with their absmax.
         return check_fp16(model, feeds, reference, plan=plan, strict_cumsum=strict_cumsum,
                           rel_l2_tolerance=rel_l2_tolerance, max_findings=max_findings, cache=cache,
-                          fp32_outputs=fp32_outputs)
+                          fp32_outputs=fp32_outputs, fp32_run=fp32_run)
     report = Fp16Report(
         mode=emu.mode,
         strict_cumsum=strict_cumsum,
