@@ -34,6 +34,7 @@ import onnx
 from onnx_fp16_rewrite.analysis.diagnosis import Diagnosis, FailureSite, diagnose
 from onnx_fp16_rewrite.emulation.fp16_emulation import Fp16Report, check_fp16
 from onnx_fp16_rewrite.io.ort_runner import Feed
+from onnx_fp16_rewrite.io.sessions import graph_key
 from onnx_fp16_rewrite.pipeline.pass_base import Pass
 from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 from onnx_fp16_rewrite.analysis.range_profile import RangeProfile
@@ -273,7 +274,7 @@ class _Speculation:
         self.judged = None  # (scores, l1) the diagnosis gave; None once settled: judge as usual
         self.diagnosis: Diagnosis | None = None
         self._pending = None  # EmbeddedJudges for the next diagnosis
-        self._trusted: bytes | None = None  # the graph the trusting run rewrote
+        self._trusted: str | None = None  # the digest of the graph the trusting run rewrote
 
     def judge(self, model, cutouts, l1_below):
         from onnx_fp16_rewrite.analysis.cutout_judge import judge_with_l1
@@ -300,14 +301,10 @@ class _Speculation:
     def settle(self, judged, candidate: onnx.ModelProto, diagnosis: Diagnosis | None) -> None:
         self.settled, self.judged, self.diagnosis = True, judged, diagnosis
         self._pending = None
-        self._trusted = _graph_bytes(candidate) if judged is not None else None
+        self._trusted = graph_key(candidate) if judged is not None else None
 
     def same(self, candidate: onnx.ModelProto) -> bool:
-        return self._trusted is not None and _graph_bytes(candidate) == self._trusted
-
-
-def _graph_bytes(model: onnx.ModelProto) -> bytes:
-    return model.graph.SerializeToString(deterministic=True)
+        return self._trusted is not None and graph_key(candidate) == self._trusted
 
 
 class _Search:
