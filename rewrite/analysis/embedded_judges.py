@@ -31,7 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_fp16_rewrite.analysis.cutout_judge import Cutout, Score
 from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
-from onnx_fp16_rewrite.emulation.fp16_emulation import build_emulation
+from onnx_fp16_rewrite.emulation.fp16_emulation import build_emulation, default_opset
 from onnx_fp16_rewrite.emulation.fp16_graph_edits import subgraphs
 
 _PREFIX = "__judge"
@@ -54,6 +54,7 @@ class EmbeddedJudges:
         info = {v.name: v.type.tensor_type for v in (*inferred.graph.value_info, *inferred.graph.input,
                                                      *inferred.graph.output)}
         self.cutouts = list(cutouts)
+        self.opset = default_opset(model)
         self.l1_below = {k: float(v) for k, v in l1_below.items()}
         self.ranks: dict[str, int | None] = {}
         self.dims: dict[str, list[int | None] | None] = {}
@@ -75,9 +76,10 @@ class EmbeddedJudges:
                 raise ValueError(f"{c.key}: its cut-out is not emulated as a plain FP16 graph")
             self.emulated.append((pair[0].model, pair[1].model))
 
-    def embed(self, graph: onnx.GraphProto, twin: Callable[[str], str], opset: int) -> None:
+    def embed(self, graph: onnx.GraphProto, twin: Callable[[str], str]) -> None:
         """Add every cut-out to ``graph`` (a diagnosis graph), reading ``twin(name)`` for an entry
         or exit, each right after the last node that makes what it reads."""
+        opset = self.opset
         position = {o: k for k, n in enumerate(graph.node) for o in n.output if o}
         inits: list[onnx.TensorProto] = []
         at: dict[int, list[onnx.NodeProto]] = {}
@@ -87,11 +89,12 @@ class EmbeddedJudges:
                 nodes += _renamed(emu.graph, f"{_PREFIX}{j}{'ba'[v]}/", {e: twin(e) for e in c.entries}, inits)
             for x in c.exits:
                 ref = twin(x)
-                nodes += _sum_squares(ref, _out(j, "ref", x), self.ranks[x], opset, inits)
+                nodes += _rows_then_double("ReduceSumSquare", ref, _out(j, "ref", x), self.ranks[x], opset, inits)
                 for v in range(2):
                     diff = f"{_PREFIX}{j}{'ba'[v]}/{x}__diff"
                     nodes.append(helper.make_node("Sub", [f"{_PREFIX}{j}{'ba'[v]}/{x}", ref], [diff], name=diff))
-                    nodes += _sum_squares(diff, _out(j, "ba"[v], x), self.ranks[x], opset, inits)
+                    nodes += _rows_then_double("ReduceSumSquare", diff, _out(j, "ba"[v], x), self.ranks[x], opset,
+                                               inits)
             below = self.l1_below.get(c.key)
             if below is not None:
                 thr = f"{_PREFIX}{j}_below"
@@ -150,30 +153,14 @@ def _out(j: int, kind: str, name: str) -> str:
 
 def _renamed(g: onnx.GraphProto, prefix: str, inputs: Mapping[str, str], inits: list[onnx.TensorProto]
              ) -> list[onnx.NodeProto]:
-    """``g``'s nodes with every name it makes (node outputs, initializers) prefixed and its graph
-    inputs read from ``inputs``; its initializers go to ``inits``. Its outputs end up named
-    ``prefix + output``."""
-    names = {i.name: prefix + i.name for i in g.initializer}
-    names.update({o: prefix + o for n in g.node for o in n.output if o})
-    names.update({i.name: inputs[i.name] for i in g.input})
-    for t in g.initializer:
-        copy = onnx.TensorProto()
-        copy.CopyFrom(t)
-        copy.name = names[t.name]
-        inits.append(copy)
-    nodes = []
-    for n in g.node:
-        copy = onnx.NodeProto()
-        copy.CopyFrom(n)
-        copy.name = prefix + n.name
-        copy.input[:] = [names.get(i, i) if i else i for i in n.input]
-        copy.output[:] = [names[o] if o else o for o in n.output]
-        nodes.append(copy)
-    return nodes
-
-
-def _sum_squares(x: str, out: str, rank: int | None, opset: int, inits: list) -> list[onnx.NodeProto]:
-    return _rows_then_double("ReduceSumSquare", x, out, rank, opset, inits)
+    """``g``'s nodes with every name prefixed (onnx.compose: nodes, tensors, initializers, outputs)
+    and its graph inputs read from ``inputs``; its initializers go to ``inits``."""
+    named = onnx.compose.add_prefix_graph(g, prefix)
+    fed = {prefix + name: source for name, source in inputs.items()}
+    for node in named.node:
+        node.input[:] = [fed.get(i, i) for i in node.input]
+    inits.extend(named.initializer)
+    return list(named.node)
 
 
 def _lost(x: str, below: str, out: str, dims: list[int | None] | None, opset: int, inits: list) -> list[onnx.NodeProto]:

@@ -96,8 +96,7 @@ def error_run(
                           shadow_ranges=shadow_ranges, twin_profile=twin_profile)
     if judges is not None:
         produced = {o for n in model.graph.node for o in n.output if o}
-        judges.embed(emu.model.graph, lambda name: name + SHADOW if name in produced else name,
-                     _opset(model))
+        judges.embed(emu.model.graph, lambda name: name + SHADOW if name in produced else name)
     out_names = [o.name for o in model.graph.output]
     # Optimizations off: the twin's outputs are the reference and must equal a plain FP32 run's
     # (ORT's basic level fuses Conv+Add in the twin), and it ran faster without them here.
@@ -146,8 +145,4 @@ def error_run(
         errors.append(TensorError(s.tensor, s.node, s.op, s.fp16, rel, nonfinite, absmax, s.nonfinite_out is not None))
     return ErrorRun(errors, [{k: r[k] for k in out_names} for r in runs], emu.mode, emu.fp16_nodes, emu.fp32_nodes,
                     emu.notes, emu.unhandled_bodies, reference, acc, judges.read(runs) if judges is not None else None)
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    return next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 17)
 

@@ -148,7 +148,7 @@ def build_emulation(
         pinned |= {g.node[k].name for k in index_arithmetic_nodes(g, types) if g.node[k].name}
     is_float = {k for k, v in types.items() if v == _FLOAT}
     shadows = shadow_nodes([copy_node(n) for n in g.node]) if fp32_shadow else []
-    opset = _default_opset(m)
+    opset = default_opset(m)
 
     new_nodes: list[onnx.NodeProto] = []
     sites: list[StatSite] = []
@@ -390,7 +390,8 @@ def emu_feed(feed: Feed, fp16_inputs: set[str]) -> Feed:
     return out
 
 
-def _default_opset(m: onnx.ModelProto) -> int:
+def default_opset(m: onnx.ModelProto) -> int:
+    """The model's default-domain opset (17 when it imports none)."""
     for imp in m.opset_import:
         if imp.domain in ("", "ai.onnx"):
             return imp.version
