@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 
 # Corpus exports in the answers: integral images, residual streams, attention logits, symbolic dims, a control.
-EXPORTED = ("guided-filter", "t5-encoder", "gpt2-eager", "vae-decoder", "t5-encoder-dynamic", "bert")
+EXPORTED = ("guided-filter", "nafnet-local-pool", "nafnet-local-unet", "t5-encoder", "gpt2-eager", "vae-decoder", "t5-encoder-dynamic", "bert")
 EXPORTERS = ("torchscript", "dynamo")
 ANSWERS = ("before", "after", "auto", "exit", "flop", "kept", "pinned", "sites")
 # Recorded, not answers: each output's rel L2 after the fix (numerics), and whether the verification

@@ -19,8 +19,9 @@ Models (one plain inference on 2 cores): ``nafnet9`` (NAFNet-Local 512^2, ~1 s),
 decoder, latent 32 -> 256^2, TorchScript export, 1-1.5 s), ``t5`` (our T5 v1.1-style builder, seq 256),
 ``t5-torchscript`` (transformers T5EncoderModel, t5-small-like, seq 256, TorchScript export, ~1 s); the earlier
 ``vae-small`` (our builder, 0.1 s) and ``t5-torchscript-small`` (the corpus' tiny T5, 0.02 s) stay for comparison;
-``t5-base-torchscript`` (t5-base's encoder, 420 MB) and ``sd-vae-torchscript`` (Stable Diffusion's VAE decoder widths at
-256x256, ~3 s) are real sizes, given by name.
+``t5-base-torchscript`` (t5-base's encoder, 420 MB), ``sd-vae-torchscript`` (Stable Diffusion's VAE decoder widths at
+256x256, ~3 s) and ``nafnet-torchscript`` (megvii's NAFNetLocal UNet, GoPro config, 512x512, ~2.5 s) are real sizes,
+given by name.
 Each prints its nodes, weight MB, plain-inference seconds and whether ``check`` fails before any fix.
 ``--versions before=DIR,after=.`` measures several copies side by side, job by job interleaved, and
 ``--repeat N`` runs each job N times and reports medians (this machine's noise is +-15 % a run).
@@ -92,7 +93,7 @@ print(json.dumps({"seconds": seconds, "peak_mb": peak / 1024, "delta_mb": (peak 
 MODELS = ("nafnet9", "vae", "t5", "t5-torchscript")
 SMALL = ("vae-small", "t5-torchscript-small")  # the models of earlier runs: too small for the targets to mean much
 # Real-size exports (--models to add them; 0.5-2 GB of RSS each): where users' cost lies, compute beside overhead.
-LARGE = ("t5-base-torchscript", "sd-vae-torchscript")
+LARGE = ("t5-base-torchscript", "sd-vae-torchscript", "nafnet-torchscript")
 JOBS = ("check", "fix-fp32", "fix-mixed")
 CLI_JOBS = ("cli-check", "cli-fix")  # the CLI on the same model and first sample (--jobs to add them)
 
@@ -127,6 +128,8 @@ def build(name: str, samples: int) -> tuple[onnx.ModelProto, list[dict[str, np.n
             spec = sized.t5_encoder(d_model=768, d_kv=64, d_ff=2048, layers=12, heads=12)
         elif name == "sd-vae-torchscript":  # Stable Diffusion's VAE decoder widths (128-512, 3 resnets a block)
             spec = sized.vae_decoder(channels=(128, 256, 512, 512), layers_per_block=2)
+        elif name == "nafnet-torchscript":  # megvii NAFNetLocal, GoPro config (width 32, 1-1-1-28 blocks) at 512x512
+            spec = sized.nafnet()
         else:
             spec = exported.spec("t5-encoder")
         model = exported.build(spec, "torchscript")

@@ -10,6 +10,9 @@ reach ~3.3e4: inside FP16's range, yet FP16's spacing there (16-32) swamps the 1
 four corner slices, ``/ (k1*k2)`` and a replicate ``F.pad`` back to the input size with pads computed from
 ``x.shape``. The gated features have a mean of ~3 (as a trained model's are, not ~0), so the 192x192 integral
 image passes 65504 (~1.1e5).
+
+``nafnet-local-unet``: megvii's whole ``NAFNetLocal`` UNet (``nafnet_local_maker``: stride-2 downs, PixelShuffle
+ups, skip Adds, five local windows of three sizes), small: the 256x256 level's integral images pass 65504.
 """
 
 from __future__ import annotations
@@ -19,10 +22,13 @@ import numpy as np
 from onnx_fp16_rewrite.models.exported.export import import_torch
 from onnx_fp16_rewrite.models.exported.spec import Feed, Spec
 
-__all__ = ["SPECS"]
+__all__ = ["SPECS", "nafnet_local_maker", "nafnet_parts"]
 
 _GF_SIZE, _GF_RADIUS, _GF_EPS = 256, 8, 1e-2
 _NAF_SIZE, _NAF_KERNEL, _NAF_WIDTH = 192, 96, 16
+# nafnet-local-unet: two levels of width 8 -> 16 -> 32 at 256x256, converted at train size 128 / base 192:
+# windows 192, 96 and 48 on feature maps of 256, 128 and 64.
+_UNET = dict(size=256, width=8, enc=(1, 1), middle=1, dec=(1, 1), train=128, base=192)
 
 
 def _guided_filter():
@@ -58,7 +64,10 @@ def _guided_filter_feeds() -> list[Feed]:
     return [{"guide": rng.random((1, 1, s, s), dtype=np.float32), "src": rng.random((1, 3, s, s), dtype=np.float32)}]
 
 
-def _nafnet_local_pool():
+def nafnet_parts():
+    """NAFNet's block as megvii's ``basicsr`` writes it, in its test-time local form: ``NAFBlock(c, kernel)``
+    (DW and FFN expand 2) whose ``sca`` pools over a ``kernel``-square window (``local_arch.py``'s
+    ``AvgPool2d(fast_imp=False, auto_pad=True)``). The corpus block below and ``sized.nafnet``'s UNet use it."""
     torch = import_torch()
     F, nn = torch.nn.functional, torch.nn
 
@@ -116,6 +125,14 @@ def _nafnet_local_pool():
             x = self.conv5(self.sg(self.conv4(self.norm2(y))))
             return y + x * self.gamma
 
+    return NAFBlock
+
+
+def _nafnet_local_pool():
+    torch = import_torch()
+    nn = torch.nn
+    NAFBlock = nafnet_parts()
+
     class TinyNAFNet(nn.Module):
         def __init__(self, width: int, kernel: int) -> None:
             super().__init__()
@@ -139,9 +156,71 @@ def _nafnet_feeds() -> list[Feed]:
     return [{"image": np.random.default_rng(0).random((1, 3, s, s), dtype=np.float32)}]
 
 
+def nafnet_local_maker(*, size: int, width: int, enc: tuple[int, ...], middle: int, dec: tuple[int, ...],
+                       train: int, base: int):
+    """megvii's NAFNet UNet (``NAFNet_arch.py``: intro conv; encoder levels of NAFBlocks, each followed by a stride-2
+    conv; middle blocks; decoder levels, each after a 1x1 conv + PixelShuffle(2) and the skip Add; ending conv;
+    input residual) in its test-time local form (``NAFNetLocal``: ``Local_Base.convert(base_size=(base,) * 2,
+    train_size=(1, 3, train, train))``, so each block's ``sca`` pools a window of ``base / train`` times its level's
+    training-size feature map) on a ``size``-square image, as ``(module, feeds)`` callables. Every block's gate is
+    biased as in ``nafnet-local-pool``, so the integral images of the full-resolution levels pass 65504."""
+
+    def feeds() -> list[Feed]:
+        return [{"image": np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)}]
+
+    def module():
+        torch = import_torch()
+        nn = torch.nn
+        NAFBlock = nafnet_parts()
+
+        def kernel(level: int) -> int:  # Local_Base: the window measured on the training-size feature map
+            return (train >> level) * base // train
+
+        class NAFNetLocal(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.intro = nn.Conv2d(3, width, 3, padding=1)
+                self.ending = nn.Conv2d(width, 3, 3, padding=1)
+                self.encoders, self.downs = nn.ModuleList(), nn.ModuleList()
+                self.ups, self.decoders = nn.ModuleList(), nn.ModuleList()
+                chan = width
+                for level, num in enumerate(enc):
+                    self.encoders.append(nn.Sequential(*[NAFBlock(chan, kernel(level)) for _ in range(num)]))
+                    self.downs.append(nn.Conv2d(chan, 2 * chan, 2, 2))
+                    chan *= 2
+                self.middle = nn.Sequential(*[NAFBlock(chan, kernel(len(enc))) for _ in range(middle)])
+                for level, num in reversed(list(enumerate(dec))):
+                    self.ups.append(nn.Sequential(nn.Conv2d(chan, chan * 2, 1, bias=False), nn.PixelShuffle(2)))
+                    chan //= 2
+                    self.decoders.append(nn.Sequential(*[NAFBlock(chan, kernel(level)) for _ in range(num)]))
+
+            def forward(self, image):
+                x, skips = self.intro(image), []
+                for encoder, down in zip(self.encoders, self.downs):
+                    x = encoder(x)
+                    skips.append(x)
+                    x = down(x)
+                x = self.middle(x)
+                for decoder, up, skip in zip(self.decoders, self.ups, skips[::-1]):
+                    x = decoder(up(x) + skip)
+                return self.ending(x) + image
+
+        torch.manual_seed(0)
+        model = NAFNetLocal()
+        with torch.no_grad():
+            for block in model.modules():
+                if isinstance(block, NAFBlock):
+                    block.conv2.bias.fill_(1.7)  # trained gates are not centred (as nafnet-local-pool's)
+        return model.eval()
+
+    return module, feeds
+
+
 SPECS = [
     Spec("guided-filter", _guided_filter, _guided_filter_feeds, ("guide", "src"), ("output",),
          about=f"guided filter {_GF_SIZE}px, radius {_GF_RADIUS}: integral images with F.pad/cumsum/slicing"),
     Spec("nafnet-local-pool", _nafnet_local_pool, _nafnet_feeds, ("image",), ("output",),
          about=f"NAFNet block, sca with test-time local avg pool (kernel {_NAF_KERNEL}) on {_NAF_SIZE}px"),
+    Spec("nafnet-local-unet", *nafnet_local_maker(**_UNET), ("image",), ("output",),
+         about=f"megvii NAFNetLocal UNet (2 levels, width {_UNET['width']}) with local sca pooling on {_UNET['size']}px"),
 ]
