@@ -11,8 +11,6 @@ Each fact is computed once (issue 11):
    diagnosis re-measures ranges only where the rewrite changed how tensors are computed. A pass
    that judges its sites on cut-outs (rescale-accumulation) has them judged inside that
    diagnosis run (``_Speculation``, analysis.embedded_judges), not in FP32 runs of their own.
-   Once a kept rewrite leaves nothing to pin (outputs pass, no site non-finite), the rewrites after
-   it are refused before validation: the finite sites left would not be pinned either.
 4. Pin what is left: each site gets a region grown from it on measured ranges (forward until
    values are back in range, back to where inputs are safe), then the emulation verifies; a site
    that still fails grows further.
@@ -138,7 +136,6 @@ def auto_fix(
     kept: list[str] = []
     tried = []
     current_ref = search.reference
-    settled = False  # a kept rewrite left nothing to pin
     for rewrite in rewrites:
         if not diag.sites:
             break
@@ -158,11 +155,7 @@ def auto_fix(
                                                      changed=record.values_changed, judges=speculation.take()))
                 return diagnosed[-1].reference
 
-            def refuse(cand, record, diag=diag, settled=settled):
-                if settled:
-                    # What is left is finite error the outputs tolerate; nothing would be pinned for it,
-                    # so another rewrite could only trade sites, at a diagnosis (~5 plain runs) each.
-                    return "a kept rewrite left nothing to pin: the outputs pass and no site goes non-finite"
+            def refuse(cand, record, diag=diag):
                 # Every site computed exactly as before (upstream of all the rewrite changed) fails
                 # again in the candidate's diagnosis: nothing fixed, so no diagnosis to pay for.
                 tensors = {s.tensor for s in diag.sites}
@@ -178,7 +171,7 @@ def auto_fix(
                 return manager, candidate, report.passes[0]
 
             manager, candidate, record = run_pass()
-            if speculation.trusting and not settled:
+            if speculation.trusting:
                 # Its sites were rewritten on trust and judged in the candidate's diagnosis: the
                 # pass runs again with those judgements (or, without them, judging as usual).
                 judged = diagnosed[-1].judged if record.status == "kept" and diagnosed else None
@@ -202,7 +195,6 @@ def auto_fix(
                 kept.append(rewrite.name)
                 model, profile, diag = candidate, cand_diag.profile, cand_diag
                 current_ref = manager.validator.last_outputs or current_ref
-                settled = done
                 phase.done(f"kept: {len(fixed)} site(s) fixed, {len(cand_diag.sites)} left")
             else:
                 phase.done(f"not kept: {len(cand_diag.sites)} site(s) after it, {len(diag.sites)} before")

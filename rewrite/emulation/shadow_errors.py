@@ -68,10 +68,12 @@ def shadow_error_nodes(tensor: str, size: int | None, opset: int, ranged: bool,
     stride = _prime_at_least(-(-size // SAMPLE))
     _constants(new_inits)
     p = tensor + "__s"
-    step = p + "_step"
-    new_inits.append(numpy_helper.from_array(np.array([stride], np.int64), step))
-    start = p + "_start"
-    new_inits.append(numpy_helper.from_array(np.array([stride // 2], np.int64), start))
+    # One constant pair per stride, shared: a constant per tensor made NAFNetLocal's diagnosis graph
+    # carry 3.6K initializers that ORT parses and places one by one.
+    step, start = f"__err_step_{stride}", f"__err_start_{stride}"
+    if not any(i.name == step for i in new_inits):
+        new_inits += [numpy_helper.from_array(np.array([stride], np.int64), step),
+                      numpy_helper.from_array(np.array([stride // 2], np.int64), start)]
     nodes = [n for n in exact if n.op_type in ("ReduceMax", "ReduceMin")]
     for src, tag in ((tensor, "emu"), (tensor + SHADOW, "ref")):
         nodes += [
