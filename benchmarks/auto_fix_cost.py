@@ -20,7 +20,7 @@ decoder, latent 32 -> 256^2, TorchScript export, 1-1.5 s), ``t5`` (our T5 v1.1-s
 ``t5-torchscript`` (transformers T5EncoderModel, t5-small-like, seq 256, TorchScript export, ~1 s); the earlier
 ``vae-small`` (our builder, 0.1 s) and ``t5-torchscript-small`` (the corpus' tiny T5, 0.02 s) stay for comparison;
 ``t5-base-torchscript`` (t5-base's encoder, 420 MB), ``sd-vae-torchscript`` (Stable Diffusion's VAE decoder widths at
-256x256, ~3 s) and ``nafnet-torchscript`` (megvii's NAFNetLocal UNet, GoPro config, 512x512, ~2.5 s) are real sizes,
+256x256, ~3 s) and ``nafnet-torchscript`` (megvii's NAFNetLocal UNet, GoPro config, 512x512, ~2 s) are real sizes,
 given by name.
 Each prints its nodes, weight MB, plain-inference seconds and whether ``check`` fails before any fix.
 ``--versions before=DIR,after=.`` measures several copies side by side, job by job interleaved, and

@@ -22,7 +22,7 @@ import numpy as np
 from onnx_fp16_rewrite.models.exported.export import import_torch
 from onnx_fp16_rewrite.models.exported.spec import Feed, Spec
 
-__all__ = ["SPECS", "nafnet_local_maker", "nafnet_parts"]
+__all__ = ["SPECS", "nafnet_block", "nafnet_local_maker"]
 
 _GF_SIZE, _GF_RADIUS, _GF_EPS = 256, 8, 1e-2
 _NAF_SIZE, _NAF_KERNEL, _NAF_WIDTH = 192, 96, 16
@@ -64,7 +64,7 @@ def _guided_filter_feeds() -> list[Feed]:
     return [{"guide": rng.random((1, 1, s, s), dtype=np.float32), "src": rng.random((1, 3, s, s), dtype=np.float32)}]
 
 
-def nafnet_parts():
+def nafnet_block():
     """NAFNet's block as megvii's ``basicsr`` writes it, in its test-time local form: ``NAFBlock(c, kernel)``
     (DW and FFN expand 2) whose ``sca`` pools over a ``kernel``-square window (``local_arch.py``'s
     ``AvgPool2d(fast_imp=False, auto_pad=True)``). The corpus block below and ``sized.nafnet``'s UNet use it."""
@@ -131,7 +131,7 @@ def nafnet_parts():
 def _nafnet_local_pool():
     torch = import_torch()
     nn = torch.nn
-    NAFBlock = nafnet_parts()
+    NAFBlock = nafnet_block()
 
     class TinyNAFNet(nn.Module):
         def __init__(self, width: int, kernel: int) -> None:
@@ -171,7 +171,7 @@ def nafnet_local_maker(*, size: int, width: int, enc: tuple[int, ...], middle: i
     def module():
         torch = import_torch()
         nn = torch.nn
-        NAFBlock = nafnet_parts()
+        NAFBlock = nafnet_block()
 
         def kernel(level: int) -> int:  # Local_Base: the window measured on the training-size feature map
             return (train >> level) * base // train

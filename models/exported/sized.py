@@ -44,12 +44,11 @@ def vae_decoder(*, latent: int = 32, channels: tuple[int, ...] = (32, 64, 128, 1
                 about="diffusers AutoencoderKL decoder at a realistic size, residual stream past 65504")
 
 
-
 def nafnet(*, size: int = 512, width: int = 32, enc: tuple[int, ...] = (1, 1, 1, 28), middle: int = 1,
            dec: tuple[int, ...] = (1, 1, 1, 1), train: int = 256, base: int = 384) -> Spec:
     """megvii's ``NAFNetLocal`` UNet (``filters.nafnet_local_maker``), by default the GoPro deblurring config (width
     32, blocks 1-1-1-28 / 1 / 1-1-1-1; ~2 GMAC a block at the 1/8 level) at 512x512, converted at train size 256
-    with base size 384 (``Local_Base.convert``): 1783 nodes once canonical, 69 MB; one ORT session + run ~1.8 s on
+    with base size 384 (``Local_Base.convert``): 1783 nodes once canonical, 69 MB; one ORT session + run ~2 s on
     2 cores. Every output value is NaN in FP16 (the full-resolution integral images pass 65504)."""
     module, feeds = nafnet_local_maker(size=size, width=width, enc=enc, middle=middle, dec=dec, train=train, base=base)
     name = (f"nafnet-local-s{size}-w{width}-e{'x'.join(map(str, enc))}-m{middle}-d{'x'.join(map(str, dec))}"

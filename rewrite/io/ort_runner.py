@@ -99,14 +99,15 @@ def shapes_at_run_time(model: onnx.ModelProto) -> bool:
     """Whether ORT can only learn some tensor's shape by running ``model``: a graph input with a
     symbolic or unknown dim, a Shape or Size node (exporters compute pads, slices and reshapes
     from them), or control flow (bodies allocate per iteration)."""
-    weights_ = {i.name for i in model.graph.initializer}
+    from onnx_fp16_rewrite.emulation.fp16_graph_edits import subgraphs
+
+    initializers = {i.name for i in model.graph.initializer}
     for inp in model.graph.input:
         t = inp.type.tensor_type
-        if inp.name not in weights_ and (not t.HasField("shape") or any(not d.HasField("dim_value")
-                                                                         for d in t.shape.dim)):
+        if inp.name not in initializers and (not t.HasField("shape")
+                                             or any(not d.HasField("dim_value") for d in t.shape.dim)):
             return True
-    return any(n.op_type in ("Shape", "Size") or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                                                      for a in n.attribute) for n in model.graph.node)
+    return any(n.op_type in ("Shape", "Size") or subgraphs(n) for n in model.graph.node)
 
 
 _MMAP_THRESHOLD = 1 << 20
