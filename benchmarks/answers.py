@@ -1,7 +1,8 @@
 """Same answers before and after a change: ``fix --auto`` on the test suite's models, recorded and compared.
 
 Speed must not buy a different answer (issue 11). For every case -- the models the tests build with our own
-builders, plus corpus models exported by torch's TorchScript and dynamo exporters (``models.exported``) -- and
+builders, plus corpus models exported by torch's TorchScript and dynamo exporters (``models.exported``) and the
+meaning-level rewrites' small exports (``tests/meaning_exports.py``) -- and
 each of pin-only (no rewrites) / the registry's rewrites x ``--emit fp32`` / ``mixed``, this records:
 ``before`` / ``after`` / ``auto`` (the FP16 verdicts before the fix, after it, and the automatic search's),
 ``exit`` (the CLI's exit code), ``flop`` (FP16 FLOP fraction), ``pinned`` (the nodes the emitted precision plan
@@ -84,6 +85,21 @@ def _exported(name: str, exporter: str):
     return make
 
 
+# The meaning-level rewrites' torch exports (tests/meaning_exports.py: shape-computed scales, F.pad, no-op Casts,
+# unfused BatchNorm, a window sum by integral image), each from both exporters.
+MEANING = ("linear_attention", "log_mel", "conv_bn", "computed_scale_attention", "masked_attention", "box_filter")
+
+
+def _meaning(name: str, dynamo: bool):
+    def make():
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        import meaning_exports
+
+        return meaning_exports.build(name, dynamo=dynamo), meaning_exports.feeds(name)
+
+    return make
+
+
 CASES = {
     "integral-1024": _pattern("build_integral_mean", size=1024),
     "integral-224": _pattern("build_integral_mean", size=224),
@@ -97,6 +113,8 @@ CASES = {
     "vae": _own("sd_vae_decoder", "build_sd_vae_decoder"),
     "t5": _own("t5_encoder", "build_t5_encoder"),
     **{f"{name}@{exporter}": _exported(name, exporter) for name in EXPORTED for exporter in EXPORTERS},
+    **{f"meaning-{name}@{exporter}": _meaning(name, exporter == "dynamo") for name in MEANING
+       for exporter in EXPORTERS},
 }
 
 
