@@ -72,7 +72,8 @@ class BoxFilter(Pass):
         return None if any(n.op_type == "CumSum" for n in model.graph.node) else PassResult(modified=False)
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        result = PassResult(modified=False)
+        # The window sums' values stay (up to rounding): every other tensor keeps its value and range.
+        result = PassResult(modified=False, rounding_only=True)
         cumsums = [n for n in graph.nodes if n.op == "CumSum"]
         if cumsums and graph.opset < 13:
             result.skipped += [Site(n.name, n.op, f"opset {graph.opset} < 13 (the new forms need ReduceSum "

@@ -5,6 +5,9 @@
 - A rewrite whose every failure site is computed exactly as before (upstream of all it changed)
   is refused without a diagnosis: that diagnosis would name every site again
   (``signatures.emulated_alike``).
+- So is a rewrite that keeps every other value (``values_changed`` or ``rounding_only``) and left
+  every site's node and inputs as they were (``signatures.rewritten_at``): only the rounding
+  reaching the sites differs (real NAFNet: box-filter after rescale-accumulation).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_fp16_rewrite.analysis import auto_fix, pinning
 from onnx_fp16_rewrite.analysis import diagnosis as diagnosis_module
-from onnx_fp16_rewrite.analysis.signatures import emulated_alike
+from onnx_fp16_rewrite.analysis.signatures import emulated_alike, rewritten_at
 from onnx_fp16_rewrite.fix import fix_model
 from onnx_fp16_rewrite.models.t5_encoder import build_t5_encoder, demo_inputs
 from onnx_fp16_rewrite.pipeline.pass_base import Pass, PassResult, Site
@@ -93,6 +96,72 @@ def test_rewrite_that_reaches_no_site_is_refused_without_a_diagnosis(monkeypatch
     assert got.pop("tried") != want.pop("tried")
     assert got == want and len(calls) == 1 + 2  # this fix: the first diagnosis and the candidate's
     assert [s.node for s in tried.report.auto.sites] == ["blow_up"]
+
+
+def _box_then_offset_model() -> onnx.ModelProto:
+    """A 48x48 box mean of a 64x64 integral image (its CumSums pass 65504: rescale-accumulation fixes
+    them, and the box sums are then good to 5e-4), and downstream of it, past a Relu, a cancellation
+    ((box + 3000) - 3000: FP16's spacing 2 at 3000, a site at rel L2 5e-3 that still passes)."""
+    torch = pytest.importorskip("torch")
+    import torch.nn.functional as F
+
+    import meaning_exports
+
+    class BoxThenOffset(torch.nn.Module):
+        def forward(self, x):
+            r = 48
+            c = F.pad(x, (1, 0, 1, 0)).cumsum(2).cumsum(3)
+            h, w = x.shape[2], x.shape[3]
+            s = c[:, :, r:, r:] - c[:, :, :h + 1 - r, r:] - c[:, :, r:, :w + 1 - r] + c[:, :, :h + 1 - r, :w + 1 - r]
+            box = s / (r * r)
+            return box, (torch.relu(box) + 3000.0) - 3000.0
+
+    x = torch.from_numpy(np.random.default_rng(0).uniform(0, 255, (1, 1, 64, 64)).astype(np.float32))
+    return meaning_exports.export(BoxThenOffset(), (x,), dynamo=False)
+
+
+def test_rewrite_that_leaves_every_site_as_it_was_is_refused_without_a_diagnosis(monkeypatch):
+    from onnx_fp16_rewrite.pipeline.registry import auto_rewrites
+
+    model = _box_then_offset_model()
+    feeds = [{"x": np.random.default_rng(s).uniform(0, 255, (1, 1, 64, 64)).astype(np.float32)} for s in (0, 1)]
+    calls = _count_diagnoses(monkeypatch)
+    refused = fix_model(model, [], feeds, auto=True, auto_rewrites=auto_rewrites())
+    tried = {t.name: t for t in refused.report.auto.rewrites_tried}
+    assert refused.report.auto.passes_kept == ["rescale-accumulation"]
+    assert tried["box-filter"].status == "refused" and tried["box-filter"].rounding_only
+    assert tried["box-filter"].error.startswith("it rewrote no failure site's node or inputs")
+    assert [s.op for s in refused.report.auto.sites if s.fix == "unfixed"] == []  # the cancellation passes
+    assert all(o.ok and o.nan == 0 for o in refused.report.fp16_after.outputs)
+    refusing = len(calls)
+    # Without it box-filter's candidate is diagnosed and not kept (the cancellation stays): same answer.
+    monkeypatch.setattr(auto_fix, "rewritten_at", lambda before, after, tensors, *a: set(tensors))
+    calls.clear()
+    diagnosed = fix_model(model, [], feeds, auto=True, auto_rewrites=auto_rewrites())
+    assert {t.name: t.status for t in diagnosed.report.auto.rewrites_tried}["box-filter"] == "kept"  # FP32-valid
+    got, want = _answer(refused), _answer(diagnosed)
+    assert got.pop("tried") != want.pop("tried")
+    assert got == want and len(calls) == refusing + 1
+
+
+def test_rewritten_at_names_sites_at_or_reading_a_rewritten_node():
+    model = upstream_site_model()
+    same = onnx.ModelProto()
+    same.CopyFrom(model)
+    assert rewritten_at(model, same, ["a", "y", "b", "z"]) == set()
+    assert rewritten_at(model, same, ["a", "y", "z"], values_changed=["y"]) == {"y"}  # declared by the pass
+    op = onnx.ModelProto()
+    op.CopyFrom(model)
+    op.graph.node[2].op_type = "Add"  # branch: remade, and branch_out reads it; blow_up/back untouched
+    assert rewritten_at(model, op, ["a", "y", "b", "z"]) == {"b", "z"}
+    weight = onnx.ModelProto()
+    weight.CopyFrom(model)
+    weight.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.array(1e4, np.float32), "big"))
+    assert rewritten_at(model, weight, ["a", "y", "b", "z"]) == {"a"}  # a changed weight feeds blow_up only
+    gone = onnx.ModelProto()
+    gone.CopyFrom(model)
+    del gone.graph.node[1]
+    assert rewritten_at(model, gone, ["a", "y"]) == {"y"}
 
 
 def test_emulated_alike_sees_renames_and_changed_inputs():

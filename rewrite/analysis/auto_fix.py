@@ -11,6 +11,8 @@ Each fact is computed once (issue 11):
    diagnosis re-measures ranges only where the rewrite changed how tensors are computed. A pass
    that judges its sites on cut-outs (rescale-accumulation) has them judged inside that
    diagnosis run (``_Speculation``, analysis.embedded_judges), not in FP32 runs of their own.
+   A rewrite is refused without a diagnosis where every site is computed exactly as before, or
+   where it keeps every other value (declared) and left every site's node and inputs as they were.
 4. Pin what is left: each site gets a region grown from it on measured ranges (forward until
    values are back in range, back to where inputs are safe), then the emulation verifies; a site
    that still fails grows further.
@@ -40,7 +42,7 @@ from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 from onnx_fp16_rewrite.analysis.range_profile import RangeProfile
 from onnx_fp16_rewrite.analysis.pinning import SiteFix, clean, needs_work, pin_rounds, shrink, site_fix
 from onnx_fp16_rewrite.analysis.regions import GraphIndex
-from onnx_fp16_rewrite.analysis.signatures import emulated_alike
+from onnx_fp16_rewrite.analysis.signatures import emulated_alike, rewritten_at
 from onnx_fp16_rewrite.progress import NULL_PROGRESS, Progress
 
 logger = logging.getLogger(__name__)
@@ -159,9 +161,18 @@ def auto_fix(
                 # Every site computed exactly as before (upstream of all the rewrite changed) fails
                 # again in the candidate's diagnosis: nothing fixed, so no diagnosis to pay for.
                 tensors = {s.tensor for s in diag.sites}
-                if diag.model is not None and emulated_alike(diag.model, cand, sorted(tensors),
-                                                             diag.signatures()) >= tensors:
+                if diag.model is None:
+                    return None
+                if emulated_alike(diag.model, cand, sorted(tensors), diag.signatures()) >= tensors:
                     return "no failure site depends on what it changed"
+                # A rewrite that keeps every other value (exactly: values_changed; up to rounding:
+                # rounding_only) fixes the sites it rewrites or feeds. Where it leaves every site's node and
+                # inputs as they were, only the rounding error reaching them changes (real NAFNet:
+                # box-filter after rescale-accumulation, 6 LayerNorm cancellations left: a 9 s diagnosis).
+                # A scaling pass that declares neither may move ranges downstream: it is diagnosed.
+                if (record.values_changed is not None or record.rounding_only) and not rewritten_at(
+                        diag.model, cand, sorted(tensors), diag.signatures(), record.values_changed):
+                    return "it rewrote no failure site's node or inputs (only the rounding reaching them changes)"
                 return None
 
             def run_pass():

@@ -40,6 +40,39 @@ def unchanged(before: dict[str, str], after: dict[str, str]) -> set[str]:
     return {t for t, s in after.items() if before.get(t) == s}
 
 
+def rewritten_at(before: onnx.ModelProto, after: onnx.ModelProto, tensors: list[str],
+                 before_signatures: dict[str, str] | None = None, values_changed: list[str] | None = None) -> set[str]:
+    """The ``tensors`` a rewrite reached at their own node: gone from ``after``, in
+    ``values_changed`` (the pass's declaration), or made by a node that ``after`` computes
+    differently (op, domain, attributes, input names, a weight's bytes) or that reads a tensor so
+    made. Every other tensor is made the same way from the same tensors as before: only what flows
+    into it (its inputs' FP32 rounding and FP16 error) can differ."""
+    sig_before = before_signatures or value_signatures(before)
+    sig_after = value_signatures(after)
+    producer_before = {o: n for n in before.graph.node for o in n.output if o}
+    producer_after = {o: n for n in after.graph.node for o in n.output if o}
+    weights = {i.name for i in after.graph.initializer}
+
+    def local(node: onnx.NodeProto) -> tuple:
+        return (node.domain, node.op_type, tuple(a.SerializeToString() for a in node.attribute), tuple(node.input))
+
+    def remade(name: str) -> bool:
+        if name in weights:
+            return sig_before.get(name) != sig_after.get(name)
+        node, old = producer_after.get(name), producer_before.get(name)
+        if node is None:
+            return old is not None  # a graph input stays one; a tensor turned into one is remade
+        return old is None or local(old) != local(node)
+
+    declared = set(values_changed or ())
+    reached = set()
+    for t in tensors:
+        node = producer_after.get(t)
+        if node is None or t in declared or remade(t) or any(remade(i) for i in node.input if i):
+            reached.add(t)
+    return reached
+
+
 def emulated_alike(before: onnx.ModelProto, after: onnx.ModelProto, tensors: list[str],
                    before_signatures: dict[str, str] | None = None) -> set[str]:
     """The ``tensors`` that ``after`` computes exactly as ``before`` does, FP16 emulation
@@ -85,4 +118,4 @@ def emulated_alike(before: onnx.ModelProto, after: onnx.ModelProto, tensors: lis
     return alike
 
 
-__all__ = ["emulated_alike", "unchanged", "value_signatures"]
+__all__ = ["emulated_alike", "rewritten_at", "unchanged", "value_signatures"]

@@ -32,6 +32,9 @@ class PassResult:
     # keep their name keep their values bit for bit: exact rewrites); None: not known, so every
     # tensor whose computation the rewrite reaches counts as changed (analysis.signatures).
     values_changed: list[str] | None = None
+    # A re-association (box-filter: window sums by other sums): every tensor the pass did not rewrite
+    # keeps its FP32 value up to rounding, its range included (what ``fix --auto`` may rely on).
+    rounding_only: bool = False
 
 
 class Pass:

@@ -42,6 +42,7 @@ class PassRecord:
     # the fixer's annotations and the reports' diff sections read it.
     changes: NodeChanges | None = None
     values_changed: list[str] | None = None  # the pass's PassResult.values_changed
+    rounding_only: bool = False  # the pass's PassResult.rounding_only
 
 
 @dataclass
@@ -133,7 +134,7 @@ class PassManager:
             graph = weights.import_graph(model)  # large weights readable, kept as references
             result = p.run(graph, ctx)
             record.rewritten, record.skipped = result.rewritten, result.skipped
-            record.values_changed = result.values_changed
+            record.values_changed, record.rounding_only = result.values_changed, result.rounding_only
             if not result.modified:
                 record.seconds = _since(start)
                 logger.info("%s: nothing to do (%d sites skipped)", p.name, len(result.skipped))
