@@ -33,6 +33,7 @@ from onnx_fp16_rewrite.analysis.cutout_judge import Cutout, Score
 from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 from onnx_fp16_rewrite.emulation.fp16_emulation import build_emulation, default_opset
 from onnx_fp16_rewrite.emulation.fp16_graph_edits import subgraphs
+from onnx_fp16_rewrite.emulation.new_initializers import NewInitializers, find
 
 _PREFIX = "__judge"
 _LAST = "__judge_last_axis"
@@ -81,7 +82,7 @@ class EmbeddedJudges:
         or exit, each right after the last node that makes what it reads."""
         opset = self.opset
         position = {o: k for k, n in enumerate(graph.node) for o in n.output if o}
-        inits: list[onnx.TensorProto] = []
+        inits: list[onnx.TensorProto] = NewInitializers()
         at: dict[int, list[onnx.NodeProto]] = {}
         for j, (c, pair) in enumerate(zip(self.cutouts, self.emulated)):
             nodes: list[onnx.NodeProto] = []
@@ -99,7 +100,7 @@ class EmbeddedJudges:
             if below is not None:
                 thr = f"{_PREFIX}{j}_below"
                 inits.append(numpy_helper.from_array(np.array(below, np.float32), thr))
-                if not any(i.name == _PREFIX + "_zero" for i in inits):
+                if find(inits, _PREFIX + "_zero") is None:
                     inits.append(numpy_helper.from_array(np.array(0.0, np.float32), _PREFIX + "_zero"))
                 for i, e in enumerate(c.entries):
                     # Right after the entry's twin is made: its temporaries are not alive beside the cut-outs'.
@@ -207,7 +208,7 @@ def _rows_then_double(op: str, x: str, out: str, rank: int | None, opset: int, i
                 helper.make_node(op, [out + "__d"], [out], name=out, keepdims=0)]
     first = helper.make_node(op, [x], [out + "__rows"], name=out + "__rows", keepdims=0)
     if axes_input:
-        if not any(i.name == _LAST for i in inits):
+        if find(inits, _LAST) is None:
             inits.append(numpy_helper.from_array(np.array([-1], np.int64), _LAST))
         first.input.append(_LAST)
     else:

@@ -26,6 +26,7 @@ from onnx_fp16_rewrite.emit.schema_types import inline_constants
 from onnx_fp16_rewrite.emulation.control_flow import BodySite, ControlFlowEmulator, body_types
 from onnx_fp16_rewrite.emulation.fp16_graph_edits import subgraphs, weights_not_inputs
 from onnx_fp16_rewrite.fp16_limits import FP16_MAX, FP16_MIN_NORMAL
+from onnx_fp16_rewrite.emulation.new_initializers import NewInitializers, find
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +235,7 @@ def _add_statistics(m: onnx.ModelProto, tensors: list[str], rng: np.random.Gener
     g = m.graph
     wanted = set(tensors)
     empty_safe = opset >= 10
-    new_inits = stat_initializers(rng, empty_safe)
+    new_inits = NewInitializers(stat_initializers(rng, empty_safe))
     known = {k: v for k, v in sizes.items() if k in wanted}
     stats = {}
     nodes = []
@@ -291,8 +292,8 @@ def stat_nodes(t: str, nodes: list[onnx.NodeProto], empty_safe: bool, size: int 
     ])
     if size is not None and inits is not None:
         idx = f"__prof_idx_{size}"
-        if not any(i.name == idx for i in inits):
-            u = next(numpy_helper.to_array(i) for i in inits if i.name == frac)
+        if find(inits, idx) is None:
+            u = numpy_helper.to_array(find(inits, frac))
             positions = np.floor(u * float(size)).astype(np.int64) if size else np.zeros(0, np.int64)
             inits.append(numpy_helper.from_array(positions, idx))
         nodes.append(helper.make_node("Gather", [p + "_flat", idx], [names[3]], name=names[3], axis=0))

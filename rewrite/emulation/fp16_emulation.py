@@ -59,6 +59,7 @@ from onnx_fp16_rewrite.emulation.fp16_report import (  # noqa: F401
 from onnx_fp16_rewrite.emit.index_arithmetic import index_arithmetic_nodes
 from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 from onnx_fp16_rewrite.emit.schema_types import fixed_type_inputs, inline_constants
+from onnx_fp16_rewrite.emulation.new_initializers import NewInitializers
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ def build_emulation(
     new_nodes: list[onnx.NodeProto] = []
     sites: list[StatSite] = []
     rounded_edges: dict[str, str] = {}
-    new_inits: list[onnx.TensorProto] = []
+    new_inits: list[onnx.TensorProto] = NewInitializers()
     init_by_name = {i.name: i for i in g.initializer}
     fp16_inputs = {i.name for i in g.input if i.name in fp16_tensors} if round_fp16 else set()
     fp16_nodes = fp32_nodes = 0

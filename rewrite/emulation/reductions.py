@@ -18,6 +18,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+from onnx_fp16_rewrite.emulation.new_initializers import find
 
 # The op that reduces the partial results of the first step.
 _SECOND = {"ReduceMax": "ReduceMax", "ReduceMin": "ReduceMin", "ReduceSum": "ReduceSum",
@@ -45,7 +46,7 @@ def two_step(nodes: list[onnx.NodeProto], ranks: Mapping[str, int], opset: int,
         partial = node.output[0] + "__rows"
         first = helper.make_node(node.op_type, [node.input[0]], [partial], name=node.name + "__rows", keepdims=0)
         if opset >= _AXES_INPUT[node.op_type]:
-            if not any(i.name == LAST_AXIS for i in new_inits):
+            if find(new_inits, LAST_AXIS) is None:
                 new_inits.append(numpy_helper.from_array(np.array([-1], np.int64), LAST_AXIS))
             first.input.append(LAST_AXIS)
         else:

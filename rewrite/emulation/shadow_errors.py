@@ -21,6 +21,7 @@ from onnx import helper, numpy_helper
 
 from onnx_fp16_rewrite.emulation.fp16_graph_edits import SHADOW, error_nodes
 from onnx_fp16_rewrite.emulation.reductions import two_step
+from onnx_fp16_rewrite.emulation.new_initializers import find
 
 # Elements in a sampled error statistic (tensors up to this size are measured exactly).
 SAMPLE = 1 << 16
@@ -47,7 +48,7 @@ def shadow_statistics(site, rank: int | None, size: int | None, opset: int, new_
         if ranged and not profile:
             site.shadow_max_out, site.shadow_min_out = out + "__fmax", out + "__fmin"
     if profile:
-        if not any(i.name == "__prof_frac" for i in new_inits):
+        if find(new_inits, "__prof_frac") is None:
             new_inits += stat_initializers(np.random.default_rng(0), opset >= 10)
         site.profile_outs = stat_nodes(twin, nodes, opset >= 10, size, new_inits)
     return two_step(nodes, {twin: rank, out: rank, out + "__e_diff": rank}, opset, new_inits, size)
@@ -71,7 +72,7 @@ def shadow_error_nodes(tensor: str, size: int | None, opset: int, ranged: bool,
     # One constant pair per stride, shared: a constant per tensor made NAFNetLocal's diagnosis graph
     # carry 3.6K initializers that ORT parses and places one by one.
     step, start = f"__err_step_{stride}", f"__err_start_{stride}"
-    if not any(i.name == step for i in new_inits):
+    if find(new_inits, step) is None:
         new_inits += [numpy_helper.from_array(np.array([stride], np.int64), step),
                       numpy_helper.from_array(np.array([stride // 2], np.int64), start)]
     nodes = [n for n in exact if n.op_type in ("ReduceMax", "ReduceMin")]
@@ -92,7 +93,7 @@ def shadow_error_nodes(tensor: str, size: int | None, opset: int, ranged: bool,
 
 
 def _constants(new_inits: list[onnx.TensorProto]) -> None:
-    if any(i.name == _FLAT for i in new_inits):
+    if find(new_inits, _FLAT) is not None:
         return
     new_inits += [numpy_helper.from_array(np.array([-1], np.int64), _FLAT),
                   numpy_helper.from_array(np.array([-1, BLOCK], np.int64), _ROWS),
