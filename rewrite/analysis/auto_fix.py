@@ -42,7 +42,7 @@ from onnx_fp16_rewrite.emit.precision_plan import PrecisionPlan
 from onnx_fp16_rewrite.analysis.range_profile import RangeProfile
 from onnx_fp16_rewrite.analysis.pinning import SiteFix, clean, needs_work, pin_rounds, shrink, site_fix
 from onnx_fp16_rewrite.analysis.regions import GraphIndex
-from onnx_fp16_rewrite.analysis.signatures import emulated_alike, rewritten_at
+from onnx_fp16_rewrite.analysis.signatures import emulated_alike, rewritten_at, value_signatures
 from onnx_fp16_rewrite.progress import NULL_PROGRESS, Progress
 
 logger = logging.getLogger(__name__)
@@ -163,7 +163,8 @@ def auto_fix(
                 tensors = {s.tensor for s in diag.sites}
                 if diag.model is None:
                     return None
-                if emulated_alike(diag.model, cand, sorted(tensors), diag.signatures()) >= tensors:
+                after = value_signatures(cand)  # both tests read it (it hashes every weight)
+                if emulated_alike(diag.model, cand, sorted(tensors), diag.signatures(), after) >= tensors:
                     return "no failure site depends on what it changed"
                 # A rewrite that keeps every other value (exactly: values_changed; up to rounding:
                 # rounding_only) fixes the sites it rewrites or feeds. Where it leaves every site's node and
@@ -171,7 +172,7 @@ def auto_fix(
                 # box-filter after rescale-accumulation, 6 LayerNorm cancellations left: a 9 s diagnosis).
                 # A scaling pass that declares neither may move ranges downstream: it is diagnosed.
                 if (record.values_changed is not None or record.rounding_only) and not rewritten_at(
-                        diag.model, cand, sorted(tensors), diag.signatures(), record.values_changed):
+                        diag.model, cand, sorted(tensors), diag.signatures(), record.values_changed, after):
                     return "it rewrote no failure site's node or inputs (only the rounding reaching them changes)"
                 return None
 

@@ -41,14 +41,15 @@ def unchanged(before: dict[str, str], after: dict[str, str]) -> set[str]:
 
 
 def rewritten_at(before: onnx.ModelProto, after: onnx.ModelProto, tensors: list[str],
-                 before_signatures: dict[str, str] | None = None, values_changed: list[str] | None = None) -> set[str]:
+                 before_signatures: dict[str, str] | None = None, values_changed: list[str] | None = None,
+                 after_signatures: dict[str, str] | None = None) -> set[str]:
     """The ``tensors`` a rewrite reached at their own node: gone from ``after``, in
     ``values_changed`` (the pass's declaration), or made by a node that ``after`` computes
     differently (op, domain, attributes, input names, a weight's bytes) or that reads a tensor so
     made. Every other tensor is made the same way from the same tensors as before: only what flows
     into it (its inputs' FP32 rounding and FP16 error) can differ."""
     sig_before = before_signatures or value_signatures(before)
-    sig_after = value_signatures(after)
+    sig_after = after_signatures or value_signatures(after)
     producer_before = {o: n for n in before.graph.node for o in n.output if o}
     producer_after = {o: n for n in after.graph.node for o in n.output if o}
     weights = {i.name for i in after.graph.initializer}
@@ -74,7 +75,8 @@ def rewritten_at(before: onnx.ModelProto, after: onnx.ModelProto, tensors: list[
 
 
 def emulated_alike(before: onnx.ModelProto, after: onnx.ModelProto, tensors: list[str],
-                   before_signatures: dict[str, str] | None = None) -> set[str]:
+                   before_signatures: dict[str, str] | None = None,
+                   after_signatures: dict[str, str] | None = None) -> set[str]:
     """The ``tensors`` that ``after`` computes exactly as ``before`` does, FP16 emulation
     included: the same digest, and every node they depend on keeps its name (the precision plan
     is keyed by names) and its index-arithmetic standing (emit.index_arithmetic, which reads
@@ -83,7 +85,7 @@ def emulated_alike(before: onnx.ModelProto, after: onnx.ModelProto, tensors: lis
     from onnx_fp16_rewrite.emit.index_arithmetic import index_arithmetic_nodes
     from onnx_fp16_rewrite.io.ort_runner import infer_types
 
-    same = unchanged(before_signatures or value_signatures(before), value_signatures(after))
+    same = unchanged(before_signatures or value_signatures(before), after_signatures or value_signatures(after))
     wanted = [t for t in tensors if t in same]
     if not wanted:
         return set()
