@@ -150,6 +150,7 @@ def test_rewritten_at_names_sites_at_or_reading_a_rewritten_node():
     same.CopyFrom(model)
     assert rewritten_at(model, same, ["a", "y", "b", "z"]) == set()
     assert rewritten_at(model, same, ["a", "y", "z"], values_changed=["y"]) == {"y"}  # declared by the pass
+    assert rewritten_at(model, same, ["a", "y", "z"], values_changed=["a"]) == {"a", "y"}  # y reads a
     op = onnx.ModelProto()
     op.CopyFrom(model)
     op.graph.node[2].op_type = "Add"  # branch: remade, and branch_out reads it; blow_up/back untouched

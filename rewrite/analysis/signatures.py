@@ -43,8 +43,8 @@ def unchanged(before: dict[str, str], after: dict[str, str]) -> set[str]:
 def rewritten_at(before: onnx.ModelProto, after: onnx.ModelProto, tensors: list[str],
                  before_signatures: dict[str, str] | None = None, values_changed: list[str] | None = None,
                  after_signatures: dict[str, str] | None = None) -> set[str]:
-    """The ``tensors`` a rewrite reached at their own node: gone from ``after``, in
-    ``values_changed`` (the pass's declaration), or made by a node that ``after`` computes
+    """The ``tensors`` a rewrite reached at their own node: gone from ``after``, in or reading
+    one in ``values_changed`` (the pass's declaration), or made by a node that ``after`` computes
     differently (op, domain, attributes, input names, a weight's bytes) or that reads a tensor so
     made. Every other tensor is made the same way from the same tensors as before: only what flows
     into it (its inputs' FP32 rounding and FP16 error) can differ."""
@@ -69,7 +69,7 @@ def rewritten_at(before: onnx.ModelProto, after: onnx.ModelProto, tensors: list[
     reached = set()
     for t in tensors:
         node = producer_after.get(t)
-        if node is None or t in declared or remade(t) or any(remade(i) for i in node.input if i):
+        if node is None or t in declared or remade(t) or any(i in declared or remade(i) for i in node.input if i):
             reached.add(t)
     return reached
 
