@@ -29,6 +29,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         if trt_library:
             from onnx_fp16_rewrite.tensorrt.trt_backend import check_trt
 
+            if known:
+                known.raise_failure()  # ORT's refusal is the input's: before a TensorRT build
+
             with progress.phase(f"{trt_library.label}: build and run") as phase:
                 report = check_trt(model, feeds, model_path=args.model, rel_l2_tolerance=args.rel_l2,
                                    library=trt_library)
@@ -49,6 +52,10 @@ def cmd_check(args: argparse.Namespace) -> int:
                     model, canon = canonicalize(given, feeds, confirm_later=later, known_outputs=known)
                     phase.done(canon.summary())
                 fp32: list = []
+                if known:
+                    # Not beside the emulation run: two ORT runs on two cores took longer than one after the other
+                    # (and both runs' memory at once); beside canonicalisation's Python it is free.
+                    known.raise_failure()
                 # The preflight's outputs are the FP32 twin's, bit for bit, when the canonical form
                 # computes what the model given does: the emulation graph then carries no twin.
                 try:
@@ -63,6 +70,8 @@ def cmd_check(args: argparse.Namespace) -> int:
                     continue
                 if confirm(canon, model, fp32 or None):
                     break
+            if known:
+                known.raise_failure()  # read only where the twin was left out: its refusal still ends the run
             cli_common.say(args, render_fp16(report, "FP16 emulation"))
             if canon.changed() and not args.quiet:
                 print(canon.summary())
@@ -78,7 +87,13 @@ def cmd_check(args: argparse.Namespace) -> int:
                                   want_json=bool(args.report), want_html=bool(args.html),
                                   strict_cumsum=args.strict_cumsum, tolerance=args.rel_l2)
             cli_common.write_reports(args, texts)
+    except BaseException:
+        if known:
+            known.raise_failure()  # the preflight runs beside the work: its refusal (exit 2) wins over what followed
+        raise
     finally:
+        if known:
+            known.wait()  # its session reads the weights released next
         cli_common.release_model(held)
     return code
 

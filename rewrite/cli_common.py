@@ -11,16 +11,18 @@ TRT10_LABEL = "TensorRT 10 only"
 
 
 def load(args: argparse.Namespace, *, preflight_now: bool = True):
-    """The model, its feeds, and its FP32 outputs on the first feed when the preflight ran it
-    (``preflight_now=False``: none; the caller runs ``ort_runner.preflight`` when its work fails)."""
+    """The model, its feeds, and its FP32 outputs on the first feed from the preflight run (a
+    ``BackgroundPreflight``, still running; ``preflight_now=False``, or a demo: none, and the
+    caller runs ``ort_runner.preflight`` when its work fails)."""
     from onnx_fp16_rewrite.cli_inputs import save_inputs
     from onnx_fp16_rewrite.cli_validate import check_feeds
     from onnx_fp16_rewrite.io.model_io import check_input_model, load_model
-    from onnx_fp16_rewrite.io.ort_runner import preflight
+    from onnx_fp16_rewrite.io.background_preflight import BackgroundPreflight
 
     if bool(args.model) == bool(args.demo):
         raise BadInputError("give either a MODEL path or --demo NAME")
     session = None  # the input model's ORT session, from its load check to its preflight run
+    known = []
     if args.demo:
         from onnx_fp16_rewrite.models import DEMO_MODELS
 
@@ -34,8 +36,10 @@ def load(args: argparse.Namespace, *, preflight_now: bool = True):
         feeds = _feeds(args, model)
         source = " ".join(map(str, args.inputs)) if args.inputs else "generated inputs"
         check_feeds(feeds, source)  # finite, non-empty (cli_validate)
-        # ORT's refusals are the input's (exit 2); its outputs are the FP32 reference on that feed.
-        known = ([preflight(model, feeds[0], f"input model {args.model}", session)]
+        # ORT's refusals are the input's (exit 2); its outputs are the FP32 reference on that feed. It runs
+        # beside the caller's Python work (canonicalisation): the caller calls ``raise_failure`` on any error
+        # (the preflight's failure wins) and ``wait`` before releasing the model (io.background_preflight).
+        known = (BackgroundPreflight(model, feeds[0], f"input model {args.model}", session)
                  if preflight_now and not args.demo else [])
         del session
         if args.save_inputs:  # staged: lands with the other outputs when the run succeeds (io.paths)
@@ -45,7 +49,11 @@ def load(args: argparse.Namespace, *, preflight_now: bool = True):
                 save_inputs(feeds, args.save_inputs)
     except BaseException:  # refused inputs (exit 2) or an interrupt: the caller never gets the model to release
         session = None  # ORT reads the shared buffers: the session goes before they are freed
-        release_model(model)
+        try:
+            if known:
+                known.raise_failure()  # the preflight's refusal, when it has one, is the error to report
+        finally:
+            release_model(model)
         raise
     return model, feeds, known
 

@@ -275,7 +275,7 @@ class _LazyValidator:
     def __init__(self, model: onnx.ModelProto, feeds: Sequence[Feed], tolerance: Tolerance,
                  defer: bool = False, known: Sequence[Feed] = ()) -> None:
         self.model, self.feeds, self.tolerance = model, list(feeds), tolerance
-        self.known = list(known)[:len(self.feeds)]
+        self._known = known  # read only when a run-validation needs it (the CLI's preflight may still run)
         self._validator: Validator | None = None
         self.defer = defer and bool(self.feeds)
         self.deferred: list[str] = []
@@ -284,10 +284,11 @@ class _LazyValidator:
     def get(self) -> Validator | None:
         if self._validator is None and self.feeds:
             reference = None
-            if self.known:
+            known = list(self._known)[:len(self.feeds)]
+            if known:
                 names = [o.name for o in self.model.graph.output]
-                rest = run_model(self.model, self.feeds[len(self.known):], names) if len(self.known) < len(self.feeds) else []
-                reference = [{n: k[n] for n in names} for k in self.known] + rest
+                rest = run_model(self.model, self.feeds[len(known):], names) if len(known) < len(self.feeds) else []
+                reference = [{n: k[n] for n in names} for k in known] + rest
             self._validator = Validator(self.model, self.feeds, default=self.tolerance, reference=reference)
         return self._validator
 

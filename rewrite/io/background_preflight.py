@@ -1,0 +1,65 @@
+"""The CLI's preflight run on a thread of its own, beside the Python work that does not need it.
+
+``onnx-rewrite check`` runs the user's model once before anything else (``ort_runner.preflight``):
+its failure is the input's (exit 2), and its outputs are the FP32 reference. Nothing reads them
+until the emulation run has been compared, while canonicalisation and the emulation graph's build
+are Python (a TorchScript NAFNetLocal: 2.6 s of ORT beside 3 s of shape folding). ORT releases the
+GIL while it runs, so the two overlap on a second core.
+
+``BackgroundPreflight`` is the sequence of those outputs (one dict a feed, its length known at
+once); reading an item waits for the run. Its failure still wins over anything that fails after
+it started: ``raise_failure`` is called first by whoever handles an error (the preflight's own
+BadInputError then stands, as when it ran first), and ``wait`` before the weights the session
+reads are released.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import onnx
+
+from onnx_fp16_rewrite.io import ort_runner
+from onnx_fp16_rewrite.io.ort_runner import Feed
+
+
+class BackgroundPreflight(Sequence):
+    """``ort_runner.preflight(model, feed, what, session)`` started now on a daemon thread."""
+
+    def __init__(self, model: onnx.ModelProto, feed: Feed, what: str, session=None) -> None:
+        self._result: Feed | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(model, feed, what, session),
+                                        name="onnx-rewrite-preflight", daemon=True)
+        self._thread.start()
+
+    def _run(self, model, feed, what, session) -> None:
+        try:
+            self._result = ort_runner.preflight(model, feed, what, session)
+        except BaseException as exc:  # handed to the main thread (BadInputError, MemoryError, ...)
+            self._error = exc
+
+    def wait(self) -> None:
+        """Until the run has ended (its session no longer reads the model's weights)."""
+        self._thread.join()
+
+    def raise_failure(self) -> None:
+        """Wait, and raise the run's own error if it failed (BadInputError: the input's fault)."""
+        self.wait()
+        if self._error is not None:
+            raise self._error
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(len(self))[index]]
+        if index not in (0, -1):
+            raise IndexError(index)
+        self.raise_failure()
+        return self._result
+
+
+__all__ = ["BackgroundPreflight"]
