@@ -52,19 +52,21 @@ def cmd_check(args: argparse.Namespace) -> int:
                     model, canon = canonicalize(given, feeds, confirm_later=later, known_outputs=known)
                     phase.done(canon.summary())
                 fp32: list = []
-                if known:
-                    # Not beside the emulation run: two ORT runs on two cores took longer than one after the other
-                    # (and both runs' memory at once); beside canonicalisation's Python it is free.
-                    known.raise_failure()
                 # The preflight's outputs are the FP32 twin's, bit for bit, when the canonical form
                 # computes what the model given does: the emulation graph then carries no twin.
                 try:
                     with progress.phase("FP16 emulation") as phase:
                         report = check_fp16(model, feeds, strict_cumsum=args.strict_cumsum,
                                             rel_l2_tolerance=args.rel_l2, max_findings=MAX_FINDINGS, fp32_outputs=fp32,
-                                            fp32_run=known if computes_as_given(canon) else None)
+                                            fp32_run=known if computes_as_given(canon) else None,
+                                            # Beside canonicalisation and the graph's build (Python), not beside
+                                            # the emulation's run: two ORT runs on two cores took longer than one
+                                            # after the other (and held both runs' memory).
+                                            before_run=known.raise_failure if known else None)
                         phase.done(f"{'PASS' if report.passed else 'FAIL'}, {report.failing_tensors} failing tensor(s)")
                 except Exception:  # ORT's errors are many types
+                    if known:
+                        known.raise_failure()  # the inputs' fault: no second canonicalisation would run them
                     if not unconfirmed(canon):
                         raise
                     continue

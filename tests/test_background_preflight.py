@@ -107,3 +107,22 @@ def test_cli_check_says_when_the_inputs_are_at_fault_whatever_failed_after(tmp_p
         np.savez(tmp_path / "in.npz", x=np.ones((1, 6), np.float32))
         assert main(["check", str(tmp_path / "m.onnx"), "--inputs", str(tmp_path / "in.npz")]) == 1
         assert "a bug of ours" in capsys.readouterr().err
+
+
+def test_check_fp16_waits_after_building_and_before_running(tmp_path, monkeypatch):
+    """``before_run`` comes after the emulation graph's build (the preflight overlaps it) and
+    before the emulation's ORT run (never two ORT runs at once)."""
+    from onnx_fp16_rewrite.emulation import fp16_emulation
+
+    _reshape_model(tmp_path / "m.onnx")
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    feed = {"x": np.ones((1, 6), np.float32) * 300}
+    events: list = []
+    real_build, real_run = fp16_emulation.build_emulation, fp16_emulation.run_cached
+    monkeypatch.setattr(fp16_emulation, "build_emulation", lambda *a, **k: events.append("build") or real_build(*a, **k))
+    monkeypatch.setattr(fp16_emulation, "run_cached", lambda *a, **k: events.append("run") or real_run(*a, **k))
+    pending = BackgroundPreflight(model, feed, "m")
+    report = fp16_emulation.check_fp16(model, [feed], fp32_run=pending,
+                                       before_run=lambda: events.append("wait") or pending.raise_failure())
+    assert events == ["build", "wait", "run"]
+    assert not report.passed and report.outputs[0].inf == 6  # (300^2 = 90000 > 65504: every element overflows)

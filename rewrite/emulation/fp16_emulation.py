@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Container, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -298,6 +298,7 @@ def check_fp16(
     exact_findings: bool = True,
     fp32_outputs: list[Feed] | None = None,
     fp32_run: Sequence[Feed] | None = None,
+    before_run: Callable[[], None] | None = None,
 ) -> Fp16Report:
     """Emulate an FP16 engine on ``feeds`` and compare every output with ``reference``
     (``cache``: through ``onnx_fp16_rewrite.io.sessions``, for a graph that will run again).
@@ -315,6 +316,8 @@ def check_fp16(
     plain FP32 run of it on ``feeds`` (ORT, optimizations off: the CLI's preflight), one dict per
     feed; where the FP32 twin would compute exactly that (no ``reference``, an FP32 model without
     control flow) they stand in for it: the same report, without the twin's half of the run.
+    ``before_run``: called once the emulation graph is built, before its ORT run (the CLI's
+    preflight, running beside the build, is waited for there: two ORT runs at once were slower).
     """
     start = time.perf_counter()
     if plan is None:
@@ -329,6 +332,8 @@ def check_fp16(
     emu = build_emulation(model, plan, strict_cumsum=strict_cumsum, fp32_shadow="strong" if given else twin,
                           shadow_errors=False, nonfinite_only=screen)
     given = given and emu.mode == "weak"
+    if before_run is not None:
+        before_run()
     if reference is None and not twin:
         reference = _fp32_outputs(model, feeds)
     out_names = [o.name for o in model.graph.output]
