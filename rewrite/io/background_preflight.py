@@ -4,7 +4,8 @@
 its failure is the input's (exit 2), and its outputs are the FP32 reference. Nothing reads them
 until the emulation run has been compared, while canonicalisation and the emulation graph's build
 are Python (a TorchScript NAFNetLocal: 2.6 s of ORT beside 3 s of shape folding). ORT releases the
-GIL while it runs, so the two overlap on a second core.
+GIL while it runs, so the two overlap on a second core. The emulation's own ORT run waits for it
+(``check_fp16(before_run=)``): two ORT runs at once on two cores took longer than one after the other.
 
 ``BackgroundPreflight`` is the sequence of those outputs (one dict a feed, its length known at
 once); reading an item waits for the run. Its failure still wins over anything that fails after
