@@ -119,7 +119,8 @@ def test_check_fp16_waits_after_building_and_before_running(tmp_path, monkeypatc
     feed = {"x": np.ones((1, 6), np.float32) * 300}
     events: list = []
     real_build, real_run = fp16_emulation.build_emulation, fp16_emulation.run_cached
-    monkeypatch.setattr(fp16_emulation, "build_emulation", lambda *a, **k: events.append("build") or real_build(*a, **k))
+    monkeypatch.setattr(fp16_emulation, "build_emulation",
+                        lambda *a, **k: events.append("build") or real_build(*a, **k))
     monkeypatch.setattr(fp16_emulation, "run_cached", lambda *a, **k: events.append("run") or real_run(*a, **k))
     pending = BackgroundPreflight(model, feed, "m")
     report = fp16_emulation.check_fp16(model, [feed], fp32_run=pending,

@@ -316,8 +316,7 @@ def check_fp16(
     plain FP32 run of it on ``feeds`` (ORT, optimizations off: the CLI's preflight), one dict per
     feed; where the FP32 twin would compute exactly that (no ``reference``, an FP32 model without
     control flow) they stand in for it: the same report, without the twin's half of the run.
-    ``before_run``: called once the emulation graph is built, before its ORT run (the CLI's
-    preflight, running beside the build, is waited for there: two ORT runs at once were slower).
+    ``before_run``: called after the graph's build, before any ORT run (the CLI's preflight ends there).
     """
     start = time.perf_counter()
     if plan is None:
@@ -372,10 +371,8 @@ def check_fp16(
         edges_finite=all(np.isfinite(float(r[o])) for r in runs for o in emu.edge_sums.values())
         if emu.edge_sums else None,
     )
-    logger.info(
-        "FP16 emulation (%s): %s, %d failing tensors", emu.mode, "passed" if report.passed else "FAILED",
-        len(findings),
-    )
+    logger.info("FP16 emulation (%s): %s, %d failing tensors", emu.mode, "passed" if report.passed else "FAILED",
+                len(findings))
     return report
 
 
