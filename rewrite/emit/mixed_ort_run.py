@@ -11,7 +11,6 @@ references, ``io.weights``), so the caller may annotate its model meanwhile.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from onnx_fp16_rewrite.io.background import BackgroundCall
 from onnx_fp16_rewrite.io.ort_runner import Feed, run_model
 
 
@@ -46,31 +46,14 @@ def mixed_ort_error(model: onnx.ModelProto, feeds: Sequence[Feed], reference: Se
     return errors
 
 
-class MixedOrtRun:
-    """``mixed_ort_error`` on a thread, started at once; ``result()`` waits for it and raises
-    what the run raised."""
+class MixedOrtRun(BackgroundCall):
+    """``mixed_ort_error`` on a thread, started at once; ``result()`` waits for its list of
+    MixedRunError and raises what the run raised."""
 
     def __init__(self, model: onnx.ModelProto, feeds: Sequence[Feed], reference: Sequence[Feed]) -> None:
         own = onnx.ModelProto()
         own.CopyFrom(model)
-        self._errors: list[MixedRunError] | None = None
-        self._failure: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(own, list(feeds), list(reference)),
-                                        name="onnx-rewrite-mixed-ort-run", daemon=True)
-        self._thread.start()
-
-    def _run(self, model, feeds, reference) -> None:
-        try:
-            self._errors = mixed_ort_error(model, feeds, reference)
-        except BaseException as exc:  # handed to the caller's thread by result()
-            self._failure = exc
-
-    def result(self) -> list[MixedRunError]:
-        self._thread.join()
-        if self._failure is not None:
-            raise self._failure
-        assert self._errors is not None
-        return self._errors
+        super().__init__("onnx-rewrite-mixed-ort-run", mixed_ort_error, own, list(feeds), list(reference))
 
 
 __all__ = ["MixedOrtRun", "MixedRunError", "mixed_ort_error"]

@@ -16,40 +16,25 @@ reads are released.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 
 import onnx
 
 from onnx_fp16_rewrite.io import ort_runner
+from onnx_fp16_rewrite.io.background import BackgroundCall
 from onnx_fp16_rewrite.io.ort_runner import Feed
 
 
-class BackgroundPreflight(Sequence):
-    """``ort_runner.preflight(model, feed, what, session)`` started now on a daemon thread."""
+class BackgroundPreflight(BackgroundCall, Sequence):
+    """``ort_runner.preflight(model, feed, what, session)`` started now on a thread of its own."""
 
     def __init__(self, model: onnx.ModelProto, feed: Feed, what: str, session=None) -> None:
-        self._result: Feed | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(model, feed, what, session),
-                                        name="onnx-rewrite-preflight", daemon=True)
-        self._thread.start()
-
-    def _run(self, model, feed, what, session) -> None:
-        try:
-            self._result = ort_runner.preflight(model, feed, what, session)
-        except BaseException as exc:  # handed to the main thread (BadInputError, MemoryError, ...)
-            self._error = exc
-
-    def wait(self) -> None:
-        """Until the run has ended (its session no longer reads the model's weights)."""
-        self._thread.join()
+        super().__init__("onnx-rewrite-preflight", ort_runner.preflight, model, feed, what, session)
 
     def raise_failure(self) -> None:
-        """Wait, and raise the run's own error if it failed (BadInputError: the input's fault)."""
-        self.wait()
-        if self._error is not None:
-            raise self._error
+        """Wait, and raise the run's own error if it failed (BadInputError: the input's fault);
+        ``wait()`` only waits (until its session no longer reads the model's weights)."""
+        self.result()
 
     def __len__(self) -> int:
         return 1
@@ -59,8 +44,7 @@ class BackgroundPreflight(Sequence):
             return [self[i] for i in range(len(self))[index]]
         if index not in (0, -1):
             raise IndexError(index)
-        self.raise_failure()
-        return self._result
+        return self.result()
 
 
 __all__ = ["BackgroundPreflight"]
